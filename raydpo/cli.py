@@ -1,0 +1,120 @@
+"""The `raydpo` command: parse flags into a stage config, call the stage, print its summary.
+
+raydpo precompute --model MODEL --dataset data.json --output cache/
+raydpo train --model MODEL --data cache/ --output run/
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from raydpo.config import PrecomputeConfig, apply_overrides, from_mapping, load_yaml
+from raydpo.errors import RaydpoError
+
+PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
+
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None
+) -> None:
+    """One flag per config field, typed from its annotation, with its docstring-style help."""
+    renames = renames or {}
+    hints = typing.get_type_hints(cls)
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + renames.get(f.name, f.name).replace("_", "-")
+        hint = hints[f.name]
+        kind = _base_type(hint)
+        help_text = docs.get(f.name, "")
+        if kind is bool:
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        else:
+            parser.add_argument(flag, dest=f.name, type=_parser_for(kind), default=None, help=help_text)
+
+
+def _base_type(hint: Any) -> type:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def _parser_for(kind: type):
+    if kind in (int, float):
+
+        def parse(text: str):
+            return None if text.lower() in ("none", "null") else kind(text)
+
+        parse.__name__ = kind.__name__
+        return parse
+    return str
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The string literal written under each field (the same text the configuration reference shows)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    docs, body = {}, tree.body[0].body
+    for node, following in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(following, ast.Expr)
+            and isinstance(getattr(following, "value", None), ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(following.value.value).split())
+    return docs
+
+
+def _config(cls: type, args: argparse.Namespace, section: str):
+    values: dict[str, Any] = {}
+    if args.config:
+        loaded = load_yaml(args.config)
+        values.update(loaded.get(section, loaded) if isinstance(loaded.get(section), dict) else loaded)
+    apply_overrides(values, args.set or [])
+    for f in dataclasses.fields(cls):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            values[f.name] = value
+    return from_mapping(cls, values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raydpo",
+        description="Preference tuning (DPO) at cluster scale on Ray: precompute reference log-probs once, "
+        "then train the policy alone.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pre = commands.add_parser("precompute", help=PRECOMPUTE_SHORT_HELP, description=PRECOMPUTE_SHORT_HELP)
+    pre.add_argument(
+        "--config", help="YAML file whose keys mirror these flags (a `precompute:` section or flat)"
+    )
+    pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    _add_config_flags(pre, PrecomputeConfig)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "precompute":
+            from raydpo.precompute import precompute
+
+            result = precompute(_config(PrecomputeConfig, args, "precompute"))
+            print(result.summary())
+        return 0
+    except RaydpoError as error:
+        print(f"raydpo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

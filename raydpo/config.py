@@ -1,0 +1,173 @@
+"""Stage configurations: one small dataclass per stage, validated on construction.
+
+Configs load from YAML (keys mirror the CLI flags, with ``-`` or ``_``) and take dotted
+overrides such as ``precompute.batch_size=16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raydpo.errors import RaydpoError
+
+TRUNCATION_MODES = ("keep_start",)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class PrecomputeConfig:
+    """Settings of the reference log-prob precompute stage (`raydpo precompute`)."""
+
+    model: str
+    """Reference model: a local directory or a Hugging Face hub id."""
+    dataset: str | None = None
+    """Preference data: JSON/JSONL/Parquet file or folder (local or pyarrow URI such as s3://),
+    a dataset saved with `datasets.save_to_disk`, or a name `datasets.load_dataset` accepts."""
+    output: str = "raydpo-cache"
+    """Output directory; the train split goes to OUTPUT/train, the eval split to OUTPUT/eval."""
+    split: str = "train"
+    """Split to read from a Hugging Face dataset."""
+    eval_dataset: str | None = None
+    """Optional eval data, same kinds of source as `dataset`."""
+    eval_split: str | None = None
+    """Split of `eval_dataset` (defaults to `split`)."""
+    tokenizer: str | None = None
+    """Tokenizer to use; defaults to the model's."""
+    id_column: str | None = None
+    """Column holding a stable row id; without it, pair ids are a content hash."""
+    limit: int | None = None
+    """Read only the first N rows of each source (smoke runs, benchmarks)."""
+    max_length: int | None = 1024
+    """Maximum prompt+completion tokens per sequence (TRL's default is 1024). None: no truncation."""
+    max_prompt_length: int | None = None
+    """If set, prompts are cut to their last N tokens before `max_length` applies."""
+    truncation_mode: str = "keep_start"
+    """How sequences longer than `max_length` are cut: `keep_start` (TRL's only supported mode)."""
+    batch_size: int = 8
+    """Pairs per reference forward (chosen and rejected go through together: 2x sequences)."""
+    sort_window: int = 8
+    """Batches the scorer receives at once and sorts by length, so little of each forward is padding."""
+    num_actors: int = 1
+    """Size of the scorer actor pool."""
+    gpus_per_actor: float = 0.0
+    """GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU)."""
+    cpus_per_actor: float = 1.0
+    """CPUs per scorer actor; on CPU this is also its torch thread count."""
+    dtype: str = "auto"
+    """Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
+    attn_implementation: str | None = None
+    """Attention kernel passed to transformers (e.g. sdpa, flash_attention_2); None: its default."""
+    logits_chunk_tokens: int = 2048
+    """Completion tokens per chunk of the LM head and log-softmax; bounds the [tokens, vocab] buffer."""
+    store_token_logps: bool = False
+    """Also store per-token reference log-probs of each completion."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model repository. Off unless asked for: it executes arbitrary Python."""
+    overwrite: bool = False
+    """Replace an existing output computed from different inputs."""
+    ray_address: str | None = None
+    """Ray cluster to connect to; None: the current one, or a new local instance."""
+    max_actor_restarts: int = 3
+    """Times a dead scorer actor is restarted (its unfinished batches are retried)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens")
+        _positive(self, "max_length", "max_prompt_length", "limit", allow_none=True)
+        if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
+            raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.max_actor_restarts < 0:
+            raise RaydpoError("gpus_per_actor, cpus_per_actor and max_actor_restarts must be >= 0")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            raise RaydpoError(
+                f"truncation_mode={self.truncation_mode!r} is not supported: use 'keep_start' "
+                "('keep_end' is deprecated in TRL and would give chosen and rejected different prompts)"
+            )
+        if self.dtype not in DTYPES:
+            raise RaydpoError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_prompt_length >= self.max_length
+        ):
+            raise RaydpoError("max_prompt_length must be smaller than max_length")
+
+    def tokenization_settings(self) -> dict[str, Any]:
+        """The settings that decide the token ids; recorded in the manifest and checked by training."""
+        return {
+            "max_length": self.max_length,
+            "max_prompt_length": self.max_prompt_length,
+            "truncation_mode": self.truncation_mode,
+        }
+
+
+def _positive(config: Any, *names: str, allow_none: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise RaydpoError(f"{name} must be a positive integer, got {value!r}")
+
+
+def from_mapping(cls: type, values: dict[str, Any]) -> Any:
+    """Build a config dataclass from a mapping whose keys may use `-` or `_`; unknown keys are an error."""
+    known = {f.name for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise RaydpoError(f"unknown {cls.__name__} setting {key!r}")
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required field is missing
+        raise RaydpoError(f"{cls.__name__}: {error}") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (an empty file gives an empty dict)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise RaydpoError(f"config file not found: {path}") from None
+    except yaml.YAMLError as error:
+        raise RaydpoError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise RaydpoError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted `a.b=value` overrides (values parsed as YAML scalars) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RaydpoError(f"override {item!r} must look like key=value or section.key=value")
+        node = values
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RaydpoError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw) if raw else None
+    return values
+
+
+def as_dict(config: Any) -> dict[str, Any]:
+    """A config as a plain dict (for manifests, MLflow params and printing)."""
+    return dataclasses.asdict(config)
+
+
+__all__ = [
+    "PrecomputeConfig",
+    "apply_overrides",
+    "as_dict",
+    "from_mapping",
+    "load_yaml",
+]

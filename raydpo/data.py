@@ -1,0 +1,288 @@
+"""Preference data in: sources -> Ray Dataset, and rows in any accepted format -> one canonical pair.
+
+Formats (the ones TRL's DPOTrainer accepts, plus ShareGPT):
+- standard: `prompt`, `chosen`, `rejected` strings;
+- conversational: the same keys holding lists of `{"role", "content"}` messages;
+- implicit prompt: only `chosen` and `rejected`; the prompt is their shared prefix (TRL's `extract_prompt`);
+- ShareGPT: `conversations` (`{"from", "value"}` turns, optional `system` column) with `chosen` and `rejected`
+  each one `{"from": "gpt", "value"}` message (or a list of them).
+A row that fits none of them becomes a reject with a reason; it is never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from raydpo.errors import RaydpoError
+
+if TYPE_CHECKING:
+    import ray.data
+
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "observation": "tool",
+    "tool": "tool",
+}
+PREFERENCE_KEYS = ("chosen", "rejected")
+
+
+@dataclass(frozen=True)
+class CanonicalPair:
+    """One preference pair in TRL's explicit-prompt form: all strings, or all message lists."""
+
+    pair_id: str
+    prompt: str | list[dict[str, str]]
+    chosen: str | list[dict[str, str]]
+    rejected: str | list[dict[str, str]]
+
+    @property
+    def conversational(self) -> bool:
+        return isinstance(self.chosen, list)
+
+
+class RowError(ValueError):
+    """A row that cannot become a pair; its message is the reject reason."""
+
+
+def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> CanonicalPair:
+    """Turn one input row of any accepted format into a `CanonicalPair`, or raise `RowError`."""
+    if "conversations" in row and row.get("conversations") is not None:
+        prompt = _sharegpt_messages(row["conversations"], "conversations")
+        system = row.get("system")
+        if system is not None:
+            if not isinstance(system, str):
+                raise RowError("system is not a string")
+            if system.strip():
+                prompt = [{"role": "system", "content": system}, *prompt]
+        chosen = _sharegpt_messages(_require(row, "chosen"), "chosen")
+        rejected = _sharegpt_messages(_require(row, "rejected"), "rejected")
+    elif row.get("prompt") is not None:
+        prompt = _text_or_messages(row["prompt"], "prompt")
+        chosen = _text_or_messages(_require(row, "chosen"), "chosen")
+        rejected = _text_or_messages(_require(row, "rejected"), "rejected")
+    else:
+        chosen = _text_or_messages(_require(row, "chosen"), "chosen")
+        rejected = _text_or_messages(_require(row, "rejected"), "rejected")
+        if type(chosen) is not type(rejected):
+            raise RowError("chosen and rejected mix text and messages")
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+
+    kinds = {type(prompt), type(chosen), type(rejected)}
+    if len(kinds) != 1:
+        raise RowError("prompt, chosen and rejected mix text and messages")
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not _has_text(value):
+            raise RowError(f"empty {name} completion")
+    if isinstance(prompt, list) and not prompt:
+        raise RowError("empty prompt (no messages)")
+    return CanonicalPair(_pair_id(row, id_column, prompt, chosen, rejected), prompt, chosen, rejected)
+
+
+def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """The shared prefix of chosen and rejected becomes the prompt, exactly as TRL's `extract_prompt`."""
+    idx = 0
+    for idx in range(min(len(chosen), len(rejected))):  # noqa: B007 - idx is used after the loop, as in TRL
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def reject_id(row: dict[str, Any], id_column: str | None) -> str:
+    """An id for a row that could not be parsed: the user's id if readable, else a hash of the raw row."""
+    if id_column and isinstance(row.get(id_column), (str, int)) and not isinstance(row.get(id_column), bool):
+        return str(row[id_column])
+    return _digest(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False))
+
+
+def _pair_id(row: dict[str, Any], id_column: str | None, prompt: Any, chosen: Any, rejected: Any) -> str:
+    if id_column is None:
+        return _digest(json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False))
+    value = row.get(id_column)
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise RowError(f"id column {id_column!r} is missing or not a string/integer")
+    value = str(value)
+    if not value.strip():
+        raise RowError(f"id column {id_column!r} is empty")
+    return value
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _require(row: dict[str, Any], key: str) -> Any:
+    value = row.get(key)
+    if value is None:
+        raise RowError(f"missing {key}")
+    return value
+
+
+def _has_text(value: str | list[dict[str, str]]) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return any(message["content"].strip() for message in value)
+
+
+def _text_or_messages(value: Any, name: str) -> str | list[dict[str, str]]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_message(item, name) for item in value]
+    raise RowError(f"{name} is neither a string nor a list of messages")
+
+
+def _message(item: Any, name: str) -> dict[str, str]:
+    if not isinstance(item, dict):
+        raise RowError(f"{name} holds a message that is not a {{role, content}} mapping")
+    role, content = item.get("role"), item.get("content")
+    if role not in ROLES:
+        raise RowError(f"{name} holds a message with missing or unknown role {role!r}")
+    if not isinstance(content, str):
+        raise RowError(f"{name} holds a message whose content is not a string")
+    return {"role": role, "content": content}
+
+
+def _sharegpt_messages(value: Any, name: str) -> list[dict[str, str]]:
+    turns = [value] if isinstance(value, dict) else value
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise RowError(f"{name} is not a non-empty list of ShareGPT turns")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise RowError(f"{name} holds a turn that is not a {{from, value}} mapping")
+        if "role" in turn:  # already in role/content form
+            messages.append(_message(turn, name))
+            continue
+        speaker, content = turn.get("from"), turn.get("value")
+        if speaker not in SHAREGPT_ROLES:
+            raise RowError(f"{name} holds a turn with missing or unknown 'from' {speaker!r}")
+        if not isinstance(content, str):
+            raise RowError(f"{name} holds a turn whose value is not a string")
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": content})
+    return messages
+
+
+# ---- sources ---------------------------------------------------------------------------------------------
+
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[ray.data.Dataset, dict]:
+    """Open a preference data source as a Ray Dataset, with a fingerprint of what was opened.
+
+    Files are fingerprinted by path, size and modification time (cheap, and changes whenever the data
+    does); a Hugging Face dataset by its own fingerprint; an in-memory Ray Dataset by its content.
+    """
+    import ray.data
+
+    if isinstance(source, ray.data.Dataset):
+        return source, {"kind": "ray_dataset", "content": dataset_content_digest(source)}
+    if not isinstance(source, str) or not source:
+        raise RaydpoError("dataset must be a path, a URI or a ray.data.Dataset")
+
+    files, filesystem = _list_files(source)
+    if files is None:
+        return _open_hf(source, split)
+    formats = {FILE_FORMATS.get(_suffix(info.path)) for info in files} - {None}
+    if not formats:
+        raise RaydpoError(f"no .json, .jsonl or .parquet files under {source}")
+    if len(formats) > 1:
+        raise RaydpoError(f"{source} mixes JSON and Parquet files; point to one kind")
+    paths = [info.path for info in files if _suffix(info.path) in FILE_FORMATS]
+    fingerprint = {
+        "kind": "files",
+        "files": [[info.path, info.size, info.mtime_ns] for info in files if info.path in paths],
+    }
+    reader = ray.data.read_json if formats == {"json"} else ray.data.read_parquet
+    return reader(paths, filesystem=filesystem), fingerprint
+
+
+def _suffix(path: str) -> str:
+    dot = path.rfind(".")
+    return path[dot:].lower() if dot >= 0 else ""
+
+
+def _list_files(source: str):
+    """Files under a local path or pyarrow URI; (None, None) if it is not a file or folder of data files."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(source)
+    except (pafs.ArrowInvalid, ValueError, TypeError):
+        filesystem, path = pafs.LocalFileSystem(), source
+    from pathlib import Path
+
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        path = str(Path(path).resolve())
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return [info], filesystem
+    if info.type != pafs.FileType.Directory:
+        if "://" in source or source.startswith(("/", ".", "~")) or Path(source).suffix:
+            raise RaydpoError(f"dataset not found: {source}")
+        return None, None  # a name for datasets.load_dataset
+    if filesystem.get_file_info(f"{path}/dataset_info.json").type == pafs.FileType.File:
+        return None, None  # saved with datasets.save_to_disk
+    selector = pafs.FileSelector(path, recursive=True)
+    files = [
+        entry
+        for entry in filesystem.get_file_info(selector)
+        if entry.type == pafs.FileType.File and not entry.base_name.startswith((".", "_"))
+    ]
+    return sorted(files, key=lambda entry: entry.path), filesystem
+
+
+def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
+    import datasets
+    import ray.data
+
+    try:
+        try:
+            loaded = datasets.load_from_disk(source)
+        except FileNotFoundError:
+            loaded = datasets.load_dataset(source, split=split)
+    except Exception as error:  # datasets raises many kinds; all mean "could not open"
+        raise RaydpoError(f"could not open dataset {source!r}: {_one_line(error)}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise RaydpoError(f"dataset {source!r} has no split {split!r} (has: {', '.join(loaded)})")
+        loaded = loaded[split]
+    return ray.data.from_huggingface(loaded), {"kind": "huggingface", "fingerprint": loaded._fingerprint}
+
+
+def dataset_content_digest(dataset: ray.data.Dataset) -> str:
+    """An order-independent digest of a Ray Dataset's rows: one cheap pass, no model.
+
+    Each row hashes to two 32-bit numbers; their sums (which cannot overflow int64 below 2**31 rows) and
+    the row count make the digest.
+    """
+
+    def row_digests(batch: Any) -> dict[str, Any]:
+        import numpy as np
+
+        hashes = [
+            hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).digest()
+            for row in batch.to_dict("records")
+        ]
+        return {
+            "high": np.asarray([int.from_bytes(h[:4], "big") for h in hashes], dtype=np.int64),
+            "low": np.asarray([int.from_bytes(h[4:8], "big") for h in hashes], dtype=np.int64),
+            "one": np.ones(len(hashes), dtype=np.int64),
+        }
+
+    sums = dataset.map_batches(row_digests, batch_format="pandas").sum(["high", "low", "one"]) or {}
+    return "{}:{:x}:{:x}".format(*(int(sums.get(f"sum({key})", 0) or 0) for key in ("one", "high", "low")))
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())[:300] or type(error).__name__

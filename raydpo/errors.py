@@ -1,0 +1,5 @@
+"""The one exception type for bad input: the CLI prints it as a single line and exits with code 2."""
+
+
+class RaydpoError(ValueError):
+    """A problem with the user's input or settings, reported before (or instead of) heavy work."""

@@ -1,0 +1,626 @@
+"""Stage 1: reference log-probs for every preference pair, computed once and cached as Parquet.
+
+A Ray Data pipeline, streaming end to end: read -> validate and tokenize (CPU tasks) -> score on an
+actor pool (one reference model per actor, batches sorted by length) -> write Parquet part files.
+
+    raydpo precompute --model MODEL --dataset data.json --output cache/
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from ray.data import Datasink
+
+from raydpo import cache
+from raydpo.config import PrecomputeConfig, as_dict, from_mapping
+from raydpo.data import RowError, canonical_pair, open_source, reject_id
+from raydpo.errors import RaydpoError
+from raydpo.tokenize import load_tokenizer, pad_token_id, tokenize_pair, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("status", pa.string()),  # "ok", "rejected" or "done" (already in the output: resumed run)
+        ("reason", pa.string()),
+        ("row_json", pa.string()),
+        ("prompt_input_ids", cache.TOKEN_LIST),
+        ("chosen_input_ids", cache.TOKEN_LIST),
+        ("rejected_input_ids", cache.TOKEN_LIST),
+        ("truncated", pa.bool_()),
+    ]
+)
+FORWARD_TOKENS = "_forward_tokens"  # padded tokens each pair took in its forward (for the padding figure)
+
+
+@dataclass
+class SplitResult:
+    """What one split's precompute produced (or found already cached)."""
+
+    name: str
+    path: str
+    cached: bool
+    manifest: dict[str, Any]
+
+    @property
+    def counts(self) -> dict[str, Any]:
+        return self.manifest["counts"]
+
+    def summary(self) -> str:
+        counts, stats = self.counts, self.manifest["throughput"]
+        head = "cached, nothing to do" if self.cached else f"{stats['wall_time_s']:.1f}s"
+        return (
+            f"{self.name}: {counts['read']} rows read, {counts['written']} written, "
+            f"{counts['rejected']} rejected; {stats['tokens']} tokens, {stats['tokens_per_s']:.0f} tokens/s, "
+            f"{stats['padding_fraction']:.1%} padding ({head}) -> {self.path}"
+        )
+
+
+@dataclass
+class PrecomputeResult:
+    """The output directory and, per split, its counts and manifest."""
+
+    output: str
+    splits: dict[str, SplitResult] = field(default_factory=dict)
+
+    @property
+    def train(self) -> SplitResult:
+        return self.splits["train"]
+
+    @property
+    def eval(self) -> SplitResult | None:
+        return self.splits.get("eval")
+
+    def summary(self) -> str:
+        return "\n".join(split.summary() for split in self.splits.values())
+
+
+def precompute(
+    config: PrecomputeConfig | dict | None = None, /, *, dataset=None, eval_dataset=None, **overrides: Any
+) -> PrecomputeResult:
+    """Compute (or reuse) the reference log-prob cache. Usable from a notebook after `ray.init()`.
+
+    `dataset` / `eval_dataset` may be `ray.data.Dataset` objects instead of paths in the config.
+    """
+    config = _as_config(config, overrides)
+    sources = {"train": (dataset if dataset is not None else config.dataset, config.split)}
+    if eval_dataset is not None or config.eval_dataset is not None:
+        eval_source = eval_dataset if eval_dataset is not None else config.eval_dataset
+        sources["eval"] = (eval_source, config.eval_split or config.split)
+    if sources["train"][0] is None:
+        raise RaydpoError("no dataset given (--dataset)")
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+    fingerprints = {
+        "model": cache.model_fingerprint(config.model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    _init_ray(config.ray_address)
+    result = PrecomputeResult(output=cache.resolve(config.output)[1])
+    with cache.output_lock(config.output):
+        for name, (source, split) in sources.items():
+            result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
+    return result
+
+
+def _as_config(config: PrecomputeConfig | dict | None, overrides: dict[str, Any]) -> PrecomputeConfig:
+    if isinstance(config, PrecomputeConfig):
+        return from_mapping(PrecomputeConfig, {**as_dict(config), **overrides}) if overrides else config
+    return from_mapping(PrecomputeConfig, {**(config or {}), **overrides})
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def _precompute_split(
+    config: PrecomputeConfig, name: str, source: Any, split: str, tokenizer, fingerprints: dict[str, Any]
+) -> SplitResult:
+    import ray.data
+
+    ds, dataset_fingerprint = open_source(source, split)
+    if config.limit is not None:
+        ds = ds.limit(config.limit)
+    _check_rows(ds, tokenizer, config)
+    settings = {
+        **config.tokenization_settings(),
+        "dtype": config.dtype,
+        "attn_implementation": config.attn_implementation,
+        "id_column": config.id_column,
+        "store_token_logps": config.store_token_logps,
+    }
+    key = cache.cache_key(
+        {**fingerprints, "dataset": dataset_fingerprint, "split": split, "limit": config.limit, **settings}
+    )
+    path = f"{cache.resolve(config.output)[1]}/{name}"
+    fs, root = cache.resolve(path)
+    done_ids = _prepare_output(fs, root, key, config.overwrite, path)
+    if done_ids is None:
+        logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", path)
+        return SplitResult(name, root, True, cache.open_split(path).manifest)
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    started = time.perf_counter()
+    prepared = ds.map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "tokenizer_path": config.tokenizer or config.model,
+            "trust_remote_code": config.trust_remote_code,
+            "id_column": config.id_column,
+            "max_length": config.max_length,
+            "max_prompt_length": config.max_prompt_length,
+            "done_ids": ray.put(done_ids) if done_ids else None,
+        },
+    )
+    scored = prepared.map_batches(
+        ReferenceScorer,
+        batch_format="pyarrow",
+        batch_size=config.batch_size * config.sort_window,
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_gpus=config.gpus_per_actor or None,
+        num_cpus=config.cpus_per_actor,
+        # A dead actor is restarted and its unfinished batches retried, a bounded number of times.
+        ray_remote_args_fn=functools.partial(
+            dict, max_restarts=config.max_actor_restarts, max_task_retries=config.max_actor_restarts
+        ),
+        fn_constructor_kwargs={
+            "model": config.model,
+            "dtype": config.dtype,
+            "attn_implementation": config.attn_implementation,
+            "trust_remote_code": config.trust_remote_code,
+            "pad_token_id": pad_token_id(tokenizer),
+            "batch_size": config.batch_size,
+            "chunk_tokens": config.logits_chunk_tokens,
+            "store_token_logps": config.store_token_logps,
+            "num_threads": max(1, int(config.cpus_per_actor)),
+        },
+    )
+    sink = CacheSink(root, key, config.store_token_logps)
+    scored.write_datasink(sink)
+    wall_time = time.perf_counter() - started
+    manifest = _finish(
+        fs,
+        root,
+        key,
+        sink.totals,
+        wall_time,
+        config,
+        name,
+        source,
+        fingerprints,
+        dataset_fingerprint,
+        settings,
+    )
+    return SplitResult(name, root, False, manifest)
+
+
+def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
+    """Fail fast on the first rows: a missing column or a missing chat template stops before any scoring."""
+    try:
+        head = ds.take(8)
+    except Exception as error:  # reader errors (bad JSON, bad Parquet) surface here
+        raise RaydpoError(f"could not read the dataset: {' '.join(str(error).split())[:300]}") from None
+    if not head:
+        raise RaydpoError("the dataset is empty")
+    columns = set(head[0])
+    if not {"chosen", "rejected"} <= columns:
+        raise RaydpoError(
+            f"the dataset needs 'chosen' and 'rejected' columns (with 'prompt' or 'conversations', or neither "
+            f"for an implicit prompt); it has: {', '.join(sorted(columns))}"
+        )
+    if config.id_column and config.id_column not in columns:
+        raise RaydpoError(f"id column {config.id_column!r} is not in the dataset")
+    pairs = []
+    for row in head:
+        try:
+            pairs.append(canonical_pair(row, config.id_column))
+        except RowError:
+            continue
+    if any(pair.conversational for pair in pairs) and tokenizer.chat_template is None:
+        raise RaydpoError("the data is conversational but the tokenizer has no chat template")
+
+
+def _prepare_output(fs: pafs.FileSystem, root: str, key: str, overwrite: bool, path: str) -> set[str] | None:
+    """Decide what to do with the split directory: None if already finished with this key, else the set of
+    pair ids to skip (those a crashed run with the same key already wrote)."""
+    state = cache.split_state(path)
+    if state == "finished":
+        manifest = cache.read_json(fs, f"{root}/{cache.MANIFEST}")
+        if manifest.get("key") == key:
+            cache.open_split(path)  # verify the files before calling it a hit
+            return None
+        if not overwrite:
+            raise RaydpoError(
+                f"{path} already holds a precompute of different inputs (model, tokenizer, settings or data "
+                "changed); choose another --output or pass --overwrite"
+            )
+    elif state == "partial":
+        pending = cache.read_json(fs, f"{root}/{cache.PENDING}") or {}
+        if pending.get("key") == key and not overwrite:
+            done = _written_ids(fs, root, key)
+            logger.warning(
+                "%s: resuming an unfinished run; %d pairs already written are kept", path, len(done)
+            )
+            return done
+        if not overwrite:
+            raise RaydpoError(
+                f"{path} holds an unfinished precompute of different inputs; pass --overwrite to replace it"
+            )
+    if state != "missing":
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+    fs.create_dir(f"{root}/{cache.DATA_DIR}", recursive=True)
+    fs.create_dir(f"{root}/{cache.REJECTS_DIR}", recursive=True)
+    cache.write_bytes_atomic(fs, f"{root}/{cache.PENDING}", json.dumps({"key": key}).encode())
+    return set()
+
+
+def _written_ids(fs: pafs.FileSystem, root: str, key: str) -> set[str]:
+    done: set[str] = set()
+    for directory in (cache.DATA_DIR, cache.REJECTS_DIR):
+        for info in cache.list_parts(fs, f"{root}/{directory}"):
+            try:
+                parquet = pq.ParquetFile(info.path, filesystem=fs)
+            except (OSError, pa.ArrowInvalid):
+                fs.delete_file(info.path)  # torn file from the crash: recompute its rows
+                continue
+            if (parquet.schema_arrow.metadata or {}).get(cache.KEY_METADATA, b"").decode() != key:
+                fs.delete_file(info.path)
+                continue
+            done.update(parquet.read(columns=["pair_id"]).column("pair_id").to_pylist())
+    return done
+
+
+def prepare_batch(
+    batch: pa.Table,
+    *,
+    tokenizer_path: str,
+    trust_remote_code: bool,
+    id_column: str | None,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    done_ids=None,
+) -> pa.Table:
+    """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject."""
+    import ray
+
+    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    skip = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else (done_ids or set())
+    out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
+    for row in batch.to_pylist():
+        try:
+            pair = canonical_pair(row, id_column)
+            if pair.pair_id in skip:
+                _append(out, pair.pair_id, "done")
+                continue
+            tokens = tokenize_pair(tokenizer, pair, max_length, max_prompt_length)
+        except RowError as error:
+            pair_id = reject_id(row, id_column)
+            status = "done" if pair_id in skip else "rejected"
+            _append(out, pair_id, status, str(error), json.dumps(row, ensure_ascii=False, default=str))
+            continue
+        _append(
+            out,
+            pair.pair_id,
+            "ok",
+            prompt=tokens.prompt_ids,
+            chosen=tokens.chosen_ids,
+            rejected=tokens.rejected_ids,
+            truncated=tokens.truncated,
+        )
+    return pa.table(out, schema=PREPARED_SCHEMA)
+
+
+def _append(
+    out: dict[str, list],
+    pair_id: str,
+    status: str,
+    reason: str | None = None,
+    row_json: str | None = None,
+    prompt=None,
+    chosen=None,
+    rejected=None,
+    truncated=None,
+) -> None:
+    for column, value in zip(
+        PREPARED_SCHEMA.names,
+        (pair_id, status, reason, row_json, prompt, chosen, rejected, truncated),
+        strict=True,
+    ):
+        out[column].append(value)
+
+
+class ReferenceScorer:
+    """Scores prepared batches with the reference model: a plain callable class for `map_batches`.
+
+    It loads the model once; each call sorts its pairs by length, runs forwards of `batch_size` pairs
+    (chosen and rejected together), and returns the batch with the reference log-prob columns added.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        pad_token_id: int = 0,
+        batch_size: int = 8,
+        chunk_tokens: int = 2048,
+        store_token_logps: bool = False,
+        num_threads: int = 1,
+    ):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from raydpo.logprobs import check_head_path
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(num_threads)
+        torch_dtype = {
+            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+            "float32": torch.float32,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+        }[dtype]
+        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        self.model = AutoModelForCausalLM.from_pretrained(model, **kwargs).to(self.device).eval()
+        check_head_path(self.model, self.model.config.vocab_size)
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+        self.chunk_tokens = chunk_tokens
+        self.store_token_logps = store_token_logps
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from raydpo.logprobs import completion_logps, pack_pairs
+
+        ok = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
+        prompts = batch.column("prompt_input_ids").to_pylist()
+        chosens = batch.column("chosen_input_ids").to_pylist()
+        rejecteds = batch.column("rejected_input_ids").to_pylist()
+        columns = {name: [None] * batch.num_rows for name in self._output_names()}
+        columns[FORWARD_TOKENS] = [0] * batch.num_rows
+        longest = {i: len(prompts[i]) + max(len(chosens[i]), len(rejecteds[i])) for i in ok}
+        order = sorted(ok, key=lambda i: longest[i], reverse=True)  # longest first: memory peaks early
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            packed = pack_pairs(
+                [prompts[i] for i in rows],
+                [chosens[i] for i in rows],
+                [rejecteds[i] for i in rows],
+                self.pad_token_id,
+            ).to(self.device)
+            with torch.inference_mode():
+                scores = completion_logps(self.model, packed, self.chunk_tokens)
+            self._collect(columns, rows, scores, packed.input_ids.shape[1])
+        out = batch
+        for name, values in columns.items():
+            dtype = (
+                pa.list_(pa.float32())
+                if name.endswith("token_logps")
+                else (pa.int64() if name == FORWARD_TOKENS else pa.float32())
+            )
+            out = out.append_column(name, pa.array(values, type=dtype))
+        return out
+
+    def _output_names(self) -> list[str]:
+        names = [
+            "ref_chosen_logps",
+            "ref_rejected_logps",
+            "ref_chosen_logps_shared",
+            "ref_chosen_logps_tail",
+            "ref_rejected_logps_shared",
+            "ref_rejected_logps_tail",
+        ]
+        if self.store_token_logps:
+            names += ["ref_chosen_token_logps", "ref_rejected_token_logps"]
+        return names
+
+    def _collect(self, columns: dict[str, list], rows: list[int], scores, width: int) -> None:
+        sums = [t.float().cpu().numpy() for t in (scores.sums, scores.shared_sums, scores.tail_sums)]
+        pairs = len(rows)
+        for k, i in enumerate(rows):
+            columns["ref_chosen_logps"][i] = float(sums[0][k])
+            columns["ref_rejected_logps"][i] = float(sums[0][pairs + k])
+            columns["ref_chosen_logps_shared"][i] = float(sums[1][k])
+            columns["ref_chosen_logps_tail"][i] = float(sums[2][k])
+            columns["ref_rejected_logps_shared"][i] = float(sums[1][pairs + k])
+            columns["ref_rejected_logps_tail"][i] = float(sums[2][pairs + k])
+            columns[FORWARD_TOKENS][i] = 2 * width
+        if self.store_token_logps:
+            token_logps = scores.token_logps.cpu()
+            mask = scores.target_mask.cpu()
+            for k, i in enumerate(rows):
+                columns["ref_chosen_token_logps"][i] = token_logps[k][mask[k]].tolist()
+                columns["ref_rejected_token_logps"][i] = token_logps[pairs + k][mask[pairs + k]].tolist()
+
+
+class CacheSink(Datasink):
+    """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, each file atomically."""
+
+    def __init__(self, root: str, key: str, store_token_logps: bool):
+        self.root = root
+        self.key = key
+        self.schema = cache.data_schema(store_token_logps)
+        self.totals: dict[str, Any] = {}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return 2048
+
+    def write(self, blocks, ctx) -> dict[str, Any]:
+        from ray.data.block import BlockAccessor
+
+        fs, _ = cache.resolve(self.root)
+        totals: Counter = Counter()
+        reasons: Counter = Counter()
+        metadata = {cache.KEY_METADATA: self.key.encode()}
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            status = table.column("status")
+            accepted = table.filter(pc.equal(status, "ok"))
+            rejected = table.filter(pc.equal(status, "rejected"))
+            totals["done"] += table.num_rows - accepted.num_rows - rejected.num_rows
+            if accepted.num_rows:
+                self._account(totals, accepted)
+                data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
+                name = cache.part_name(data.column("pair_id").to_pylist())
+                cache.write_table_atomic(fs, f"{self.root}/{cache.DATA_DIR}/{name}", data, metadata)
+            if rejected.num_rows:
+                totals["rejected"] += rejected.num_rows
+                reasons.update(rejected.column("reason").to_pylist())
+                rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
+                name = cache.part_name(rejects.column("pair_id").to_pylist())
+                cache.write_table_atomic(fs, f"{self.root}/{cache.REJECTS_DIR}/{name}", rejects, metadata)
+        return {"totals": dict(totals), "reasons": dict(reasons)}
+
+    @staticmethod
+    def _account(totals: Counter, accepted: pa.Table) -> None:
+        lengths = {
+            name: pc.list_value_length(accepted.column(f"{name}_input_ids")).to_numpy()
+            for name in ("prompt", "chosen", "rejected")
+        }
+        totals["written"] += accepted.num_rows
+        totals["tokens"] += int((2 * lengths["prompt"] + lengths["chosen"] + lengths["rejected"]).sum())
+        totals["forward_tokens"] += int(pc.sum(accepted.column(FORWARD_TOKENS)).as_py() or 0)
+        totals["truncated"] += int(pc.sum(accepted.column("truncated").cast(pa.int64())).as_py() or 0)
+
+    def on_write_complete(self, write_result) -> None:
+        totals: Counter = Counter()
+        reasons: Counter = Counter()
+        for result in write_result.write_returns:
+            totals.update(result["totals"])
+            reasons.update(result["reasons"])
+        self.totals = {**totals, "reasons": dict(reasons)}
+
+
+def _with_lengths(table: pa.Table) -> pa.Table:
+    for name in ("prompt", "chosen", "rejected"):
+        lengths = pc.list_value_length(table.column(f"{name}_input_ids")).cast(pa.int32())
+        table = table.append_column(f"{name}_length", lengths)
+    return table
+
+
+def _finish(
+    fs: pafs.FileSystem,
+    root: str,
+    key: str,
+    totals: dict[str, Any],
+    wall_time: float,
+    config: PrecomputeConfig,
+    name: str,
+    source: Any,
+    fingerprints: dict[str, Any],
+    dataset_fingerprint: dict[str, Any],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    """Verify what is on disk (every pair exactly once), then write the manifest last."""
+    from raydpo import __version__
+
+    files, counts, seen = [], Counter(), set()
+    reasons: Counter = Counter()
+    for directory, counter in ((cache.DATA_DIR, "written"), (cache.REJECTS_DIR, "rejected")):
+        for info in cache.list_parts(fs, f"{root}/{directory}"):
+            table = pq.read_table(
+                info.path, filesystem=fs, columns=["pair_id"] + (["reason"] if counter == "rejected" else [])
+            )
+            ids = table.column("pair_id").to_pylist()
+            if counter == "written":
+                duplicates = seen.intersection(ids) or (len(set(ids)) != len(ids))
+                if duplicates:
+                    raise RaydpoError(
+                        f"{root}: pair ids are not unique in the written data (duplicate rows in the input, or "
+                        f"a repeated --id-column value); e.g. {sorted(seen.intersection(ids))[:3] or ids[:1]}"
+                    )
+                seen.update(ids)
+            else:
+                reasons.update(table.column("reason").to_pylist())
+            counts[counter] += len(ids)
+            files.append({"path": f"{directory}/{info.base_name}", "rows": len(ids)})
+    counts["read"] = counts["written"] + counts["rejected"]
+    if counts["written"] == 0:
+        top = reasons.most_common(1)[0][0] if reasons else "none"
+        raise RaydpoError(
+            f"no usable rows in {source!r}: all {counts['rejected']} rejected (see {root}/{cache.REJECTS_DIR}); "
+            f"most common reason: {top}"
+        )
+    rows_seen = totals.get("written", 0) + totals.get("rejected", 0) + totals.get("done", 0)
+    if rows_seen != counts["read"]:
+        raise RaydpoError(
+            f"{root}: {rows_seen} rows went through the pipeline but {counts['read']} are on disk; "
+            "the output is incomplete, rerun the same command to resume"
+        )
+    tokens = totals.get("tokens", 0)
+    forward_tokens = totals.get("forward_tokens", 0)
+    manifest = {
+        "format": cache.FORMAT,
+        "schema_version": cache.SCHEMA_VERSION,
+        "raydpo_version": __version__,
+        "key": key,
+        "split": name,
+        "source": source if isinstance(source, str) else type(source).__name__,
+        "fingerprints": {**fingerprints, "dataset": dataset_fingerprint},
+        "model": config.model,
+        "tokenizer": config.tokenizer or config.model,
+        "settings": settings,
+        "counts": {
+            "read": counts["read"],
+            "written": counts["written"],
+            "rejected": counts["rejected"],
+            "truncated_this_run": totals.get("truncated", 0),
+            "resumed": totals.get("done", 0),
+            "reject_reasons": dict(reasons.most_common()),
+        },
+        "throughput": {
+            "wall_time_s": round(wall_time, 3),
+            "tokens": tokens,
+            "tokens_per_s": tokens / wall_time if wall_time > 0 else 0.0,
+            "pairs_per_s": totals.get("written", 0) / wall_time if wall_time > 0 else 0.0,
+            "padding_fraction": 1 - tokens / forward_tokens if forward_tokens else 0.0,
+            "num_actors": config.num_actors,
+            "batch_size": config.batch_size,
+        },
+        "schema": cache.data_schema(config.store_token_logps).names,
+        "files": files,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    payload = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    common = cache.data_schema(config.store_token_logps).with_metadata(
+        {cache.KEY_METADATA: key.encode(), cache.MANIFEST_METADATA: payload}
+    )
+    with fs.open_output_stream(f"{root}/{cache.DATA_DIR}/_common_metadata") as stream:
+        pq.write_metadata(common, stream)
+    cache.write_bytes_atomic(fs, f"{root}/{cache.MANIFEST}", payload)
+    fs.delete_file(f"{root}/{cache.PENDING}")
+    return manifest
+
+
+def read_output(path: str, split: str = "train"):
+    """Open a finished precompute output (OUTPUT or OUTPUT/<split>) for inspection or training."""
+    fs, root = cache.resolve(path)
+    if (
+        fs.get_file_info(f"{root}/{cache.MANIFEST}").type != pafs.FileType.File
+        and fs.get_file_info(f"{root}/{split}").type == pafs.FileType.Directory
+    ):
+        root = f"{root}/{split}"
+    return cache.open_split(root)
