@@ -17,15 +17,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PrecomputeConfig": "raydpo.config",
     "RaydpoError": "raydpo.errors",
-    "precompute": "raydpo.precompute",
-    "PrecomputeResult": "raydpo.precompute",
-    "read_output": "raydpo.precompute",
+    "precompute": "raydpo.precompute_stage",
+    "PrecomputeResult": "raydpo.precompute_stage",
+    "read_output": "raydpo.precompute_stage",
 }
 
 if TYPE_CHECKING:
     from raydpo.config import PrecomputeConfig
     from raydpo.errors import RaydpoError
-    from raydpo.precompute import PrecomputeResult, precompute, read_output
+    from raydpo.precompute_stage import PrecomputeResult, precompute, read_output
 
 
 def __getattr__(name: str) -> Any:

@@ -241,7 +241,8 @@ def open_split(path: str) -> CacheSplit:
             ) from None
         if rows != entry["rows"]:
             raise RaydpoError(f"{path}: {entry['path']} has {rows} rows, the manifest says {entry['rows']}")
-        files.append(file_path)
+        if entry["path"].startswith(f"{DATA_DIR}/"):
+            files.append(file_path)
     return CacheSplit(path=root, manifest=manifest, files=files, filesystem=fs)
 
 
@@ -253,7 +254,7 @@ def list_parts(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
             info
             for info in fs.get_file_info(selector)
             if info.type == pafs.FileType.File
-            and info.base_name.startswith("part-")
+            and info.base_name.startswith(("part-", "dup-part-"))
             and info.base_name.endswith(".parquet")
         ),
         key=lambda info: info.path,

@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "precompute":
-            from raydpo.precompute import precompute
+            from raydpo.precompute_stage import precompute
 
             result = precompute(_config(PrecomputeConfig, args, "precompute"))
             print(result.summary())

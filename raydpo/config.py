@@ -72,16 +72,14 @@ class PrecomputeConfig:
     """Replace an existing output computed from different inputs."""
     ray_address: str | None = None
     """Ray cluster to connect to; None: the current one, or a new local instance."""
-    max_actor_restarts: int = 3
-    """Times a dead scorer actor is restarted (its unfinished batches are retried)."""
 
     def __post_init__(self) -> None:
         _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens")
         _positive(self, "max_length", "max_prompt_length", "limit", allow_none=True)
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
-        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0 or self.max_actor_restarts < 0:
-            raise RaydpoError("gpus_per_actor, cpus_per_actor and max_actor_restarts must be >= 0")
+        if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
+            raise RaydpoError("gpus_per_actor and cpus_per_actor must be >= 0")
         if self.truncation_mode not in TRUNCATION_MODES:
             raise RaydpoError(
                 f"truncation_mode={self.truncation_mode!r} is not supported: use 'keep_start' "

@@ -23,12 +23,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
 def sample_data_dir() -> Path:
-    """The sample preference data shipped beside the project (`../shared/data`), or $RAYDPO_SAMPLE_DATA."""
-    import os
-
-    if os.environ.get("RAYDPO_SAMPLE_DATA"):
-        return Path(os.environ["RAYDPO_SAMPLE_DATA"])
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
+    """The real sample preference data shipped with the package (see its SOURCE.md)."""
+    return Path(__file__).resolve().parent / "sample_data"
 
 
 def _texts(files: Sequence[Path]) -> Iterator[str]:

@@ -8,7 +8,6 @@ actor pool (one reference model per actor, batches sorted by length) -> write Pa
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import time
@@ -176,10 +175,6 @@ def _precompute_split(
         compute=ray.data.ActorPoolStrategy(size=config.num_actors),
         num_gpus=config.gpus_per_actor or None,
         num_cpus=config.cpus_per_actor,
-        # A dead actor is restarted and its unfinished batches retried, a bounded number of times.
-        ray_remote_args_fn=functools.partial(
-            dict, max_restarts=config.max_actor_restarts, max_task_retries=config.max_actor_restarts
-        ),
         fn_constructor_kwargs={
             "model": config.model,
             "dtype": config.dtype,
@@ -351,6 +346,9 @@ class ReferenceScorer:
 
     It loads the model once; each call sorts its pairs by length, runs forwards of `batch_size` pairs
     (chosen and rejected together), and returns the batch with the reference log-prob columns added.
+    Ray Data restarts a dead scorer actor and retries its unfinished batches (its defaults for actor
+    pools: unlimited restarts and retries), and part files are named by content, so a retried batch
+    rewrites its own file rather than adding a second copy.
     """
 
     def __init__(
@@ -537,6 +535,7 @@ def _finish(
     """Verify what is on disk (every pair exactly once), then write the manifest last."""
     from raydpo import __version__
 
+    _reject_duplicates(fs, root, key)
     files, counts, seen = [], Counter(), set()
     reasons: Counter = Counter()
     for directory, counter in ((cache.DATA_DIR, "written"), (cache.REJECTS_DIR, "rejected")):
@@ -546,12 +545,8 @@ def _finish(
             )
             ids = table.column("pair_id").to_pylist()
             if counter == "written":
-                duplicates = seen.intersection(ids) or (len(set(ids)) != len(ids))
-                if duplicates:
-                    raise RaydpoError(
-                        f"{root}: pair ids are not unique in the written data (duplicate rows in the input, or "
-                        f"a repeated --id-column value); e.g. {sorted(seen.intersection(ids))[:3] or ids[:1]}"
-                    )
+                if seen.intersection(ids) or len(set(ids)) != len(ids):  # _reject_duplicates failed us
+                    raise RaydpoError(f"{root}: pair ids are not unique in the written data")
                 seen.update(ids)
             else:
                 reasons.update(table.column("reason").to_pylist())
@@ -613,6 +608,41 @@ def _finish(
     cache.write_bytes_atomic(fs, f"{root}/{cache.MANIFEST}", payload)
     fs.delete_file(f"{root}/{cache.PENDING}")
     return manifest
+
+
+def _reject_duplicates(fs: pafs.FileSystem, root: str, key: str) -> None:
+    """Keep the first occurrence of each pair id; later ones move to rejects with the reason.
+
+    Identical rows share a content-hash id (the sample data has some), and a repeated id column value
+    would make joins ambiguous. Duplicates are found after scoring, so the stream never needs global
+    state; only the part files that hold one are rewritten.
+    """
+    seen: set[str] = set()
+    metadata = {cache.KEY_METADATA: key.encode()}
+    for info in cache.list_parts(fs, f"{root}/{cache.DATA_DIR}"):
+        table = pq.read_table(info.path, filesystem=fs)
+        keep = []
+        for pair_id in table.column("pair_id").to_pylist():
+            keep.append(pair_id not in seen)
+            seen.add(pair_id)
+        if all(keep):
+            continue
+        mask = pa.array(keep)
+        extras = table.filter(pc.invert(mask)).column("pair_id")
+        rejects = pa.table(
+            {
+                "pair_id": extras,
+                "reason": pa.array(["duplicate pair_id: an earlier row has the same id"] * len(extras)),
+                "row_json": pa.nulls(len(extras), pa.string()),
+            },
+            schema=cache.REJECT_SCHEMA,
+        )
+        cache.write_table_atomic(fs, f"{root}/{cache.REJECTS_DIR}/dup-{info.base_name}", rejects, metadata)
+        kept = table.filter(mask).replace_schema_metadata(None)
+        if kept.num_rows:
+            name = cache.part_name(kept.column("pair_id").to_pylist())
+            cache.write_table_atomic(fs, f"{root}/{cache.DATA_DIR}/{name}", kept, metadata)
+        fs.delete_file(info.path)
 
 
 def read_output(path: str, split: str = "train"):

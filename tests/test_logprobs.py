@@ -1,0 +1,104 @@
+"""Chunked completion log-probs equal a plain one-example-at-a-time transformers forward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from raydpo.data import canonical_pair
+from raydpo.logprobs import check_head_path, completion_logps, pack_pairs
+from raydpo.tokenize import pad_token_id, tokenize_pair
+
+
+@pytest.fixture(scope="module")
+def model(toy_model):
+    return AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer, en_rows):
+    return [
+        tokenize_pair(tokenizer, canonical_pair(row), max_length=768)
+        for row in en_rows[:40]
+        if len(tokenize_pair(tokenizer, canonical_pair(row), max_length=None).prompt_ids) < 700
+    ][:6]
+
+
+def plain_logps(model, prompt: list[int], completion: list[int]) -> float:
+    """Sum of log p(completion | prompt) from the model's full logits, one unpadded example."""
+    ids = torch.tensor([prompt + completion])
+    logps = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
+    return logps.gather(-1, torch.tensor(completion)[:, None]).sum().item()
+
+
+def score(model, tokenizer, pairs, chunk_tokens=2048):
+    batch = pack_pairs(
+        [p.prompt_ids for p in pairs],
+        [p.chosen_ids for p in pairs],
+        [p.rejected_ids for p in pairs],
+        pad_token_id(tokenizer),
+    )
+    with torch.inference_mode():
+        return completion_logps(model, batch, chunk_tokens=chunk_tokens)
+
+
+def test_equals_plain_forward_one_example_at_a_time(model, tokenizer, pairs):
+    out = score(model, tokenizer, pairs, chunk_tokens=97)
+    chosen, rejected = out.split(out.sums)
+    with torch.inference_mode():
+        for k, pair in enumerate(pairs):
+            expected_chosen = plain_logps(model, pair.prompt_ids, pair.chosen_ids)
+            expected_rejected = plain_logps(model, pair.prompt_ids, pair.rejected_ids)
+            assert chosen[k].item() == pytest.approx(expected_chosen, rel=1e-5)
+            assert rejected[k].item() == pytest.approx(expected_rejected, rel=1e-5)
+
+
+def test_independent_of_chunking_batching_and_padding(model, tokenizer, pairs):
+    whole = score(model, tokenizer, pairs, chunk_tokens=4096).sums
+    chunked = score(model, tokenizer, pairs, chunk_tokens=13).sums
+    torch.testing.assert_close(whole, chunked, rtol=1e-6, atol=1e-3)
+    singles = torch.cat([score(model, tokenizer, [p]).sums for p in pairs])  # [chosen, rejected] per pair
+    chosen, rejected = whole.chunk(2)
+    torch.testing.assert_close(
+        singles, torch.stack([chosen, rejected], dim=1).flatten(), rtol=1e-5, atol=1e-3
+    )
+
+
+def test_shared_and_tail_split(model, tokenizer, pairs):
+    out = score(model, tokenizer, pairs)
+    torch.testing.assert_close(out.shared_sums + out.tail_sums, out.sums, rtol=1e-6, atol=1e-3)
+    chosen_len, rejected_len = out.split(out.lengths)
+    shared = torch.minimum(chosen_len, rejected_len)
+    for row in range(out.sums.shape[0]):
+        positions = out.target_mask[row].nonzero().squeeze(-1)
+        expected = out.token_logps[row, positions[: shared[row % len(pairs)]]].sum()
+        torch.testing.assert_close(out.shared_sums[row], expected)
+
+
+def test_gradients_flow_through_chunked_head(model, tokenizer, pairs):
+    batch = pack_pairs(
+        [p.prompt_ids for p in pairs[:2]],
+        [p.chosen_ids for p in pairs[:2]],
+        [p.rejected_ids for p in pairs[:2]],
+        pad_token_id(tokenizer),
+    )
+    model.zero_grad()
+    completion_logps(model, batch, chunk_tokens=50).sums.sum().backward()
+    chunked = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    logps = logits[:, :-1].log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    (logps * batch.completion_mask[:, 1:]).sum().backward()
+    torch.testing.assert_close(chunked, model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
+    model.zero_grad()
+
+
+def test_head_path_check_catches_unknown_logit_processing(model):
+    check_head_path(model, model.config.vocab_size)
+    model.config.final_logit_softcapping = 0.5  # the split path now transforms, the model does not
+    try:
+        with pytest.raises(ValueError, match="post-processes logits"):
+            check_head_path(model, model.config.vocab_size)
+    finally:
+        model.config.final_logit_softcapping = None

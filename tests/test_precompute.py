@@ -1,0 +1,213 @@
+"""The precompute pipeline end to end on a real Ray instance, the real sample data and a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import to_conversational, write_jsonl
+
+import raydpo
+from raydpo.cli import main as cli_main
+from raydpo.errors import RaydpoError
+
+BAD_ROWS = [
+    {"prompt": "p", "chosen": "   ", "rejected": "b"},  # empty completion
+    {
+        "prompt": [{"role": "wizard", "content": "x"}],
+        "chosen": [{"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "assistant", "content": "b"}],
+    },  # unknown role
+    {"prompt": "x " * 600, "chosen": "a", "rejected": "b"},  # prompt fills max_length
+]
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory, en_rows):
+    """ShareGPT, conversational, standard and implicit-prompt rows plus bad rows, in one JSONL file."""
+    rows = list(en_rows[:10])
+    rows += [to_conversational(r) for r in en_rows[10:16]]
+    rows += [
+        {
+            "prompt": r["conversations"][-1]["value"],
+            "chosen": r["chosen"]["value"],
+            "rejected": r["rejected"]["value"],
+        }
+        for r in en_rows[16:20]
+    ]
+    rows += [{"chosen": "The capital of France is Paris.", "rejected": "The capital of France is Rome."}]
+    rows += BAD_ROWS
+    # JSONL keeps one type per column only if rows agree, so store each row's JSON as text and let
+    # the format detection see the parsed values: write two files instead (Arrow needs one schema per file)
+    folder = tmp_path_factory.mktemp("mixed")
+    write_jsonl(folder / "sharegpt.jsonl", rows[:10])
+    write_jsonl(folder / "conversational.jsonl", rows[10:16] + [BAD_ROWS[1]])
+    write_jsonl(folder / "standard.jsonl", rows[16:21] + [BAD_ROWS[0], BAD_ROWS[2]])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, toy_model, mixed_file, sample_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("cache") / "out"
+    result = raydpo.precompute(
+        model=str(toy_model),
+        dataset=str(mixed_file),
+        output=str(output),
+        eval_dataset=str(sample_dir / "dpo_zh_demo.json"),
+        limit=None,
+        max_length=512,
+        batch_size=3,
+        sort_window=2,
+    )
+    return result, output
+
+
+def test_row_count_invariant_and_rejects(first_run):
+    result, output = first_run
+    counts = result.train.counts
+    assert counts["read"] == 10 + 7 + 7 == counts["written"] + counts["rejected"]
+    rejects = pq.read_table(output / "train" / "rejects").to_pylist()
+    reasons = " | ".join(r["reason"] for r in rejects)
+    assert "empty chosen completion" in reasons and "unknown role" in reasons
+    assert "prompt fills max_length" in reasons
+    assert all(json.loads(r["row_json"]) for r in rejects)
+    data = pq.read_table(output / "train" / "data")
+    assert data.num_rows == counts["written"]
+    assert len(set(data.column("pair_id").to_pylist())) == data.num_rows
+    assert result.eval.counts["read"] == 300
+
+
+def test_values_equal_a_plain_transformers_forward(first_run, toy_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model, dtype=torch.float32).eval()
+    rows = raydpo.read_output(str(first_run[1])).to_pandas().head(4).to_dict("records")
+    with torch.inference_mode():
+        for row in rows:
+            prompt = list(row["prompt_input_ids"])
+            for side in ("chosen", "rejected"):
+                completion = list(row[f"{side}_input_ids"])
+                ids = torch.tensor([prompt + completion])
+                logps = model(input_ids=ids).logits.float().log_softmax(-1)[0, len(prompt) - 1 : -1]
+                expected = logps.gather(-1, torch.tensor(completion)[:, None]).sum().item()
+                assert row[f"ref_{side}_logps"] == pytest.approx(expected, rel=1e-5)
+                assert row[f"{side}_length"] == len(completion)
+                assert row[f"ref_{side}_logps_shared"] + row[f"ref_{side}_logps_tail"] == pytest.approx(
+                    row[f"ref_{side}_logps"], rel=1e-5
+                )
+
+
+def test_manifest_fingerprints_and_parquet_metadata(first_run):
+    result, output = first_run
+    manifest = json.loads((output / "train" / "manifest.json").read_text())
+    assert manifest == result.train.manifest
+    assert manifest["fingerprints"]["model"]["weights_sha256"]
+    assert manifest["fingerprints"]["tokenizer"]["chat_template_sha256"]
+    assert manifest["fingerprints"]["dataset"]["kind"] == "files"
+    assert manifest["settings"]["max_length"] == 512
+    assert manifest["throughput"]["tokens"] > 0 and manifest["throughput"]["tokens_per_s"] > 0
+    common = pq.read_schema(output / "train" / "data" / "_common_metadata")
+    assert json.loads(common.metadata[b"raydpo.manifest"])["key"] == manifest["key"]
+    for entry in manifest["files"]:
+        part = pq.ParquetFile(output / "train" / entry["path"])
+        assert part.schema_arrow.metadata[b"raydpo.cache_key"].decode() == manifest["key"]
+    assert not (output / "train" / "_pending.json").exists()
+
+
+def test_rerun_is_a_cached_no_op_and_changed_inputs_need_overwrite(
+    first_run, toy_model, mixed_file, sample_dir
+):
+    _, output = first_run
+    same = dict(
+        model=str(toy_model),
+        dataset=str(mixed_file),
+        output=str(output),
+        eval_dataset=str(sample_dir / "dpo_zh_demo.json"),
+        max_length=512,
+        batch_size=8,
+    )
+    again = raydpo.precompute(**same)  # batch size does not change values, so it is not part of the key
+    assert again.train.cached and again.eval.cached
+    with pytest.raises(RaydpoError, match="different inputs"):
+        raydpo.precompute(**{**same, "max_length": 384})
+
+
+def test_values_do_not_depend_on_batch_size_padding_or_actor_count(
+    ray_session, toy_model, sample_dir, tmp_path
+):
+    source = str(sample_dir / "dpo_en_demo.json")
+    common = dict(model=str(toy_model), dataset=source, limit=16, max_length=384)
+    a = raydpo.precompute(**common, output=str(tmp_path / "a"), batch_size=1, num_actors=2)
+    b = raydpo.precompute(**common, output=str(tmp_path / "b"), batch_size=5, num_actors=1, sort_window=1)
+    frame_a = raydpo.read_output(a.output).to_pandas().set_index("pair_id").sort_index()
+    frame_b = raydpo.read_output(b.output).to_pandas().set_index("pair_id").sort_index()
+    assert list(frame_a.index) == list(frame_b.index)
+    for column in (
+        "ref_chosen_logps",
+        "ref_rejected_logps",
+        "ref_chosen_logps_shared",
+        "ref_rejected_logps_tail",
+    ):
+        torch.testing.assert_close(
+            torch.tensor(frame_a[column].values), torch.tensor(frame_b[column].values), rtol=1e-5, atol=1e-3
+        )
+    assert b.train.manifest["throughput"]["padding_fraction"] > 0  # unsorted batches of 5 pad
+
+
+def test_in_memory_ray_dataset_is_cached_by_content(ray_session, toy_model, en_rows, tmp_path):
+    import ray.data
+
+    rows = [to_conversational(r) for r in en_rows[:6]]
+    output = str(tmp_path / "mem")
+    first = raydpo.precompute(
+        model=str(toy_model), output=output, max_length=512, dataset=ray.data.from_items(rows)
+    )
+    second = raydpo.precompute(
+        model=str(toy_model), output=output, max_length=512, dataset=ray.data.from_items(list(reversed(rows)))
+    )
+    assert not first.train.cached and second.train.cached
+    assert first.train.manifest["fingerprints"]["dataset"]["kind"] == "ray_dataset"
+
+
+def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, capsys, sample_dir):
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"question": "q", "answer": "a"}])
+    assert (
+        cli_main(
+            ["precompute", "--model", str(toy_model), "--dataset", str(bad), "--output", str(tmp_path / "o")]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs 'chosen' and 'rejected' columns" in err
+    assert (
+        cli_main(
+            [
+                "precompute",
+                "--model",
+                str(tmp_path / "no-such-model"),
+                "--dataset",
+                str(sample_dir / "dpo_en_demo.json"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "could not load tokenizer" in capsys.readouterr().err
+    assert (
+        cli_main(
+            [
+                "precompute",
+                "--model",
+                str(toy_model),
+                "--dataset",
+                str(tmp_path / "missing.json"),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
+    assert "dataset not found" in capsys.readouterr().err
