@@ -233,6 +233,8 @@ def _list_files(source: str):
         return None, None  # a name for datasets.load_dataset
     if filesystem.get_file_info(f"{path}/dataset_info.json").type == pafs.FileType.File:
         return None, None  # saved with datasets.save_to_disk
+    if _is_dataset_repo(filesystem, path):
+        return None, None  # a hub dataset repository checked out locally: its card says how to load it
     selector = pafs.FileSelector(path, recursive=True)
     files = [
         entry
@@ -240,6 +242,18 @@ def _list_files(source: str):
         if entry.type == pafs.FileType.File and not entry.base_name.startswith((".", "_"))
     ]
     return sorted(files, key=lambda entry: entry.path), filesystem
+
+
+def _is_dataset_repo(filesystem, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    card = f"{path}/README.md"
+    if filesystem.get_file_info(card).type != pafs.FileType.File:
+        return False
+    with filesystem.open_input_stream(card) as stream:
+        head = stream.read(65536).decode("utf-8", "replace")
+    front_matter = head.split("---")[1] if head.startswith("---") and head.count("---") >= 2 else ""
+    return "configs:" in front_matter
 
 
 def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
@@ -250,14 +264,21 @@ def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
         try:
             loaded = datasets.load_from_disk(source)
         except FileNotFoundError:
-            loaded = datasets.load_dataset(source, split=split)
+            loaded = datasets.load_dataset(source)
     except Exception as error:  # datasets raises many kinds; all mean "could not open"
         raise RaydpoError(f"could not open dataset {source!r}: {_one_line(error)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise RaydpoError(f"dataset {source!r} has no split {split!r} (has: {', '.join(loaded)})")
         loaded = loaded[split]
-    return ray.data.from_huggingface(loaded), {"kind": "huggingface", "fingerprint": loaded._fingerprint}
+    if loaded._indices is not None:  # a select/shuffle view: materialize the rows it points to
+        loaded = loaded.flatten_indices()
+    # from_arrow, not from_huggingface: the latter asks the hub for Parquet files of datasets it
+    # believes come from there, which a local or offline dataset does not have.
+    table = loaded.data.table
+    rows_per_block = max(1, min(table.num_rows, 1024))
+    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+    return ray.data.from_arrow(blocks or [table]), {"kind": "huggingface", "fingerprint": loaded._fingerprint}
 
 
 def dataset_content_digest(dataset: ray.data.Dataset) -> str:
