@@ -108,6 +108,7 @@ def precompute(
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     _init_ray(config.ray_address)
+    _check_resources(config)
     result = PrecomputeResult(output=cache.resolve(config.output)[1])
     with cache.output_lock(config.output):
         for name, (source, split) in sources.items():
@@ -126,6 +127,21 @@ def _init_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
+
+
+def _check_resources(config: PrecomputeConfig) -> None:
+    """On a single machine, a CPU actor pool that takes every CPU leaves none for the read and tokenize
+    tasks, and Ray would wait forever; say so instead. (A cluster can add nodes, so it is not checked.)"""
+    import ray
+
+    if config.gpus_per_actor or sum(node["Alive"] for node in ray.nodes()) != 1:
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if config.num_actors * config.cpus_per_actor >= cpus:
+        raise RaydpoError(
+            f"{config.num_actors} scorer actors x {config.cpus_per_actor:g} CPUs take all {cpus:g} CPUs, leaving "
+            "none to read and tokenize; lower --num-actors or --cpus-per-actor (fractions are allowed)"
+        )
 
 
 def _precompute_split(

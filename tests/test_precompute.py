@@ -139,7 +139,11 @@ def test_values_do_not_depend_on_batch_size_padding_or_actor_count(
 ):
     source = str(sample_dir / "dpo_en_demo.json")
     common = dict(model=str(toy_model), dataset=source, limit=16, max_length=384)
-    a = raydpo.precompute(**common, output=str(tmp_path / "a"), batch_size=1, num_actors=2)
+    with pytest.raises(RaydpoError, match="take all 2 CPUs"):
+        raydpo.precompute(**common, output=str(tmp_path / "a"), num_actors=2, cpus_per_actor=1)
+    a = raydpo.precompute(
+        **common, output=str(tmp_path / "a"), batch_size=1, num_actors=2, cpus_per_actor=0.5
+    )
     b = raydpo.precompute(**common, output=str(tmp_path / "b"), batch_size=5, num_actors=1, sort_window=1)
     frame_a = raydpo.read_output(a.output).to_pandas().set_index("pair_id").sort_index()
     frame_b = raydpo.read_output(b.output).to_pandas().set_index("pair_id").sort_index()
