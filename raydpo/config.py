@@ -169,3 +169,102 @@ __all__ = [
     "from_mapping",
     "load_yaml",
 ]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of the DPO training stage (`raydpo train`)."""
+
+    model: str
+    """Policy to train: its initial weights must be the precompute's reference model."""
+    data: str = "raydpo-cache"
+    """Precompute output (OUTPUT or OUTPUT/train)."""
+    eval_data: str | None = None
+    """Precomputed eval split; defaults to DATA/eval when it exists."""
+    output: str = "raydpo-run"
+    """Run directory: final model, MLflow store (by default), Ray Train results."""
+    num_workers: int = 2
+    """Ray Train workers (one GPU each with use_gpu)."""
+    use_gpu: bool = False
+    """Train on GPUs (bf16) instead of CPUs (fp32, gloo)."""
+    loss_type: list[str] | str = "sigmoid"
+    """Loss type(s), as in TRL; several at once with loss_weights."""
+    loss_weights: list[float] | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    rpo_alpha: float | None = None
+    use_weighting: bool = False
+    ld_alpha: float | None = None
+    reference_free: bool = False
+    learning_rate: float = 1e-6
+    """Peak learning rate (TRL's DPO default)."""
+    lr_scheduler: str = "linear"
+    """linear or cosine decay after warmup."""
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs."""
+    micro_batch_size: int = 8
+    """Pairs per worker per forward."""
+    grad_accum: int = 1
+    gradient_clipping: float = 1.0
+    zero_stage: int = 3
+    deepspeed_config: str | None = None
+    """A DeepSpeed JSON that replaces the built config."""
+    logging_steps: int = 10
+    seed: int = 42
+    logits_chunk_tokens: int = 2048
+    mlflow_tracking_uri: str | None = None
+    """Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
+    experiment: str = "raydpo"
+    reference_is_different: bool = False
+    """The reference of the cache is on purpose not the policy's initial weights."""
+    sync_ref_model: bool = False
+    """TR-DPO; refused: a fixed cache cannot follow a moving reference."""
+    ray_address: str | None = None
+
+    def __post_init__(self) -> None:
+        _positive(
+            self,
+            "num_workers",
+            "epochs",
+            "micro_batch_size",
+            "grad_accum",
+            "logging_steps",
+            "logits_chunk_tokens",
+        )
+        _positive(self, "max_steps", allow_none=True)
+        if self.sync_ref_model:
+            raise RaydpoError(
+                "sync_ref_model (TR-DPO) needs a reference that moves with the policy; the precomputed "
+                "reference is fixed, so it cannot work here"
+            )
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise RaydpoError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.lr_scheduler not in ("linear", "cosine"):
+            raise RaydpoError(f"lr_scheduler must be linear or cosine, got {self.lr_scheduler!r}")
+        if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
+            raise RaydpoError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
+        self.loss_settings()  # validates the loss combination
+
+    def loss_settings(self):
+        from raydpo.losses import LossSettings
+
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        return LossSettings(
+            loss_types=tuple(types),
+            loss_weights=tuple(self.loss_weights) if self.loss_weights is not None else None,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type,
+            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.discopop_tau,
+            rpo_alpha=self.rpo_alpha,
+            use_weighting=self.use_weighting,
+            ld_alpha=self.ld_alpha,
+            reference_free=self.reference_free,
+        )
