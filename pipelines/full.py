@@ -7,7 +7,8 @@ preference data shipped with raydpo, and a small model created locally (no downl
     python pipelines/full.py --config pipelines/configs/smoke.yaml --set precompute.batch_size=4
     ray job submit --working-dir . -- python pipelines/full.py --config my.yaml
 
-Inside a Ray job, `ray.init()` connects to the cluster the job was submitted to.
+Inside a Ray job, Ray connects to the cluster the job was submitted to; run directly, it starts a
+local instance.
 """
 
 from __future__ import annotations
@@ -54,12 +55,8 @@ def main(argv: list[str] | None = None) -> int:
             section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
         config = from_mapping(PrecomputeConfig, section)
 
-        import ray
-
         import raydpo
 
-        if not ray.is_initialized():
-            ray.init(address=config.ray_address)
         result = raydpo.precompute(config)
         print("precompute:\n  " + result.summary().replace("\n", "\n  "))
         return 0
