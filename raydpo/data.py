@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raydpo.errors import RaydpoError
@@ -220,8 +221,6 @@ def _list_files(source: str):
         filesystem, path = pafs.FileSystem.from_uri(source)
     except (pafs.ArrowInvalid, ValueError, TypeError):
         filesystem, path = pafs.LocalFileSystem(), source
-    from pathlib import Path
-
     if isinstance(filesystem, pafs.LocalFileSystem):
         path = str(Path(path).resolve())
     info = filesystem.get_file_info(path)

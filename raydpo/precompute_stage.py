@@ -636,13 +636,15 @@ def _reject_duplicates(fs: pafs.FileSystem, root: str, key: str) -> None:
     seen: set[str] = set()
     metadata = {cache.KEY_METADATA: key.encode()}
     for info in cache.list_parts(fs, f"{root}/{cache.DATA_DIR}"):
-        table = pq.read_table(info.path, filesystem=fs)
         keep = []
-        for pair_id in table.column("pair_id").to_pylist():
+        for pair_id in (
+            pq.read_table(info.path, filesystem=fs, columns=["pair_id"]).column("pair_id").to_pylist()
+        ):
             keep.append(pair_id not in seen)
             seen.add(pair_id)
         if all(keep):
-            continue
+            continue  # only the ids were read; the token columns are read only for a file to rewrite
+        table = pq.read_table(info.path, filesystem=fs)
         mask = pa.array(keep)
         extras = table.filter(pc.invert(mask)).column("pair_id")
         rejects = pa.table(
