@@ -20,12 +20,17 @@ _EXPORTS = {
     "precompute": "raydpo.precompute_stage",
     "PrecomputeResult": "raydpo.precompute_stage",
     "read_output": "raydpo.precompute_stage",
+    "TrainConfig": "raydpo.config",
+    "TrainResult": "raydpo.train_stage",
+    "TrainingFailed": "raydpo.errors",
+    "train": "raydpo.train_stage",
 }
 
 if TYPE_CHECKING:
-    from raydpo.config import PrecomputeConfig
-    from raydpo.errors import RaydpoError
+    from raydpo.config import PrecomputeConfig, TrainConfig
+    from raydpo.errors import RaydpoError, TrainingFailed
     from raydpo.precompute_stage import PrecomputeResult, precompute, read_output
+    from raydpo.train_stage import TrainResult, train
 
 
 def __getattr__(name: str) -> Any:
@@ -39,6 +44,10 @@ __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "PrecomputeConfig",
     "PrecomputeResult",
     "RaydpoError",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingFailed",
     "precompute",
     "read_output",
+    "train",
 ]

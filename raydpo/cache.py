@@ -19,6 +19,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ FORMAT = "raydpo.preference-cache"
 MANIFEST = "manifest.json"
 PENDING = "_pending.json"
 LOCK = ".lock"
+COMPLETE_MARKER = "_COMPLETE"
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
 KEY_METADATA = b"raydpo.cache_key"
@@ -102,6 +104,26 @@ def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, metadata
     tmp = _tmp_name(path)
     pq.write_table(table, tmp, filesystem=fs, compression="zstd")
     fs.move(tmp, path)
+
+
+def publish_directory(local_dir: str, destination: str) -> None:
+    """Move a finished local directory to DESTINATION (a path or URI) so that it appears only when whole.
+
+    Locally a rename does it. On object stores, where there is no rename, the files are copied and
+    COMPLETE_MARKER is written last; readers check for it.
+    """
+    fs, root = resolve(destination)
+    if isinstance(fs, pafs.LocalFileSystem):
+        staging = _tmp_name(root)
+        os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+        shutil.copytree(local_dir, staging)
+        Path(staging, COMPLETE_MARKER).write_bytes(b"{}")
+        if os.path.exists(root):
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    else:
+        pafs.copy_files(local_dir, root, destination_filesystem=fs)
+        write_bytes_atomic(fs, f"{root}/{COMPLETE_MARKER}", b"{}")
 
 
 def _tmp_name(path: str) -> str:

@@ -162,15 +162,6 @@ def as_dict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-__all__ = [
-    "PrecomputeConfig",
-    "apply_overrides",
-    "as_dict",
-    "from_mapping",
-    "load_yaml",
-]
-
-
 @dataclass
 class TrainConfig:
     """Settings of the DPO training stage (`raydpo train`)."""
@@ -186,7 +177,9 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (one GPU each with use_gpu)."""
     use_gpu: bool = False
-    """Train on GPUs (bf16) instead of CPUs (fp32, gloo)."""
+    """Train on GPUs (bf16, NCCL) instead of CPUs (fp32, gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each training worker."""
     loss_type: list[str] | str = "sigmoid"
     """Loss type(s), as in TRL; several at once with loss_weights."""
     loss_weights: list[float] | None = None
@@ -213,9 +206,37 @@ class TrainConfig:
     grad_accum: int = 1
     gradient_clipping: float = 1.0
     zero_stage: int = 3
+    offload_optimizer: bool = False
+    """ZeRO: keep optimizer state in CPU memory."""
+    offload_params: bool = False
+    """ZeRO-3: keep parameters in CPU memory."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (less memory, about a third more compute)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON that replaces the built config."""
+    attn_implementation: str | None = None
+    """Attention kernel (sdpa, flash_attention_2, eager); default: the model's."""
+    lora_r: int | None = None
+    """Train a LoRA adapter of this rank instead of all weights."""
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] | str = "all-linear"
+    """Modules that get LoRA adapters (peft's `target_modules`)."""
     logging_steps: int = 10
+    """Log metrics every N optimizer steps (and at step 1)."""
+    eval_steps: int | None = None
+    """Evaluate every N steps; the eval split is always evaluated at the end."""
+    checkpoint_steps: int | None = 500
+    """Save a Ray Train checkpoint (the full DeepSpeed state) every N steps."""
+    keep_checkpoints: int = 2
+    max_failures: int = 1
+    """Worker failures survived by restarting from the latest checkpoint."""
+    storage_path: str | None = None
+    """Ray Train storage for checkpoints (local path or URI); default OUTPUT/checkpoints."""
+    resume: bool = False
+    """Continue an interrupted run in OUTPUT from its latest checkpoint."""
+    overwrite: bool = False
+    """Replace a finished or interrupted run in OUTPUT."""
     seed: int = 42
     logits_chunk_tokens: int = 2048
     mlflow_tracking_uri: str | None = None
@@ -237,7 +258,18 @@ class TrainConfig:
             "logging_steps",
             "logits_chunk_tokens",
         )
-        _positive(self, "max_steps", allow_none=True)
+        _positive(self, "max_steps", "eval_steps", "checkpoint_steps", "lora_r", allow_none=True)
+        _positive(self, "keep_checkpoints")
+        if not isinstance(self.max_failures, int) or self.max_failures < -1:
+            raise RaydpoError(
+                f"max_failures must be an integer >= -1 (-1: unlimited), got {self.max_failures!r}"
+            )
+        if self.cpus_per_worker <= 0 and not self.use_gpu:
+            raise RaydpoError("cpus_per_worker must be > 0 when training on CPUs")
+        if self.resume and self.overwrite:
+            raise RaydpoError("resume and overwrite exclude each other")
+        if self.offload_params and self.zero_stage != 3:
+            raise RaydpoError("offload_params needs zero_stage 3")
         if self.sync_ref_model:
             raise RaydpoError(
                 "sync_ref_model (TR-DPO) needs a reference that moves with the policy; the precomputed "
@@ -268,3 +300,13 @@ class TrainConfig:
             ld_alpha=self.ld_alpha,
             reference_free=self.reference_free,
         )
+
+
+__all__ = [
+    "PrecomputeConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "as_dict",
+    "from_mapping",
+    "load_yaml",
+]

@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from raydpo import cache
+from raydpo.cluster import check_cpu_headroom, init_ray
 from raydpo.config import PrecomputeConfig, as_dict, from_mapping
 from raydpo.data import RowError, canonical_pair, open_source, reject_id
 from raydpo.errors import RaydpoError
@@ -107,8 +108,14 @@ def precompute(
         "model": cache.model_fingerprint(config.model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
-    _init_ray(config.ray_address)
-    _check_resources(config)
+    init_ray(config.ray_address)
+    if not config.gpus_per_actor:
+        check_cpu_headroom(
+            config.num_actors,
+            config.cpus_per_actor,
+            "scorer actors",
+            "lower --num-actors or --cpus-per-actor",
+        )
     result = PrecomputeResult(output=cache.resolve(config.output)[1])
     with cache.output_lock(config.output):
         for name, (source, split) in sources.items():
@@ -120,28 +127,6 @@ def _as_config(config: PrecomputeConfig | dict | None, overrides: dict[str, Any]
     if isinstance(config, PrecomputeConfig):
         return from_mapping(PrecomputeConfig, {**as_dict(config), **overrides}) if overrides else config
     return from_mapping(PrecomputeConfig, {**(config or {}), **overrides})
-
-
-def _init_ray(address: str | None) -> None:
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
-
-
-def _check_resources(config: PrecomputeConfig) -> None:
-    """On a single machine, a CPU actor pool that takes every CPU leaves none for the read and tokenize
-    tasks, and Ray would wait forever; say so instead. (A cluster can add nodes, so it is not checked.)"""
-    import ray
-
-    if config.gpus_per_actor or sum(node["Alive"] for node in ray.nodes()) != 1:
-        return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    if config.num_actors * config.cpus_per_actor >= cpus:
-        raise RaydpoError(
-            f"{config.num_actors} scorer actors x {config.cpus_per_actor:g} CPUs take all {cpus:g} CPUs, leaving "
-            "none to read and tokenize; lower --num-actors or --cpus-per-actor (fractions are allowed)"
-        )
 
 
 def _precompute_split(

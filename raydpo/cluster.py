@@ -1,0 +1,28 @@
+"""Joining Ray and checking, before any work starts, that a stage's actors leave room for its data tasks."""
+
+from __future__ import annotations
+
+from raydpo.errors import RaydpoError
+
+
+def init_ray(address: str | None) -> None:
+    """Join the given cluster (or start a local instance) unless this process is already connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=True)
+
+
+def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:
+    """On a single machine, actors that take every CPU leave none for Ray Data's read and transform
+    tasks, and Ray would wait forever; say so instead. (A cluster can add nodes, so it is not checked.)"""
+    import ray
+
+    if sum(node["Alive"] for node in ray.nodes()) != 1:
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if actors * cpus_per_actor >= cpus:
+        raise RaydpoError(
+            f"{actors} {what} x {cpus_per_actor:g} CPUs take all {cpus:g} CPUs, leaving none to read the data; "
+            f"{hint} (fractions are allowed)"
+        )

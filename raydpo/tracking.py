@@ -1,0 +1,135 @@
+"""Experiment tracking behind a small protocol: MLflow on rank 0, nothing elsewhere.
+
+The driver creates the MLflow run (so its id is known before any worker starts and survives worker
+restarts) and logs the settings, the DeepSpeed config and the precompute manifest. Rank 0 then logs
+metrics into that run through an `MlflowClient`; no module-level MLflow state is touched.
+
+The default tracking URI is a SQLite file in the run directory, which needs no server on one machine.
+On a multi-node cluster rank 0 may run on another node than the driver, where that file does not
+exist: point `--mlflow-tracking-uri` (or MLFLOW_TRACKING_URI) at a tracking server there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from raydpo.errors import RaydpoError
+
+logger = logging.getLogger(__name__)
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+class MetricLogger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullLogger:
+    """What ranks other than 0 log to."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowLogger:
+    """Logs metrics into an existing MLflow run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.run_id = run_id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=entries, synchronous=True)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def resolve_tracking_uri(configured: str | None, run_dir: str) -> str:
+    """--mlflow-tracking-uri, else $MLFLOW_TRACKING_URI, else SQLite in the run directory."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    if "://" in run_dir and not run_dir.startswith("file://"):
+        raise RaydpoError(
+            f"the run directory {run_dir} is not local, so it cannot hold the default SQLite MLflow store; "
+            "pass --mlflow-tracking-uri"
+        )
+    path = Path(run_dir.removeprefix("file://")).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    artifacts: dict[str, Any],
+    run_id: str | None = None,
+    artifact_root: str | None = None,
+) -> str:
+    """Create (or, with `run_id`, reopen) the run; log params and JSON artifacts. Returns the run id."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = (
+            found.experiment_id
+            if found is not None
+            else client.create_experiment(experiment, artifact_location=artifact_root)
+        )
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            return run_id
+        run = client.create_run(experiment_id, run_name=run_name, tags={"raydpo.stage": "train"})
+    except Exception as error:  # connection, permission and schema errors all stop the run here
+        raise RaydpoError(
+            f"MLflow tracking at {tracking_uri} is not usable: {' '.join(str(error).split())[:300]}"
+        ) from None
+    run_id = run.info.run_id
+    entries = [Param(key, _param_value(value)) for key, value in sorted(flatten(params).items())]
+    for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=entries[start : start + 100], synchronous=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, value in artifacts.items():
+            path = Path(tmp) / name
+            path.write_text(json.dumps(value, indent=2, default=str))
+            client.log_artifact(run_id, str(path))
+    return run_id
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}; lists and scalars are kept as values."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _param_value(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."

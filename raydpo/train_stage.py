@@ -1,0 +1,427 @@
+"""Stage 2: DPO of the policy alone, on cached reference log-probs, under Ray Train and DeepSpeed ZeRO.
+
+The driver checks everything it can before a worker starts (the cache is finished and whole, it was
+computed from this policy and tokenizer, its reference values are finite, the data fills every
+worker), creates the MLflow run, and hands a seeded, reproducible Ray Data stream to a TorchTrainer
+running `train_worker.train_loop` on each worker. No reference model is loaded anywhere.
+
+    raydpo train --model MODEL --data cache/ --output run/
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydpo import cache
+from raydpo.cluster import check_cpu_headroom, init_ray
+from raydpo.config import TrainConfig, as_dict, from_mapping
+from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
+
+logger = logging.getLogger(__name__)
+
+RUN_STATE = "run.json"
+MODEL_DIR = "model"
+RUN_NAME = "raydpo"  # the Ray Train run name inside the storage path; fixed so a rerun can resume it
+TOKEN_COLUMNS = ["pair_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+
+
+@dataclass
+class TrainResult:
+    """The Ray Train result, the MLflow run, the final model and the last metrics of a training run."""
+
+    result: Any  # ray.train.Result
+    run_id: str
+    tracking_uri: str
+    model_path: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
+        figures = ", ".join(f"{name} {self.metrics[name]:.4f}" for name in shown if name in self.metrics)
+        return (
+            f"trained {self.plan.get('total_steps')} steps on {self.plan.get('train_rows')} pairs "
+            f"({self.plan.get('world_size')} workers): {figures}\n"
+            f"model: {self.model_path}\nMLflow run {self.run_id} at {self.tracking_uri}"
+        )
+
+
+def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> TrainResult:
+    """Train the policy on a precompute output. Usable from a notebook after `ray.init()`."""
+    config = _as_config(config, overrides)
+    fs, run_dir = cache.resolve(config.output)
+    splits = _open_splits(config)
+    tokenizer = load_tokenizer(config.model)
+    reference = check_cache_matches(config, splits, tokenizer)
+    columns = required_columns(config)
+    counts = {name: finite_rows(split, columns) for name, split in splits.items()}
+    plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
+
+    storage_path = config.storage_path or f"{run_dir}/checkpoints"
+    state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest["key"])
+    init_ray(config.ray_address)
+    if not config.use_gpu:
+        check_cpu_headroom(
+            config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
+        )
+
+    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
+
+    tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, run_dir)
+    ds_config = _deepspeed_config(config, plan["world_size"])
+    manifests = {name: split.manifest for name, split in splits.items()}
+    run_id = start_run(
+        tracking_uri,
+        config.experiment,
+        run_name=os.path.basename(run_dir),
+        params={
+            "train": as_dict(config),
+            "run": {**plan, "reference": reference},
+            "cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
+        },
+        artifacts={
+            "deepspeed_config.json": ds_config,
+            **{f"manifest_{name}.json": m for name, m in manifests.items()},
+        },
+        run_id=state.get("run_id"),
+        artifact_root=f"{run_dir}/mlflow-artifacts" if tracking_uri.startswith("sqlite") else None,
+    )
+    state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
+    _write_state(fs, run_dir, state)
+
+    model_output = (
+        f"{config.output.rstrip('/')}/{MODEL_DIR}" if "://" in config.output else f"{run_dir}/{MODEL_DIR}"
+    )
+    worker_plan = {
+        **plan,
+        "config": as_dict(config),
+        "bf16": config.use_gpu,
+        "deepspeed_config": ds_config,
+        "tracking_uri": tracking_uri,
+        "run_id": run_id,
+        "pad_token_id": pad_token_id(tokenizer),
+        "tokenizer": config.model,
+        "model_output": model_output,
+        "has_eval": "eval" in splits,
+    }
+    trainer = _trainer(config, worker_plan, splits, columns, storage_path)
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        state["status"] = "failed"
+        _write_state(fs, run_dir, state)
+        MlflowLogger(tracking_uri, run_id).close("FAILED")
+        raise TrainingFailed(
+            f"training failed: {' '.join(str(error).split())[:500]}; rerun with --resume to continue from "
+            f"the latest checkpoint in {storage_path}/{RUN_NAME}"
+        ) from error
+    outcome = result.return_value or {}
+    if fs.get_file_info(f"{run_dir}/{MODEL_DIR}/{cache.COMPLETE_MARKER}").type != pafs.FileType.File:
+        raise TrainingFailed(f"training ended without a complete model in {model_output}")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, "raydpo.model_path", model_output)
+    client.set_terminated(run_id, "FINISHED")
+    state["status"] = "finished"
+    state["model_path"] = model_output
+    _write_state(fs, run_dir, state)
+    return TrainResult(
+        result=result,
+        run_id=run_id,
+        tracking_uri=tracking_uri,
+        model_path=model_output,
+        metrics=outcome.get("metrics", {}),
+        plan=plan,
+    )
+
+
+def _as_config(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig:
+    if isinstance(config, TrainConfig):
+        return from_mapping(TrainConfig, {**as_dict(config), **overrides}) if overrides else config
+    return from_mapping(TrainConfig, {**(config or {}), **overrides})
+
+
+# ---- checks on the cache -----------------------------------------------------------------------------
+
+
+def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
+    from raydpo.precompute_stage import read_output
+
+    splits = {"train": read_output(config.data, "train")}
+    if config.eval_data is not None:
+        splits["eval"] = read_output(config.eval_data, "eval")
+    else:
+        fs, root = cache.resolve(config.data)
+        candidate = f"{root}/eval"
+        if fs.get_file_info(f"{candidate}/{cache.MANIFEST}").type == pafs.FileType.File:
+            splits["eval"] = cache.open_split(candidate)
+    return splits
+
+
+def check_cache_matches(
+    config: TrainConfig, splits: dict[str, cache.CacheSplit], tokenizer
+) -> dict[str, Any]:
+    """The cached reference must come from this policy (unless said otherwise) and this tokenizer."""
+    train_manifest = splits["train"].manifest
+    for name, split in splits.items():
+        manifest = split.manifest
+        for what in ("model", "tokenizer"):
+            if manifest["fingerprints"][what] != train_manifest["fingerprints"][what]:
+                raise RaydpoError(
+                    f"the {name} split was precomputed with a different {what} than the train split"
+                )
+        if manifest["settings"] != train_manifest["settings"]:
+            raise RaydpoError(
+                f"the {name} split was tokenized with other settings than the train split: "
+                f"{manifest['settings']} vs {train_manifest['settings']}"
+            )
+    if tokenizer_fingerprint(tokenizer) != train_manifest["fingerprints"]["tokenizer"]:
+        raise RaydpoError(
+            f"the tokenizer of {config.model} is not the one {splits['train'].path} was tokenized with "
+            f"({train_manifest['tokenizer']}); precompute again with this model's tokenizer"
+        )
+    policy = cache.model_fingerprint(config.model)
+    same = policy == train_manifest["fingerprints"]["model"]
+    if not same and not config.reference_is_different:
+        raise RaydpoError(
+            f"the reference log-probs in {splits['train'].path} were computed with {train_manifest['model']}, "
+            f"whose weights differ from {config.model}; pass --reference-is-different if that is intended"
+        )
+    return {
+        "model": train_manifest["model"],
+        "same_as_policy": same,
+        "fingerprint": train_manifest["fingerprints"]["model"],
+    }
+
+
+def required_columns(config: TrainConfig) -> list[str]:
+    settings = config.loss_settings()
+    if settings.ld_alpha is not None:
+        reference = [
+            f"ref_{side}_logps_{part}" for side in ("chosen", "rejected") for part in ("shared", "tail")
+        ]
+    else:
+        reference = list(cache.REFERENCE_COLUMNS)
+    return TOKEN_COLUMNS + reference
+
+
+def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
+    """Check the schema and count the rows whose reference values are all finite (the others are skipped)."""
+    schema = pq.read_schema(split.files[0], filesystem=split.filesystem) if split.files else None
+    missing = [name for name in columns if schema is None or name not in schema.names]
+    if missing:
+        raise RaydpoError(f"{split.path} lacks the columns {missing}: not a usable precompute output")
+    reference = [name for name in columns if name.startswith("ref_")]
+    rows = usable = 0
+    for path in split.files:
+        table = pq.read_table(path, filesystem=split.filesystem, columns=reference)
+        rows += table.num_rows
+        usable += int(pc.sum(_finite_mask(table, reference)).as_py() or 0)
+    return {"rows": rows, "usable": usable, "nonfinite_reference": rows - usable}
+
+
+def _finite_mask(table: pa.Table, names: list[str]) -> pa.ChunkedArray:
+    mask = None
+    for name in names:
+        finite = pc.fill_null(pc.is_finite(table.column(name)), False)
+        mask = finite if mask is None else pc.and_(mask, finite)
+    return mask
+
+
+def drop_nonfinite(batch: pa.Table, names: list[str]) -> pa.Table:
+    """Ray Data transform: keep the rows whose reference values are finite."""
+    return batch.filter(_finite_mask(batch, names))
+
+
+# ---- the plan: steps, epochs and the data each worker sees -------------------------------------------
+
+
+def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> dict[str, Any]:
+    """How many steps the run takes and how many epochs of shuffled data it streams.
+
+    The stream is `epochs` seeded shuffles of the pairs, one after another, split equally between the
+    workers (Ray Data's equal split drops at most world_size - 1 rows).
+    """
+    world = config.num_workers
+    pairs_per_step = world * config.micro_batch_size * config.grad_accum
+    if train_rows == 0:
+        raise RaydpoError("no training pairs with finite reference log-probs")
+    if train_rows < pairs_per_step:
+        raise RaydpoError(
+            f"{train_rows} training pairs cannot fill one step of {world} workers x micro batch "
+            f"{config.micro_batch_size} x {config.grad_accum} accumulation = {pairs_per_step} pairs; "
+            "use fewer workers or a smaller batch"
+        )
+    if eval_rows is not None and eval_rows < world:
+        raise RaydpoError(f"the eval split has {eval_rows} usable pairs, fewer than the {world} workers")
+    per_epoch = (train_rows // world) // (config.micro_batch_size * config.grad_accum)
+    if config.max_steps is not None:
+        epochs = math.ceil(config.max_steps * pairs_per_step / train_rows)
+        while (epochs * train_rows // world) // (
+            config.micro_batch_size * config.grad_accum
+        ) < config.max_steps:
+            epochs += 1
+        total_steps = config.max_steps
+    else:
+        epochs = config.epochs
+        total_steps = (epochs * train_rows // world) // (config.micro_batch_size * config.grad_accum)
+    return {
+        "world_size": world,
+        "train_rows": train_rows,
+        "eval_rows": eval_rows,
+        "pairs_per_step": pairs_per_step,
+        "steps_per_epoch": per_epoch,
+        "total_steps": total_steps,
+        "epochs_streamed": epochs,
+    }
+
+
+def _deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
+    from raydpo.train_worker import deepspeed_config
+
+    if config.deepspeed_config:
+        try:
+            with open(config.deepspeed_config) as handle:
+                loaded = json.load(handle)
+        except (OSError, json.JSONDecodeError) as error:
+            raise RaydpoError(
+                f"cannot read the DeepSpeed config {config.deepspeed_config}: {error}"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise RaydpoError(f"{config.deepspeed_config} must hold a JSON object")
+        values = {
+            "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "gradient_accumulation_steps": config.grad_accum,
+            "train_batch_size": config.micro_batch_size * config.grad_accum * world_size,
+        }
+        for key, value in values.items():  # "auto" means: take the run's value, as in HF's integration
+            if loaded.get(key, "auto") == "auto":
+                loaded[key] = value
+            elif loaded[key] != value:
+                raise RaydpoError(
+                    f"{config.deepspeed_config}: {key}={loaded[key]} but the run's settings give {value}"
+                )
+        return loaded
+    return deepspeed_config(
+        zero_stage=config.zero_stage,
+        micro_batch_size=config.micro_batch_size,
+        grad_accum=config.grad_accum,
+        world_size=world_size,
+        gradient_clipping=config.gradient_clipping,
+        bf16=config.use_gpu,
+        offload_optimizer=config.offload_optimizer,
+        offload_params=config.offload_params,
+    )
+
+
+# ---- the run directory -------------------------------------------------------------------------------
+
+
+def _prepare_run_dir(
+    config: TrainConfig, fs: pafs.FileSystem, run_dir: str, storage_path: str, data_key: str
+) -> dict[str, Any]:
+    """Start, resume or (with overwrite) replace the run in OUTPUT; refuse to mix runs."""
+    state = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")
+    if state is None:
+        if config.resume:
+            raise RaydpoError(f"--resume: {config.output} holds no run to resume")
+        _clear_checkpoints(storage_path)
+        fs.create_dir(run_dir, recursive=True)
+        return {"data_key": data_key}
+    if config.overwrite:
+        _clear_checkpoints(storage_path)
+        model = f"{run_dir}/{MODEL_DIR}"
+        if fs.get_file_info(model).type == pafs.FileType.Directory:
+            fs.delete_dir(model)
+        return {"data_key": data_key}
+    if state.get("status") == "finished":
+        raise RaydpoError(f"{config.output} holds a finished run; pass --overwrite to train again there")
+    if not config.resume:
+        raise RaydpoError(
+            f"{config.output} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
+        )
+    if state.get("data_key") != data_key:
+        raise RaydpoError("--resume: the precompute output changed since the run started; it cannot continue")
+    return state
+
+
+def _clear_checkpoints(storage_path: str) -> None:
+    fs, root = cache.resolve(storage_path)
+    target = f"{root}/{RUN_NAME}"
+    if fs.get_file_info(target).type == pafs.FileType.Directory:
+        if isinstance(fs, pafs.LocalFileSystem):
+            shutil.rmtree(target)
+        else:
+            fs.delete_dir(target)
+
+
+def _write_state(fs: pafs.FileSystem, run_dir: str, state: dict[str, Any]) -> None:
+    cache.write_bytes_atomic(fs, f"{run_dir}/{RUN_STATE}", json.dumps(state, indent=2, default=str).encode())
+
+
+def _manifest_params(manifest: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+    return {
+        "key": manifest["key"],
+        "path": manifest.get("source"),
+        "model": manifest["model"],
+        "fingerprints": {k: v for k, v in manifest["fingerprints"].items() if k != "dataset"},
+        "settings": manifest["settings"],
+        "rows": counts["rows"],
+        "nonfinite_reference": counts["nonfinite_reference"],
+    }
+
+
+# ---- the trainer -------------------------------------------------------------------------------------
+
+
+def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[str], storage_path: str):
+    import ray.data
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from raydpo.train_worker import train_loop
+
+    reference = [name for name in columns if name.startswith("ref_")]
+
+    def read(split: cache.CacheSplit):
+        ds = ray.data.read_parquet(split.files, filesystem=split.filesystem, columns=columns)
+        return ds.map_batches(drop_nonfinite, batch_format="pyarrow", fn_kwargs={"names": reference})
+
+    train = read(splits["train"])
+    epochs = [train.random_shuffle(seed=config.seed + epoch) for epoch in range(plan["epochs_streamed"])]
+    datasets = {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
+    if "eval" in splits:
+        datasets["eval"] = read(splits["eval"])
+    env = {key: value for key, value in os.environ.items() if key.startswith("RAYDPO_")}
+    resources = {"CPU": config.cpus_per_worker}
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=plan,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
+            worker_runtime_env={"env_vars": env} if env else None,
+        ),
+        datasets=datasets,
+        # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs
+        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )

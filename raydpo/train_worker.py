@@ -1,0 +1,442 @@
+"""The Ray Train worker loop: DeepSpeed ZeRO DPO on the policy alone, against cached reference log-probs.
+
+Each worker reads its equal shard of the precompute output, packs chosen and rejected of a micro-batch
+into one forward (padded to the batch's own longest sequence), sums completion log-probs with the same
+function the precompute stage used, and takes the configured preference loss against the cached
+reference values. DeepSpeed owns backward, the optimizer step, gradient clipping and checkpoints; Ray
+Train owns the process group, restarts and checkpoint storage. Metrics are summed into one tensor and
+all-reduced once per logging step; rank 0 logs them with TRL's names.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raydpo.logprobs import CompletionLogps, completion_logps, pack_pairs
+from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_TAG = "deepspeed"
+STATE_KEYS = ("step", "num_tokens")
+# Fault injection for reliability tests: the last rank exits after this step unless the marker exists.
+FAULT_STEP_ENV = "RAYDPO_FAULT_AFTER_STEP"
+FAULT_MARKER_ENV = "RAYDPO_FAULT_MARKER"
+
+# Per-rank sums, all-reduced together; means are formed after the reduction.
+SUMS = (
+    "loss",
+    "micro_batches",
+    "pairs",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "chosen_tokens",
+    "logits/rejected",
+    "rejected_tokens",
+    "tokens",
+)
+PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+PAIR_MEANS += ("logps/chosen", "logps/rejected")
+
+
+def deepspeed_config(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    gradient_clipping: float,
+    bf16: bool,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config of a run, built from its settings."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            contiguous_gradients=True,
+            overlap_comm=bf16,  # overlapping helps on GPUs; with gloo on CPUs it only adds threads
+        )
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": bf16}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": gradient_clipping,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        # torch's AdamW is the client optimizer, also when its state lives on the CPU
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+class PolicyScorer(torch.nn.Module):
+    """The policy with `completion_logps` as its forward, so the DeepSpeed engine runs the forward."""
+
+    def __init__(self, model: torch.nn.Module, chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, input_ids, attention_mask, completion_mask) -> CompletionLogps:
+        from raydpo.logprobs import PackedPairs
+
+        batch = PackedPairs(input_ids, attention_mask, completion_mask)
+        return completion_logps(self.model, batch, self.chunk_tokens, with_stats=True)
+
+
+@dataclass
+class MetricWindow:
+    """Per-rank sums of the metrics over a logging window (or an eval pass)."""
+
+    sums: torch.Tensor = field(default_factory=lambda: torch.zeros(len(SUMS), dtype=torch.float64))
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor, scores: CompletionLogps, output, chosen_logps, rejected_logps) -> None:
+        chosen_rewards, rejected_rewards = output.chosen_rewards, output.rejected_rewards
+        chosen_logits, rejected_logits = scores.split(scores.logits_sums)
+        chosen_lengths, rejected_lengths = scores.split(scores.lengths)
+        values = {
+            "loss": loss.detach().float(),
+            "micro_batches": 1.0,
+            "pairs": chosen_rewards.numel(),
+            "rewards/chosen": chosen_rewards.sum(),
+            "rewards/rejected": rejected_rewards.sum(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().sum(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).sum(),
+            "logps/chosen": chosen_logps.detach().sum(),
+            "logps/rejected": rejected_logps.detach().sum(),
+            "logits/chosen": chosen_logits.sum(),
+            "chosen_tokens": chosen_lengths.sum(),
+            "logits/rejected": rejected_logits.sum(),
+            "rejected_tokens": rejected_lengths.sum(),
+        }
+        for name, value in values.items():
+            self.sums[SUMS.index(name)] += float(value)
+
+    def add_tokens(self, tokens: int) -> None:
+        self.sums[SUMS.index("tokens")] += tokens
+
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        """All-reduce the sums (one collective) and form TRL's means."""
+        import torch.distributed as dist
+
+        total = self.sums.to(device)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        s = dict(zip(SUMS, total.double().cpu().tolist(), strict=True))
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        metrics = {"loss": s["loss"] / max(s["micro_batches"], 1)}
+        metrics.update({name: s[name] / max(s["pairs"], 1) for name in PAIR_MEANS})
+        metrics["logits/chosen"] = s["logits/chosen"] / max(s["chosen_tokens"], 1)
+        metrics["logits/rejected"] = s["logits/rejected"] / max(s["rejected_tokens"], 1)
+        metrics["tokens_per_second"] = s["tokens"] / elapsed
+        metrics["samples_per_second"] = s["pairs"] / elapsed
+        metrics["_tokens"] = s["tokens"]
+        return metrics
+
+
+def loss_on_batch(engine, columns: dict[str, Any], settings: LossSettings, pad_token_id: int, device):
+    """Forward one micro-batch through the engine; returns (loss, scores, loss output, policy logps)."""
+    batch = pack_pairs(
+        columns["prompt_input_ids"], columns["chosen_input_ids"], columns["rejected_input_ids"], pad_token_id
+    ).to(device)
+    scores: CompletionLogps = engine(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    inputs = loss_inputs(scores, columns, settings, device)
+    output = preference_loss(inputs, settings)
+    return output.loss, scores, output, inputs, int(batch.attention_mask.sum())
+
+
+def loss_inputs(
+    scores: CompletionLogps, columns: dict[str, Any], settings: LossSettings, device
+) -> LossInputs:
+    """Policy log-probs from the forward, reference log-probs from the cache, combined as configured."""
+
+    def cached(name: str) -> torch.Tensor:
+        return torch.as_tensor(columns[name], dtype=torch.float32, device=device)
+
+    if settings.ld_alpha is not None:
+        chosen, rejected = (
+            ld_combine(shared, tail, settings.ld_alpha)
+            for shared, tail in zip(
+                scores.split(scores.shared_sums), scores.split(scores.tail_sums), strict=True
+            )
+        )
+        ref = {
+            side: ld_combine(
+                cached(f"ref_{side}_logps_shared"), cached(f"ref_{side}_logps_tail"), settings.ld_alpha
+            )
+            for side in ("chosen", "rejected")
+        }
+    else:
+        chosen, rejected = scores.split(scores.sums)
+        ref = {side: cached(f"ref_{side}_logps") for side in ("chosen", "rejected")}
+    chosen_lengths, rejected_lengths = scores.split(scores.lengths)
+    chosen_mask = scores.split(scores.target_mask)[0]
+    chosen_token_logps = scores.split(scores.token_logps)[0]
+    inputs = LossInputs(
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        ref_chosen_logps=ref["chosen"],
+        ref_rejected_logps=ref["rejected"],
+        chosen_lengths=chosen_lengths.float(),
+        rejected_lengths=rejected_lengths.float(),
+    )
+    if settings.needs_chosen_nll:
+        inputs.chosen_nll = -(chosen_token_logps * chosen_mask).sum() / chosen_mask.sum().clamp_min(1)
+    if settings.use_weighting:
+        weights = wpo_weights(scores.token_logps, scores.token_log_sum_sq_probs, scores.target_mask.float())
+        chosen_weights, rejected_weights = weights.chunk(2)
+        inputs.wpo_weights = chosen_weights * rejected_weights
+    return inputs
+
+
+def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
+    """Entry point of every Ray Train worker."""
+    import deepspeed
+    import ray.train
+    import transformers
+
+    from raydpo.config import TrainConfig, from_mapping
+    from raydpo.tracking import MlflowLogger, NullLogger
+
+    config: TrainConfig = from_mapping(TrainConfig, plan["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    settings = config.loss_settings()
+    transformers.set_seed(config.seed)
+
+    policy = load_policy(config, plan["bf16"])
+    ds_config = plan["deepspeed_config"]
+    total_steps = plan["total_steps"]
+    optimizer = scheduler = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            param_groups(policy, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8
+        )
+    if "scheduler" not in ds_config and optimizer is not None:
+        scheduler = transformers.get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=PolicyScorer(policy, config.logits_chunk_tokens),
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=ds_config,
+        dist_init_required=False,
+    )
+
+    state = {"step": 0, "num_tokens": 0}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+        state.update({key: client_state[key] for key in STATE_KEYS})
+        logger.info("rank %d resumed from %s at step %d", rank, checkpoint.path, state["step"])
+
+    tracker = MlflowLogger(plan["tracking_uri"], plan["run_id"]) if rank == 0 else NullLogger()
+    batches = micro_batches(ray.train.get_dataset_shard("train"), config.micro_batch_size)
+    for _ in range(state["step"] * config.grad_accum):  # the pairs the restored state has seen
+        next(batches)
+
+    engine.train()
+    started = time.perf_counter()
+    window = MetricWindow()
+    final_metrics: dict[str, float] = {}
+    for step in range(state["step"] + 1, total_steps + 1):
+        for _ in range(config.grad_accum):
+            loss, scores, output, inputs, tokens = loss_on_batch(
+                engine, next(batches), settings, plan["pad_token_id"], device
+            )
+            engine.backward(loss)
+            engine.step()
+            window.add(loss, scores, output, inputs.chosen_logps, inputs.rejected_logps)
+            window.add_tokens(tokens)
+        state["step"] = step
+        if step == 1 or step % config.logging_steps == 0 or step == total_steps:
+            metrics = window.reduce(device)
+            state["num_tokens"] += int(metrics.pop("_tokens"))
+            metrics.update(
+                grad_norm=_grad_norm(engine),
+                learning_rate=_learning_rate(engine, scheduler),
+                epoch=step * plan["pairs_per_step"] / plan["train_rows"],
+                num_tokens=state["num_tokens"],
+            )
+            tracker.log(metrics, step)
+            final_metrics.update(metrics)
+            window = MetricWindow()
+        is_last = step == total_steps
+        if plan["has_eval"] and (is_last or (config.eval_steps and step % config.eval_steps == 0)):
+            eval_metrics = evaluate(engine, config, settings, plan["pad_token_id"], device)
+            tracker.log(eval_metrics, step)
+            final_metrics.update(eval_metrics)
+            engine.train()
+            window.started = time.perf_counter()
+        if config.checkpoint_steps and step % config.checkpoint_steps == 0 and not is_last:
+            save_checkpoint(engine, state, {"step": step, **final_metrics})
+        _maybe_inject_fault(step, rank, world_size)
+
+    model_path = save_final_model(engine, config, plan, rank)
+    ray.train.report({"step": total_steps, **final_metrics})
+    if rank == 0:
+        tracker.log({"train_runtime": time.perf_counter() - started}, total_steps)
+        return {"metrics": final_metrics, "model_path": model_path, "steps": total_steps}
+    return None
+
+
+def load_policy(config, bf16: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
+    if config.attn_implementation:
+        kwargs["attn_implementation"] = config.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+    model.config.use_cache = False
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=config.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if config.activation_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only, as Hugging Face's Trainer does (biases and norm weights are 1-D)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def micro_batches(shard, micro_batch_size: int) -> Iterator[dict[str, Any]]:
+    """The worker's shard as full micro-batches (the last partial one is dropped, as TRL does)."""
+    yield from shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True)
+
+
+@torch.no_grad()
+def evaluate(engine, config, settings: LossSettings, pad_token_id: int, device) -> dict[str, float]:
+    """The loss and metrics over the whole eval split, prefixed `eval_` as TRL's are."""
+    import ray.train
+
+    engine.eval()
+    window = MetricWindow()
+    shard = ray.train.get_dataset_shard("eval")
+    for columns in shard.iter_batches(batch_size=config.micro_batch_size, batch_format="numpy"):
+        loss, scores, output, inputs, tokens = loss_on_batch(engine, columns, settings, pad_token_id, device)
+        window.add(loss, scores, output, inputs.chosen_logps, inputs.rejected_logps)
+        window.add_tokens(tokens)
+    metrics = window.reduce(device)
+    metrics.pop("_tokens")
+    metrics["runtime"] = time.perf_counter() - window.started
+    metrics.pop("tokens_per_second")
+    return {f"eval_{name}": value for name, value in metrics.items()}
+
+
+def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """Every rank saves its ZeRO shard; Ray Train merges the ranks' directories into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=dict(state))
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint-{state['step']:08d}",
+        )
+
+
+def save_final_model(engine, config, plan: dict[str, Any], rank: int) -> str | None:
+    """Gather the sharded weights and write a Hugging Face model directory (rank 0), published atomically."""
+    from transformers import AutoTokenizer
+
+    from raydpo.cache import publish_directory
+
+    if engine.zero_optimization_partition_weights():
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+    else:
+        state_dict = engine.module.state_dict()
+    if rank != 0:
+        return None
+    policy = engine.module.model
+    state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
+    with tempfile.TemporaryDirectory(prefix="raydpo-model-") as directory:
+        if config.lora_r:
+            merge_lora(policy, state_dict, config, Path(directory))
+        else:
+            policy.save_pretrained(directory, state_dict=state_dict)
+        AutoTokenizer.from_pretrained(plan["tokenizer"]).save_pretrained(directory)
+        publish_directory(directory, plan["model_output"])
+    return plan["model_output"]
+
+
+def merge_lora(peft_model, state_dict: dict[str, torch.Tensor], config, directory: Path) -> None:
+    """Save the adapter (DIR/adapter) and the base model with the adapter merged in (DIR)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = directory / "adapter"
+    peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
+    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=next(iter(state_dict.values())).dtype)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(directory)
+
+
+def _grad_norm(engine) -> float:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+
+
+def _learning_rate(engine, scheduler) -> float:
+    if scheduler is not None:
+        return float(scheduler.get_last_lr()[0])
+    return float(engine.get_lr()[0])
+
+
+def _maybe_inject_fault(step: int, rank: int, world_size: int) -> None:
+    """Kill the last worker after a given step, once (the marker file records that it happened)."""
+    fault_step, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
+    if not fault_step or not marker or step != int(fault_step) or rank != world_size - 1:
+        return
+    if os.path.exists(marker):
+        return
+    Path(marker).write_text(f"worker {rank} exited after step {step}\n")
+    logger.warning("fault injection: worker %d exits after step %d", rank, step)
+    os._exit(1)
