@@ -13,10 +13,11 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from raydpo.config import PrecomputeConfig, apply_overrides, from_mapping, load_yaml
-from raydpo.errors import RaydpoError
+from raydpo.config import PrecomputeConfig, TrainConfig, apply_overrides, from_mapping, load_yaml
+from raydpo.errors import RaydpoError, TrainingFailed
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
+TRAIN_SHORT_HELP = "train the policy with DPO on a precompute output (Ray Train + DeepSpeed ZeRO-3)"
 
 
 def _add_config_flags(
@@ -44,7 +45,15 @@ def _base_type(hint: Any) -> type:
     return args[0] if args else hint
 
 
-def _parser_for(kind: type):
+def _parser_for(kind: Any):
+    if typing.get_origin(kind) is list:  # comma-separated: --loss-type sigmoid,sft --loss-weights 1,0.2
+        item = _parser_for(typing.get_args(kind)[0])
+
+        def parse_list(text: str):
+            return [item(part.strip()) for part in text.split(",") if part.strip()]
+
+        parse_list.__name__ = "list"
+        return parse_list
     if kind in (int, float):
 
         def parse(text: str):
@@ -92,12 +101,18 @@ def build_parser() -> argparse.ArgumentParser:
         "then train the policy alone.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    pre = commands.add_parser("precompute", help=PRECOMPUTE_SHORT_HELP, description=PRECOMPUTE_SHORT_HELP)
-    pre.add_argument(
-        "--config", help="YAML file whose keys mirror these flags (a `precompute:` section or flat)"
-    )
-    pre.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    _add_config_flags(pre, PrecomputeConfig)
+    for name, cls, short_help in (
+        ("precompute", PrecomputeConfig, PRECOMPUTE_SHORT_HELP),
+        ("train", TrainConfig, TRAIN_SHORT_HELP),
+    ):
+        sub = commands.add_parser(name, help=short_help, description=short_help)
+        sub.add_argument(
+            "--config", help=f"YAML file whose keys mirror these flags (a `{name}:` section or flat)"
+        )
+        sub.add_argument(
+            "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+        )
+        _add_config_flags(sub, cls)
     return parser
 
 
@@ -109,11 +124,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from raydpo.precompute_stage import precompute
 
             result = precompute(_config(PrecomputeConfig, args, "precompute"))
-            print(result.summary())
+        else:
+            from raydpo.train_stage import train
+
+            result = train(_config(TrainConfig, args, "train"))
+        print(result.summary())
         return 0
     except RaydpoError as error:
         print(f"raydpo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailed as error:
+        print(f"raydpo {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -2,8 +2,12 @@
 
 The model body runs once over the batch; the LM head and the log-softmax then run only on the hidden
 states of completion positions, a chunk of tokens at a time, so a `[batch, seq, vocab]` fp32 tensor is
-never built (with a 150k vocabulary it would dwarf the model's activations). Under autograd each chunk
-is checkpointed, so its `[chunk, vocab]` logits are recomputed in backward rather than kept.
+never built (with a 150k vocabulary it would dwarf the model's activations). Backward recomputes each
+chunk's `[chunk, vocab]` logits instead of keeping them (`_HeadLogps`).
+
+The head runs as one call of the head module per forward, whatever the number of chunks: under
+DeepSpeed ZeRO-3 each module call gathers the module's sharded weight, a collective, so every rank
+must make the same number of calls even though ranks hold different numbers of completion tokens.
 
 Batches are laid out as TRL lays them out: the chosen sequences of the B pairs, then their rejected
 sequences, right-padded to the longest sequence of the batch.
@@ -15,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.utils.checkpoint import checkpoint
+import torch.nn.functional as F
 
 
 @dataclass
@@ -94,21 +98,9 @@ def completion_logps(
     target_mask = batch.completion_mask[:, 1:].bool()
     targets = batch.input_ids[:, 1:][target_mask]  # [M]
     states = hidden[:, :-1][target_mask]  # [M, H]
+    logps, mean_logits, log_sum_sq = _call_head(head, states, targets, transform, chunk_tokens, with_stats)
 
-    use_checkpoint = torch.is_grad_enabled()
-    logps, mean_logits, log_sum_sq = [], [], []
-    for start in range(0, targets.numel(), chunk_tokens):
-        args = (states[start : start + chunk_tokens], targets[start : start + chunk_tokens])
-        if use_checkpoint:
-            out = checkpoint(_chunk_scores, head, transform, with_stats, *args, use_reentrant=False)
-        else:
-            out = _chunk_scores(head, transform, with_stats, *args)
-        logps.append(out[0])
-        if with_stats:
-            mean_logits.append(out[1])
-            log_sum_sq.append(out[2])
-
-    token_logps = _scatter(target_mask, logps, hidden)
+    token_logps = _scatter(target_mask, logps)
     lengths = target_mask.sum(dim=1)
     positions = target_mask.cumsum(dim=1)  # 1-based index of each completion token within its sequence
     chosen_lengths, rejected_lengths = lengths.chunk(2)
@@ -123,27 +115,100 @@ def completion_logps(
         lengths=lengths,
     )
     if with_stats:
-        result.logits_sums = _scatter(target_mask, mean_logits, hidden).sum(dim=1)
-        result.token_log_sum_sq_probs = _scatter(target_mask, log_sum_sq, hidden)
+        result.logits_sums = _scatter(target_mask, mean_logits).sum(dim=1)
+        result.token_log_sum_sq_probs = _scatter(target_mask, log_sum_sq)
     return result
 
 
-def _chunk_scores(head, transform, with_stats: bool, states: torch.Tensor, targets: torch.Tensor):
-    logits = transform(head(states).float())  # [chunk, V] fp32: the only vocabulary-sized buffer
-    normalizer = torch.logsumexp(logits, dim=-1)
-    logps = logits.gather(-1, targets[:, None]).squeeze(-1) - normalizer
-    if not with_stats:
-        return (logps,)
-    with torch.no_grad():
-        mean_logits = logits.mean(dim=-1)
-        log_sum_sq = torch.logsumexp(2 * (logits - normalizer[:, None]), dim=-1)
-    return logps, mean_logits, log_sum_sq
+def _call_head(head, states, targets, transform: LogitTransform, chunk_tokens: int, with_stats: bool):
+    """Run `_HeadLogps` as the forward of the head module, so module hooks (ZeRO-3's gather) run once."""
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"the LM head must be a torch.nn.Linear, got {type(head).__name__}")
+
+    def forward(states, targets):
+        return _HeadLogps.apply(states, head.weight, head.bias, targets, transform, chunk_tokens, with_stats)
+
+    head.forward = forward  # an instance attribute: nn.Module.__call__ runs the hooks around it
+    try:
+        return head(states, targets)
+    finally:
+        del head.forward
 
 
-def _scatter(mask: torch.Tensor, chunks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    values = torch.cat(chunks) if chunks else like.new_zeros(0, dtype=torch.float32)
+class _HeadLogps(torch.autograd.Function):
+    """log p(target) under log_softmax(transform(states @ weight.T + bias)), a chunk of rows at a time.
+
+    Forward keeps only the per-row log-normalizer; backward recomputes each chunk's logits and forms
+    d logp / d logits = onehot(target) - softmax, so no `[rows, vocab]` tensor outlives its chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, states, weight, bias, targets, transform, chunk_tokens, with_stats):
+        logps, normalizers, mean_logits, log_sum_sq = [], [], [], []
+        for start in range(0, targets.numel(), chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            logits, _ = transform(F.linear(states[rows], weight, bias).float())
+            normalizer = torch.logsumexp(logits, dim=-1)
+            logps.append(logits.gather(-1, targets[rows, None]).squeeze(-1) - normalizer)
+            normalizers.append(normalizer)
+            if with_stats:
+                mean_logits.append(logits.mean(dim=-1))
+                log_sum_sq.append(torch.logsumexp(2 * (logits - normalizer[:, None]), dim=-1))
+        empty = states.new_zeros(0, dtype=torch.float32)
+        outputs = [torch.cat(values) if values else empty for values in (logps, mean_logits, log_sum_sq)]
+        ctx.save_for_backward(states, weight, bias, targets, torch.cat(normalizers) if normalizers else empty)
+        ctx.transform, ctx.chunk_tokens = transform, chunk_tokens
+        ctx.mark_non_differentiable(outputs[1], outputs[2])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_logps, _grad_mean_logits, _grad_log_sum_sq):
+        states, weight, bias, targets, normalizers = ctx.saved_tensors
+        need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_states = torch.zeros_like(states) if need_states else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if need_bias else None
+        for start in range(0, targets.numel(), ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            logits, slope = ctx.transform(F.linear(states[rows], weight, bias).float())
+            upstream = grad_logps[rows, None].float()
+            grad_logits = torch.exp(logits - normalizers[rows, None]).mul_(-upstream)
+            grad_logits.scatter_add_(-1, targets[rows, None], upstream)
+            if slope is not None:
+                grad_logits.mul_(slope)
+            if need_states:
+                grad_states[rows] = (grad_logits.to(weight.dtype) @ weight).to(states.dtype)
+            if need_weight:
+                grad_weight.addmm_(grad_logits.t(), states[rows].float())
+            if need_bias:
+                grad_bias += grad_logits.sum(dim=0)
+        if need_weight:
+            grad_weight = grad_weight.to(weight.dtype)
+        if need_bias:
+            grad_bias = grad_bias.to(bias.dtype)
+        return grad_states, grad_weight, grad_bias, None, None, None, None
+
+
+def _scatter(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     return out.masked_scatter(mask, values.float())
+
+
+class LogitTransform:
+    """What some architectures apply to the head's output (scale, divide, soft-cap), with its slope."""
+
+    def __init__(self, scale: float | None, divisor: float | None, softcap: float | None):
+        self.factor = (scale or 1.0) / (divisor or 1.0)
+        self.softcap = softcap
+
+    def __call__(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+        """(transformed logits, d transformed / d logits, or None where that is 1)."""
+        if self.factor != 1.0:
+            logits = logits * self.factor
+        if self.softcap is None:
+            return logits, (self.factor if self.factor != 1.0 else None)
+        capped = torch.tanh(logits / self.softcap)
+        return capped * self.softcap, (1 - capped.square()) * self.factor
 
 
 def _split_model(model: torch.nn.Module):
@@ -153,19 +218,11 @@ def _split_model(model: torch.nn.Module):
     if body is None or head is None or body is model:
         raise ValueError(f"{type(model).__name__} does not expose its decoder and LM head separately")
     config = getattr(model, "config", None)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)  # Cohere multiplies
-    divisor = getattr(config, "logits_scaling", None)  # Granite divides
-
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        if scale is not None:
-            logits = logits * scale
-        if divisor is not None:
-            logits = logits / divisor
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        return logits
-
+    transform = LogitTransform(
+        scale=getattr(config, "logit_scale", None),  # Cohere multiplies
+        divisor=getattr(config, "logits_scaling", None),  # Granite divides
+        softcap=getattr(config, "final_logit_softcapping", None),
+    )
     return body, head, transform
 
 
@@ -181,7 +238,7 @@ def check_head_path(model: torch.nn.Module, vocab_size: int, atol: float = 1e-3)
     input_ids = torch.randint(0, vocab_size, (1, 12), generator=generator).to(device)
     body, head, transform = _split_model(model)
     expected = model(input_ids=input_ids, use_cache=False).logits.float()
-    actual = transform(head(body(input_ids=input_ids, use_cache=False).last_hidden_state).float())
+    actual = transform(head(body(input_ids=input_ids, use_cache=False).last_hidden_state).float())[0]
     error = (expected - actual).abs().max().item()
     scale = max(expected.abs().max().item(), 1.0)
     if error > atol * scale:

@@ -27,7 +27,13 @@ from raydpo.cluster import check_cpu_headroom, init_ray
 from raydpo.config import PrecomputeConfig, as_dict, from_mapping
 from raydpo.data import RowError, canonical_pair, open_source, reject_id
 from raydpo.errors import RaydpoError
-from raydpo.tokenize import load_tokenizer, pad_token_id, tokenize_pair, tokenizer_fingerprint
+from raydpo.tokenize import (
+    cached_tokenizer,
+    load_tokenizer,
+    pad_token_id,
+    tokenize_pair,
+    tokenizer_fingerprint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +169,7 @@ def _precompute_split(
         fn_kwargs={
             "tokenizer_path": config.tokenizer or config.model,
             "trust_remote_code": config.trust_remote_code,
+            "tokenizer_digest": cache.cache_key(fingerprints["tokenizer"]),
             "id_column": config.id_column,
             "max_length": config.max_length,
             "max_prompt_length": config.max_prompt_length,
@@ -288,6 +295,7 @@ def prepare_batch(
     *,
     tokenizer_path: str,
     trust_remote_code: bool,
+    tokenizer_digest: str,
     id_column: str | None,
     max_length: int | None,
     max_prompt_length: int | None,
@@ -296,7 +304,7 @@ def prepare_batch(
     """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject."""
     import ray
 
-    tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    tokenizer = cached_tokenizer(tokenizer_path, trust_remote_code, tokenizer_digest)
     skip = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else (done_ids or set())
     out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
     for row in batch.to_pylist():

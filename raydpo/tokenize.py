@@ -30,8 +30,17 @@ class TokenizedPair:
 
 
 @functools.lru_cache(maxsize=4)
+def cached_tokenizer(name_or_path: str, trust_remote_code: bool, fingerprint_digest: str):
+    """Load a tokenizer once per Ray worker process (Ray reuses them across tasks and runs).
+
+    The digest of the driver's `tokenizer_fingerprint` is part of the cache key, so a tokenizer whose
+    files changed between two runs is loaded again instead of served stale.
+    """
+    return load_tokenizer(name_or_path, trust_remote_code)
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """Load a tokenizer once per process (Ray reuses worker processes across tasks)."""
+    """Load a tokenizer and check that it can end a completion."""
     from transformers import AutoTokenizer
 
     try:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_KEYS = ("step", "num_tokens")
+REFERENCE_TOLERANCE = 1e-3  # relative gap between policy and cached reference at step 1 that warns
 # Fault injection for reliability tests: the last rank exits after this step unless the marker exists.
 FAULT_STEP_ENV = "RAYDPO_FAULT_AFTER_STEP"
 FAULT_MARKER_ENV = "RAYDPO_FAULT_MARKER"
@@ -268,11 +269,14 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     started = time.perf_counter()
     window = MetricWindow()
     final_metrics: dict[str, float] = {}
+    reference_gap = None
     for step in range(state["step"] + 1, total_steps + 1):
         for _ in range(config.grad_accum):
             loss, scores, output, inputs, tokens = loss_on_batch(
                 engine, next(batches), settings, plan["pad_token_id"], device
             )
+            if step == 1 and reference_gap is None:
+                reference_gap = reference_check(inputs, device)
             engine.backward(loss)
             engine.step()
             window.add(loss, scores, output, inputs.chosen_logps, inputs.rejected_logps)
@@ -280,6 +284,9 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
         state["step"] = step
         if step == 1 or step % config.logging_steps == 0 or step == total_steps:
             metrics = window.reduce(device)
+            if step == 1 and reference_gap is not None:
+                metrics.update(reference_gap)
+                _warn_if_reference_differs(reference_gap, config, rank)
             state["num_tokens"] += int(metrics.pop("_tokens"))
             metrics.update(
                 grad_norm=_grad_norm(engine),
@@ -309,6 +316,44 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def reference_check(inputs: LossInputs, device) -> dict[str, float]:
+    """At the first step the policy is the reference: its log-probs must reproduce the cached ones.
+
+    Returns the largest absolute log-ratio over the first micro-batch of every worker, and the largest
+    cached value it is relative to. A gap far above float noise means the cache was computed with other
+    weights, another dtype or another attention kernel.
+    """
+    import torch.distributed as dist
+
+    gaps = (
+        torch.stack(
+            [
+                (inputs.chosen_logps - inputs.ref_chosen_logps).abs().max(),
+                (inputs.rejected_logps - inputs.ref_rejected_logps).abs().max(),
+                inputs.ref_chosen_logps.abs().max(),
+                inputs.ref_rejected_logps.abs().max(),
+            ]
+        )
+        .detach()
+        .to(device=device, dtype=torch.float64)
+    )
+    if dist.is_initialized():
+        dist.all_reduce(gaps, op=dist.ReduceOp.MAX)
+    gap, scale = gaps[:2].max().item(), gaps[2:].max().item()
+    return {"ref_check/max_abs_logratio": gap, "ref_check/max_abs_ref_logps": scale}
+
+
+def _warn_if_reference_differs(check: dict[str, float], config, rank: int) -> None:
+    gap, scale = check["ref_check/max_abs_logratio"], check["ref_check/max_abs_ref_logps"]
+    if rank == 0 and not config.reference_is_different and gap > REFERENCE_TOLERANCE * max(scale, 1.0):
+        logger.warning(
+            "at step 1 the policy's log-probs differ from the cached reference by up to %.3g (of %.3g); "
+            "was the cache computed with another dtype or attention kernel?",
+            gap,
+            scale,
+        )
+
+
 def load_policy(config, bf16: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -326,7 +371,7 @@ def load_policy(config, bf16: bool) -> torch.nn.Module:
             r=config.lora_r,
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules,
+            target_modules=_target_modules(config.lora_target_modules),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -335,13 +380,22 @@ def load_policy(config, bf16: bool) -> torch.nn.Module:
     return model
 
 
+def _target_modules(value: list[str] | str) -> list[str] | str:
+    if isinstance(value, list) and len(value) == 1 and value[0] == "all-linear":
+        return "all-linear"  # peft takes this one as a string, not a module name
+    return value
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices only, as Hugging Face's Trainer does (biases and norm weights are 1-D)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.dim() >= 2 else no_decay).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        group for group in groups if group["params"]
+    ]  # ZeRO drops empty groups; the scheduler must not see them
 
 
 def micro_batches(shard, micro_batch_size: int) -> Iterator[dict[str, Any]]:

@@ -76,22 +76,39 @@ def test_shared_and_tail_split(model, tokenizer, pairs):
         torch.testing.assert_close(out.shared_sums[row], expected)
 
 
-def test_gradients_flow_through_chunked_head(model, tokenizer, pairs):
+def all_grads(model) -> dict[str, torch.Tensor]:
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_chunked_head_gradients_equal_full_logits_autograd(model, tokenizer, pairs, softcap):
+    """Every parameter's gradient (head, body, embeddings) equals autograd through the full logits,
+    also with a soft-capped head, whose slope the hand-written backward must apply."""
     batch = pack_pairs(
         [p.prompt_ids for p in pairs[:2]],
         [p.chosen_ids for p in pairs[:2]],
         [p.rejected_ids for p in pairs[:2]],
         pad_token_id(tokenizer),
     )
+    weights = torch.linspace(0.5, 2.0, batch.input_ids.shape[0])  # different upstream gradient per row
     model.zero_grad()
-    completion_logps(model, batch, chunk_tokens=50).sums.sum().backward()
-    chunked = model.lm_head.weight.grad.clone()
-    model.zero_grad()
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    model.config.final_logit_softcapping = softcap
+    try:
+        (completion_logps(model, batch, chunk_tokens=50).sums * weights).sum().backward()
+        chunked = all_grads(model)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+        if softcap is not None:  # Llama does not cap; the reference applies the cap by hand
+            logits = torch.tanh(logits / softcap) * softcap
+    finally:
+        model.config.final_logit_softcapping = None
     logps = logits[:, :-1].log_softmax(-1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    (logps * batch.completion_mask[:, 1:]).sum().backward()
-    torch.testing.assert_close(chunked, model.lm_head.weight.grad, rtol=1e-4, atol=1e-5)
-    model.zero_grad()
+    ((logps * batch.completion_mask[:, 1:]).sum(dim=1) * weights).sum().backward()
+    full = all_grads(model)
+    assert chunked.keys() == full.keys() and len(full) == len(list(model.parameters()))
+    for name in full:
+        torch.testing.assert_close(chunked[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_head_path_check_catches_unknown_logit_processing(model):

@@ -1,0 +1,395 @@
+"""The training stage end to end: two gloo workers under Ray Train, real DeepSpeed ZeRO-3, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import raydpo
+from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.train_worker import FAULT_MARKER_ENV, FAULT_STEP_ENV
+
+NONFINITE_ROWS = 2
+STEPS = 6
+
+
+def run_settings(toy_model, cache_dir, output, **overrides):
+    """A short ZeRO-3 run: 2 workers x micro batch 2, 6 steps, a checkpoint at step 3.
+
+    The LM head runs in chunks of 97 tokens, so the ranks score different numbers of chunks per step:
+    the head must still make one ZeRO-3 gather per forward on every rank."""
+    return {
+        "model": str(toy_model),
+        "data": str(cache_dir),
+        "output": str(output),
+        "num_workers": 2,
+        "cpus_per_worker": 0.5,
+        "micro_batch_size": 2,
+        "max_steps": STEPS,
+        "logging_steps": 1,
+        "eval_steps": 3,
+        "checkpoint_steps": 3,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.2,
+        "max_failures": 0,
+        "logits_chunk_tokens": 97,
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="module")
+def train_cache(ray_session, toy_model, sample_dir, tmp_path_factory):
+    """A precompute output of English sample pairs (eval: Chinese ones), two rows with NaN/inf reference."""
+    output = tmp_path_factory.mktemp("train-cache") / "cache"
+    raydpo.precompute(
+        model=str(toy_model),
+        dataset=str(sample_dir / "dpo_en_demo.json"),
+        eval_dataset=str(sample_dir / "dpo_zh_demo.json"),
+        output=str(output),
+        limit=48,
+        max_length=256,
+    )
+    part = sorted((output / "train" / "data").glob("part-*.parquet"))[0]
+    table = pq.read_table(part)
+    values = table.column("ref_chosen_logps").to_numpy().copy()
+    values[:NONFINITE_ROWS] = [np.nan, -np.inf]
+    table = table.set_column(
+        table.schema.get_field_index("ref_chosen_logps"), "ref_chosen_logps", pa.array(values, pa.float32())
+    )
+    pq.write_table(table, part)  # same rows: the manifest still verifies, the values do not
+    return output
+
+
+@pytest.fixture(scope="module")
+def base_run(train_cache, toy_model, tmp_path_factory):
+    output = tmp_path_factory.mktemp("runs") / "base"
+    return raydpo.train(run_settings(toy_model, train_cache, output))
+
+
+def metric_history(result, name: str) -> dict[int, float]:
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    return {m.step: m.value for m in client.get_metric_history(result.run_id, name)}
+
+
+def load_weights(path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+
+
+def assert_same_weights(path, other_path, atol=1e-6):
+    weights, other = load_weights(path), load_weights(other_path)
+    assert weights.keys() == other.keys()
+    worst = max((weights[name] - other[name]).abs().max().item() for name in weights)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def test_first_step_policy_is_the_reference(base_run):
+    """Step 1 is computed before any update: every log-ratio is 0, so the sigmoid loss is ln 2."""
+    gap = metric_history(base_run, "ref_check/max_abs_logratio")[1]
+    scale = metric_history(base_run, "ref_check/max_abs_ref_logps")[1]
+    assert scale > 100  # sums over hundreds of tokens: the check is not against zeros
+    assert gap < 1e-3
+    assert metric_history(base_run, "loss")[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert metric_history(base_run, "rewards/margins")[1] == pytest.approx(0.0, abs=1e-4)
+    assert metric_history(base_run, "rewards/chosen")[1] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache):
+    client = MlflowClient(tracking_uri=base_run.tracking_uri)
+    run = client.get_run(base_run.run_id)
+    assert base_run.tracking_uri.startswith("sqlite:///") and run.info.status == "FINISHED"
+    trl_names = [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "grad_norm",
+        "learning_rate",
+        "epoch",
+        "num_tokens",
+        "tokens_per_second",
+        "samples_per_second",
+    ]
+    for name in trl_names:
+        assert sorted(metric_history(base_run, name)) == list(range(1, STEPS + 1)), name
+    for name in ("eval_loss", "eval_rewards/accuracies", "eval_logps/chosen"):
+        assert sorted(metric_history(base_run, name)) == [3, STEPS], name
+    learning_rates = metric_history(base_run, "learning_rate")
+    assert learning_rates[STEPS] == 0.0 and max(learning_rates.values()) == pytest.approx(1e-3)
+    num_tokens = metric_history(base_run, "num_tokens")
+    assert all(num_tokens[s] < num_tokens[s + 1] for s in range(1, STEPS))
+
+    params = run.data.params
+    manifest = json.loads((train_cache / "train" / "manifest.json").read_text())
+    assert params["cache.train.key"] == manifest["key"]
+    assert (
+        params["cache.train.fingerprints.model.weights_sha256"]
+        == manifest["fingerprints"]["model"]["weights_sha256"]
+    )
+    assert params["cache.train.nonfinite_reference"] == str(NONFINITE_ROWS)
+    assert params["run.train_rows"] == str(manifest["counts"]["written"] - NONFINITE_ROWS)
+    assert params["run.reference.same_as_policy"] == "true"
+    assert params["train.loss_type"] == "sigmoid" and params["train.zero_stage"] == "3"
+    artifacts = {a.path for a in client.list_artifacts(base_run.run_id)}
+    assert {"deepspeed_config.json", "manifest_train.json", "manifest_eval.json"} <= artifacts
+    assert run.data.tags["raydpo.model_path"] == base_run.model_path
+
+
+def test_saved_model_loads_generates_and_moved(base_run, toy_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_run.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(base_run.model_path)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    generated = model.generate(**prompt, max_new_tokens=5, do_sample=False)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 5
+    trained, initial = model.state_dict(), load_weights(toy_model)
+    assert trained.keys() == initial.keys()
+    moved = [name for name in trained if not torch.equal(trained[name], initial[name])]
+    assert len(moved) == len(trained)  # every tensor was updated (no frozen or lost parameter)
+
+
+def test_worker_failure_restarts_from_checkpoint_and_matches(
+    base_run, train_cache, toy_model, tmp_path, monkeypatch
+):
+    """A worker killed after step 4 is restarted from the step-3 checkpoint; the result is the same model."""
+    monkeypatch.setenv(FAULT_STEP_ENV, "4")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
+    result = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "run", max_failures=1))
+    assert (tmp_path / "fault-happened").exists()
+    assert_same_weights(result.model_path, base_run.model_path)
+    assert metric_history(result, "loss")[STEPS] == pytest.approx(
+        metric_history(base_run, "loss")[STEPS], rel=1e-5
+    )
+
+
+def test_interrupted_run_resumes_to_the_same_model(base_run, train_cache, toy_model, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT_STEP_ENV, "4")
+    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
+    settings = run_settings(toy_model, train_cache, tmp_path / "run")
+    with pytest.raises(TrainingFailed, match="--resume"):
+        raydpo.train(settings)
+    assert not (tmp_path / "run" / "model").exists()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+    with pytest.raises(RaydpoError, match="interrupted run"):
+        raydpo.train(settings)
+    result = raydpo.train(settings, resume=True)
+    assert_same_weights(result.model_path, base_run.model_path)
+    with pytest.raises(RaydpoError, match="finished run"):
+        raydpo.train(settings)
+
+
+def test_reference_must_be_the_policy(train_cache, toy_model, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(toy_model, other)
+    weights = load_weights(toy_model)
+    weights = {name: tensor + 0.01 for name, tensor in weights.items()}
+    from safetensors.torch import save_file
+
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RaydpoError, match="reference-is-different"):
+        raydpo.train(run_settings(other, train_cache, tmp_path / "run"))
+
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with pytest.raises(RaydpoError, match="tokenizer"):
+        raydpo.train(run_settings(other, train_cache, tmp_path / "run", reference_is_different=True))
+
+
+def easy_pairs(count: int) -> list[dict]:
+    """Pairs any model can learn quickly: the chosen answer is always the same agreeing sentence."""
+    rows = []
+    for i in range(count):
+        a, b = i % 7 + 1, i % 5 + 2
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Is {a} plus {b} equal to {a + b}?"}],
+                "chosen": [{"role": "assistant", "content": "Yes, that is right."}],
+                "rejected": [{"role": "assistant", "content": "No, I do not think so at all."}],
+            }
+        )
+    return rows
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    """A real MLflow tracking server on 127.0.0.1, started and stopped by the test."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+        + ["--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}"]
+        + ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the MLflow server did not start")
+        time.sleep(0.5)
+    yield uri
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_loss_falls_on_an_easy_task_logged_to_a_tracking_server(
+    ray_session, toy_model, tmp_path, mlflow_server
+):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "easy.jsonl", easy_pairs(48))
+    raydpo.precompute(model=str(toy_model), dataset=str(data), output=str(tmp_path / "cache"))
+    result = raydpo.train(
+        run_settings(
+            toy_model,
+            tmp_path / "cache",
+            tmp_path / "run",
+            micro_batch_size=4,
+            max_steps=20,
+            eval_steps=None,
+            checkpoint_steps=None,
+            learning_rate=2e-3,
+            warmup_ratio=0.0,
+            mlflow_tracking_uri=mlflow_server,
+            experiment="easy-task",
+        )
+    )
+    assert result.tracking_uri == mlflow_server
+    assert not (tmp_path / "run" / "mlflow.db").exists()
+    losses = metric_history(result, "loss")
+    accuracies = metric_history(result, "rewards/accuracies")
+    assert sorted(losses) == list(range(1, 21))
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-5) and accuracies[1] == 0.0
+    assert np.mean([losses[s] for s in range(17, 21)]) < losses[1] - 0.2
+    assert np.mean([accuracies[s] for s in range(17, 21)]) >= 0.9
+    margins = metric_history(result, "rewards/margins")
+    assert margins[20] > margins[2] > 0
+    client = MlflowClient(tracking_uri=mlflow_server)
+    assert (
+        client.get_experiment_by_name("easy-task").experiment_id
+        == client.get_run(result.run_id).info.experiment_id
+    )
+    assert "deepspeed_config.json" in {a.path for a in client.list_artifacts(result.run_id)}
+
+
+def test_lora_trains_an_adapter_and_saves_it_merged(train_cache, toy_model, tmp_path):
+    result = raydpo.train(
+        run_settings(
+            toy_model,
+            train_cache,
+            tmp_path / "run",
+            max_steps=2,
+            eval_steps=None,
+            checkpoint_steps=None,
+            lora_r=4,
+            lora_alpha=8,
+            lora_target_modules=["q_proj", "v_proj"],
+            learning_rate=1e-2,
+        )
+    )
+    adapter = json.loads((tmp_path / "run" / "model" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    merged, base = load_weights(result.model_path), load_weights(toy_model)
+    assert merged.keys() == base.keys()
+    changed = {name for name in merged if not torch.equal(merged[name], base[name])}
+    assert changed and all(".q_proj." in name or ".v_proj." in name for name in changed)
+    assert metric_history(result, "loss")[1] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path):
+    settings = run_settings(toy_model, tmp_path / "nothing", tmp_path / "run")
+    with pytest.raises(RaydpoError, match="not a precompute output"):
+        raydpo.train(settings)
+
+    partial = tmp_path / "partial"
+    shutil.copytree(train_cache, partial)
+    (partial / "train" / "manifest.json").unlink()
+    with pytest.raises(RaydpoError, match="unfinished precompute output"):
+        raydpo.train(settings, data=str(partial))
+
+    stripped = tmp_path / "stripped"
+    shutil.copytree(train_cache, stripped)
+    for part in (stripped / "train" / "data").glob("part-*.parquet"):
+        table = pq.read_table(part)
+        pq.write_table(table.drop_columns(["ref_rejected_logps"]), part)
+    with pytest.raises(RaydpoError, match=r"lacks the columns \['ref_rejected_logps'\]"):
+        raydpo.train(settings, data=str(stripped))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, train_rows, eval_rows, message",
+    [
+        ({"num_workers": 4, "micro_batch_size": 8}, 20, None, "cannot fill one step"),
+        ({}, 0, None, "no training pairs with finite reference"),
+        ({"num_workers": 3}, 100, 2, "eval split has 2 usable pairs"),
+    ],
+)
+def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, message):
+    from raydpo.config import TrainConfig
+    from raydpo.train_stage import plan_run
+
+    with pytest.raises(RaydpoError, match=message):
+        plan_run(TrainConfig(model="m", **overrides), train_rows, eval_rows)
+
+
+def test_plan_counts_steps_and_epochs():
+    from raydpo.config import TrainConfig
+    from raydpo.train_stage import plan_run
+
+    plan = plan_run(
+        TrainConfig(model="m", num_workers=2, micro_batch_size=4, grad_accum=2, epochs=3), 101, None
+    )
+    assert plan["steps_per_epoch"] == 50 // 8 and plan["total_steps"] == (3 * 101 // 2) // 8
+    plan = plan_run(TrainConfig(model="m", num_workers=2, micro_batch_size=4, max_steps=40), 101, None)
+    assert plan["total_steps"] == 40 and (plan["epochs_streamed"] * 101 // 2) // 4 >= 40
+
+
+def test_cli_train_bad_input_is_one_line_and_exit_2(toy_model, tmp_path, capsys):
+    from raydpo.cli import main as cli_main
+
+    code = cli_main(
+        ["train", "--model", str(toy_model), "--data", str(tmp_path / "no-cache"), "--output", str(tmp_path)]
+    )
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in error and error.startswith("raydpo train: error:")
+    assert cli_main(["train", "--model", str(toy_model), "--beta", "0"]) == 2
+    assert (
+        cli_main(["train", "--model", str(toy_model), "--loss-type", "sigmoid,sft", "--loss-weights", "1"])
+        == 2
+    )
+    assert "loss_weights has 1 values for 2 loss types" in capsys.readouterr().err
