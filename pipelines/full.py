@@ -1,4 +1,8 @@
-"""The raydpo job: precompute the reference log-probs (train and eval splits), then report.
+"""The raydpo job: precompute the reference log-probs (train and eval splits), train, then report.
+
+Stage 1 (`precompute:` section) caches the reference log-probs; stage 2 (`train:` section) trains the
+policy on them with DeepSpeed ZeRO-3 under Ray Train and logs to MLflow. `train.model` and
+`train.data` default to the precompute's model and output.
 
 With no arguments it is the smoke run on the embedded default: a local Ray instance, the sample
 preference data shipped with raydpo, and a small model created locally (no download, no cluster).
@@ -17,8 +21,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from raydpo.config import PrecomputeConfig, apply_overrides, from_mapping, load_yaml
-from raydpo.errors import RaydpoError
+from raydpo.config import PrecomputeConfig, TrainConfig, apply_overrides, from_mapping, load_yaml
+from raydpo.errors import RaydpoError, TrainingFailed
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
 
@@ -54,15 +58,26 @@ def main(argv: list[str] | None = None) -> int:
             section.setdefault("dataset", str(sample_data_dir() / "dpo_en_demo.json"))
             section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
         config = from_mapping(PrecomputeConfig, section)
+        train_section = values.get("train")
+        train_config = None
+        if train_section is not None:
+            train_section = {"model": config.model, "data": config.output, **train_section}
+            train_config = from_mapping(TrainConfig, train_section)  # checked before any work starts
 
         import raydpo
 
         result = raydpo.precompute(config)
         print("precompute:\n  " + result.summary().replace("\n", "\n  "))
+        if train_config is not None:
+            trained = raydpo.train(train_config)
+            print("train:\n  " + trained.summary().replace("\n", "\n  "))
         return 0
     except RaydpoError as error:
         print(f"full.py: error: {error}", file=sys.stderr)
         return 2
+    except TrainingFailed as error:
+        print(f"full.py: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ class TrainResult:
     model_path: str
     metrics: dict[str, float] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run took
 
     def summary(self) -> str:
         shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
@@ -145,6 +146,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         model_path=model_output,
         metrics=outcome.get("metrics", {}),
         plan=plan,
+        step_seconds=outcome.get("step_seconds", []),
     )
 
 

@@ -270,7 +270,9 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     window = MetricWindow()
     final_metrics: dict[str, float] = {}
     reference_gap = None
+    step_seconds = []
     for step in range(state["step"] + 1, total_steps + 1):
+        step_started = time.perf_counter()
         for _ in range(config.grad_accum):
             loss, scores, output, inputs, tokens = loss_on_batch(
                 engine, next(batches), settings, plan["pad_token_id"], device
@@ -282,6 +284,7 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             window.add(loss, scores, output, inputs.chosen_logps, inputs.rejected_logps)
             window.add_tokens(tokens)
         state["step"] = step
+        step_seconds.append(time.perf_counter() - step_started)
         if step == 1 or step % config.logging_steps == 0 or step == total_steps:
             metrics = window.reduce(device)
             if step == 1 and reference_gap is not None:
@@ -308,12 +311,34 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             save_checkpoint(engine, state, {"step": step, **final_metrics})
         _maybe_inject_fault(step, rank, world_size)
 
+    runtime = time.perf_counter() - started
+    final_metrics.update(
+        train_runtime=runtime,
+        train_steps_per_second=len(step_seconds) / runtime,
+        peak_memory_gb=peak_memory_gb(device),
+    )
+    tracker.log({name: final_metrics[name] for name in ("train_runtime", "peak_memory_gb")}, total_steps)
     model_path = save_final_model(engine, config, plan, rank)
     ray.train.report({"step": total_steps, **final_metrics})
     if rank == 0:
-        tracker.log({"train_runtime": time.perf_counter() - started}, total_steps)
-        return {"metrics": final_metrics, "model_path": model_path, "steps": total_steps}
+        return {"metrics": final_metrics, "model_path": model_path, "step_seconds": step_seconds}
     return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The largest peak over the workers: GPU memory allocated by torch, or on CPUs the process's peak RSS."""
+    import resource
+
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    value = torch.tensor([peak], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
 
 
 def reference_check(inputs: LossInputs, device) -> dict[str, float]:

@@ -232,6 +232,7 @@ def easy_pairs(count: int) -> list[dict]:
 @pytest.fixture()
 def mlflow_server(tmp_path):
     """A real MLflow tracking server on 127.0.0.1, started and stopped by the test."""
+    import os
     import socket
     import subprocess
     import sys
@@ -247,6 +248,8 @@ def mlflow_server(tmp_path):
         + ["--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        # the server's background job runners (a dozen processes) are not needed for tracking
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

@@ -1,0 +1,236 @@
+"""DPO training step time and peak memory: raydpo against TRL's DPOTrainer, in one run.
+
+Three runs on the same model, pairs, max_length, micro batch and number of processes:
+  - TRL, reference model online (a second model in memory and a second forward per step),
+  - TRL with precompute_ref_log_probs=True (reference forwards before training, in the trainer),
+  - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output).
+TRL runs under torchrun with the gloo backend on CPUs (DDP), raydpo under Ray Train. Printed: the
+median step time over the steps after warmup, the peak memory of the largest process (GPU memory
+allocated, or peak RSS on CPUs), and the ratios.
+
+    python benchmarks/train.py --pairs 64 --steps 12 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from precompute import conversational  # noqa: E402
+
+WARMUP_STEPS = 2  # excluded from the median: first-step allocations, DeepSpeed/DDP bucket set-up
+
+
+def trl_worker(args: argparse.Namespace) -> None:
+    """One torchrun process of TRL's DPOTrainer; rank 0 writes step times and peak memory as JSON."""
+    import datasets
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(1)
+    datasets.disable_caching()
+    rows = json.loads(Path(args.rows).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    ref_model = None if args.mode == "precompute" else AutoModelForCausalLM.from_pretrained(args.model)
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.started, self.seconds = 0.0, []
+
+        def on_step_begin(self, *_, **__):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            self.seconds.append(time.perf_counter() - self.started)
+
+    timer = StepTimer()
+    config = DPOConfig(
+        output_dir=tempfile.mkdtemp(),
+        precompute_ref_log_probs=args.mode == "precompute",
+        per_device_train_batch_size=args.micro_batch,
+        max_length=args.max_length,
+        max_steps=args.steps,
+        learning_rate=1e-5,
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        seed=42,
+        dataloader_drop_last=True,
+    )
+    started = time.perf_counter()
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=config,
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[timer],
+    )
+    trainer.train()
+    wall = time.perf_counter() - started
+    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    if int(os.environ.get("RANK", "0")) == 0:
+        Path(args.out).write_text(
+            json.dumps({"step_seconds": timer.seconds, "peak_memory_gb": peak.item(), "wall_s": wall})
+        )
+
+
+def run_trl(mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Path, workdir: Path) -> dict:
+    out = workdir / f"trl-{mode}.json"
+    out.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.workers}",
+    ]
+    command += [__file__, "--trl-worker", "--mode", mode, "--model", str(model_dir), "--rows", str(rows_file)]
+    command += ["--out", str(out), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
+    command += ["--max-length", str(args.max_length)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def run_raydpo(args: argparse.Namespace, model_dir: Path, cache: Path, workdir: Path) -> dict:
+    import raydpo
+
+    output = workdir / "run"
+    shutil.rmtree(output, ignore_errors=True)
+    started = time.perf_counter()
+    result = raydpo.train(
+        model=str(model_dir),
+        data=str(cache),
+        output=str(output),
+        num_workers=args.workers,
+        cpus_per_worker=0.5,  # leaves a CPU for Ray Data; each worker still runs one torch thread
+        micro_batch_size=args.micro_batch,
+        max_steps=args.steps,
+        learning_rate=1e-5,
+        logging_steps=1,
+        checkpoint_steps=None,
+        max_failures=0,
+    )
+    wall = time.perf_counter() - started
+    return {
+        "step_seconds": result.step_seconds,
+        "peak_memory_gb": result.metrics["peak_memory_gb"],
+        "wall_s": wall,
+    }
+
+
+def median_step(run: dict) -> float:
+    return statistics.median(run["step_seconds"][WARMUP_STEPS:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=2)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--hidden-size", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--workdir", default=".bench/train")
+    parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.trl_worker:
+        trl_worker(args)
+        return
+
+    import ray
+    import torch
+
+    import raydpo
+    from raydpo.toy import build_toy_model, sample_data_dir
+
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    model_dir = build_toy_model(
+        workdir / f"model-{args.hidden_size}x{args.layers}",
+        hidden_size=args.hidden_size,
+        num_layers=args.layers,
+        num_heads=8,
+    )
+    source = json.loads((sample_data_dir() / "dpo_en_demo.json").read_text(encoding="utf-8"))
+    rows = [conversational(row) for row in source[: args.pairs]]
+    rows_file = workdir / "rows.json"
+    rows_file.write_text(json.dumps(rows, ensure_ascii=False))
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    cache = workdir / "cache"
+    started = time.perf_counter()
+    precomputed = raydpo.precompute(
+        model=str(model_dir),
+        dataset=ray.data.from_items(rows),
+        output=str(cache),
+        max_length=args.max_length,
+        cpus_per_actor=max(1, (os.cpu_count() or 2) - 1),
+        overwrite=True,
+    )
+    precompute_s = time.perf_counter() - started
+    print(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; model: Llama {args.hidden_size}x{args.layers}; "
+        f"{precomputed.train.counts['written']} pairs, max_length {args.max_length}; {args.workers} processes x "
+        f"micro batch {args.micro_batch}; {args.steps} steps, median over steps {WARMUP_STEPS + 1}-{args.steps}"
+    )
+    print(f"raydpo precompute (once, reusable by every run): {precompute_s:.1f}s")
+    results: dict[str, list[dict]] = {"trl-online": [], "trl-precompute": [], "raydpo": []}
+    for repeat in range(args.repeats):
+        results["trl-online"].append(run_trl("online", args, model_dir, rows_file, workdir))
+        results["trl-precompute"].append(run_trl("precompute", args, model_dir, rows_file, workdir))
+        results["raydpo"].append(run_raydpo(args, model_dir, cache, workdir))
+        for name, runs in results.items():
+            run = runs[-1]
+            print(
+                f"[{repeat + 1}/{args.repeats}] {name:15s} step {median_step(run):6.3f}s  "
+                f"peak {run['peak_memory_gb']:5.2f} GiB  wall {run['wall_s']:6.1f}s"
+            )
+    summary = {
+        name: (
+            statistics.median(median_step(r) for r in runs),
+            statistics.median(r["peak_memory_gb"] for r in runs),
+        )
+        for name, runs in results.items()
+    }
+    for name, (step, peak) in summary.items():
+        print(f"median {name:15s} step {step:6.3f}s  peak {peak:5.2f} GiB")
+    ours_step, ours_peak = summary["raydpo"]
+    for peer in ("trl-online", "trl-precompute"):
+        step, peak = summary[peer]
+        print(
+            f"raydpo vs {peer}: {step / ours_step:.2f}x faster per step, {ours_peak / peak:.2f}x the peak memory"
+        )
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
