@@ -8,7 +8,7 @@ TRL runs under torchrun with the gloo backend on CPUs (DDP), raydpo under Ray Tr
 median step time over the steps after warmup, the peak memory of the largest process (GPU memory
 allocated, or peak RSS on CPUs), and the ratios.
 
-    python benchmarks/train.py --pairs 64 --steps 12 --repeats 2
+    python benchmarks/train.py --pairs 64 --steps 10 --repeats 2
 """
 
 from __future__ import annotations
@@ -44,8 +44,6 @@ def trl_worker(args: argparse.Namespace) -> None:
     from trl import DPOConfig, DPOTrainer
 
     torch.set_num_threads(1)
-    datasets.disable_caching()
-    rows = json.loads(Path(args.rows).read_text())
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     ref_model = None if args.mode == "precompute" else AutoModelForCausalLM.from_pretrained(args.model)
@@ -81,7 +79,7 @@ def trl_worker(args: argparse.Namespace) -> None:
         model=model,
         ref_model=ref_model,
         args=config,
-        train_dataset=datasets.Dataset.from_list(rows),
+        train_dataset=datasets.load_from_disk(args.rows),
         processing_class=tokenizer,
         callbacks=[timer],
     )
@@ -99,6 +97,10 @@ def trl_worker(args: argparse.Namespace) -> None:
 def run_trl(mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Path, workdir: Path) -> dict:
     out = workdir / f"trl-{mode}.json"
     out.unlink(missing_ok=True)
+    # a fresh copy of the data on disk for every run: in-memory datasets get a private temporary cache
+    # per process, which TRL's main-process-first preparation cannot share between ranks
+    data = Path(tempfile.mkdtemp(dir=workdir)) / "rows"
+    shutil.copytree(rows_file, data)
     command = [
         sys.executable,
         "-m",
@@ -106,7 +108,7 @@ def run_trl(mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Pat
         "--standalone",
         f"--nproc_per_node={args.workers}",
     ]
-    command += [__file__, "--trl-worker", "--mode", mode, "--model", str(model_dir), "--rows", str(rows_file)]
+    command += [__file__, "--trl-worker", "--mode", mode, "--model", str(model_dir), "--rows", str(data)]
     command += ["--out", str(out), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
     command += ["--max-length", str(args.max_length)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -118,7 +120,6 @@ def run_raydpo(args: argparse.Namespace, model_dir: Path, cache: Path, workdir: 
     import raydpo
 
     output = workdir / "run"
-    shutil.rmtree(output, ignore_errors=True)
     started = time.perf_counter()
     result = raydpo.train(
         model=str(model_dir),
@@ -132,6 +133,7 @@ def run_raydpo(args: argparse.Namespace, model_dir: Path, cache: Path, workdir: 
         logging_steps=1,
         checkpoint_steps=None,
         max_failures=0,
+        overwrite=True,
     )
     wall = time.perf_counter() - started
     return {
@@ -148,13 +150,15 @@ def median_step(run: dict) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--micro-batch", type=int, default=2)
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--hidden-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--hidden-size", type=int, default=768, help="large enough that model state, not")
+    parser.add_argument(
+        "--layers", type=int, default=6, help="the libraries' import overhead, dominates memory"
+    )
     parser.add_argument("--workdir", default=".bench/train")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -182,8 +186,11 @@ def main() -> None:
     )
     source = json.loads((sample_data_dir() / "dpo_en_demo.json").read_text(encoding="utf-8"))
     rows = [conversational(row) for row in source[: args.pairs]]
-    rows_file = workdir / "rows.json"
-    rows_file.write_text(json.dumps(rows, ensure_ascii=False))
+    import datasets
+
+    rows_file = workdir / "rows"
+    shutil.rmtree(rows_file, ignore_errors=True)
+    datasets.Dataset.from_list(rows).save_to_disk(str(rows_file))
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     cache = workdir / "cache"

@@ -82,11 +82,12 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 
 def _config(cls: type, args: argparse.Namespace, section: str):
-    values: dict[str, Any] = {}
-    if args.config:
-        loaded = load_yaml(args.config)
-        values.update(loaded.get(section, loaded) if isinstance(loaded.get(section), dict) else loaded)
-    apply_overrides(values, args.set or [])
+    """YAML (a `section:` mapping or flat) < --set overrides (`section.key=v` or `key=v`) < flags."""
+    loaded = load_yaml(args.config) if args.config else {}
+    values = dict(loaded[section]) if isinstance(loaded.get(section), dict) else dict(loaded)
+    prefix = f"{section}."
+    overrides = [item.removeprefix(prefix) for item in args.set or []]
+    apply_overrides(values, overrides)
     for f in dataclasses.fields(cls):
         value = getattr(args, f.name, None)
         if value is not None:

@@ -237,6 +237,8 @@ class TrainConfig:
     """Continue an interrupted run in OUTPUT from its latest checkpoint."""
     overwrite: bool = False
     """Replace a finished or interrupted run in OUTPUT."""
+    skip_nonfinite_loss: bool = False
+    """Skip micro-batches whose loss is NaN/inf (counted) instead of stopping with their pair ids."""
     seed: int = 42
     logits_chunk_tokens: int = 2048
     mlflow_tracking_uri: str | None = None

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +89,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         config.experiment,
         run_name=os.path.basename(run_dir),
         params={
-            "train": as_dict(config),
+            "train": _loggable_settings(config),
             "run": {**plan, "reference": reference},
             "cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
         },
@@ -125,7 +126,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         _write_state(fs, run_dir, state)
         MlflowLogger(tracking_uri, run_id).close("FAILED")
         raise TrainingFailed(
-            f"training failed: {' '.join(str(error).split())[:500]}; rerun with --resume to continue from "
+            f"training failed: {worker_error_summary(error)}; rerun with --resume to continue from "
             f"the latest checkpoint in {storage_path}/{RUN_NAME}"
         ) from error
     outcome = result.return_value or {}
@@ -148,6 +149,14 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         plan=plan,
         step_seconds=outcome.get("step_seconds", []),
     )
+
+
+def worker_error_summary(error: BaseException) -> str:
+    """The last exception line of a worker's traceback (Ray Train wraps it in a long report)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ", line)]
+    text = raised[-1] if raised else " ".join(" ".join(lines).split())
+    return text[:1000]
 
 
 def _as_config(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -372,6 +381,13 @@ def _clear_checkpoints(storage_path: str) -> None:
 
 def _write_state(fs: pafs.FileSystem, run_dir: str, state: dict[str, Any]) -> None:
     cache.write_bytes_atomic(fs, f"{run_dir}/{RUN_STATE}", json.dumps(state, indent=2, default=str).encode())
+
+
+def _loggable_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings as MLflow params; the tracking URI is left out (it may carry credentials)."""
+    values = as_dict(config)
+    values.pop("mlflow_tracking_uri")
+    return values
 
 
 def _manifest_params(manifest: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:

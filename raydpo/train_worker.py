@@ -28,7 +28,7 @@ from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss,
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"
-STATE_KEYS = ("step", "num_tokens")
+STATE_KEYS = ("step", "num_tokens", "skipped_batches")
 REFERENCE_TOLERANCE = 1e-3  # relative gap between policy and cached reference at step 1 that warns
 # Fault injection for reliability tests: the last rank exits after this step unless the marker exists.
 FAULT_STEP_ENV = "RAYDPO_FAULT_AFTER_STEP"
@@ -252,17 +252,19 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
         dist_init_required=False,
     )
 
-    state = {"step": 0, "num_tokens": 0}
+    state = {"step": 0, "num_tokens": 0, "skipped_batches": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
-        state.update({key: client_state[key] for key in STATE_KEYS})
+        state.update({key: client_state.get(key, 0) for key in STATE_KEYS})
         logger.info("rank %d resumed from %s at step %d", rank, checkpoint.path, state["step"])
 
     tracker = MlflowLogger(plan["tracking_uri"], plan["run_id"]) if rank == 0 else NullLogger()
     batches = micro_batches(ray.train.get_dataset_shard("train"), config.micro_batch_size)
-    for _ in range(state["step"] * config.grad_accum):  # the pairs the restored state has seen
+    for _ in range(
+        state["step"] * config.grad_accum + state["skipped_batches"]
+    ):  # seen before the checkpoint
         next(batches)
 
     engine.train()
@@ -273,16 +275,24 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     step_seconds = []
     for step in range(state["step"] + 1, total_steps + 1):
         step_started = time.perf_counter()
-        for _ in range(config.grad_accum):
+        done = 0
+        while done < config.grad_accum:
+            columns = next(batches, None)
+            if columns is None:  # only when skipped batches used up the stream's spare pairs
+                raise RuntimeError(f"the data ran out at step {step} after skipping non-finite batches")
             loss, scores, output, inputs, tokens = loss_on_batch(
-                engine, next(batches), settings, plan["pad_token_id"], device
+                engine, columns, settings, plan["pad_token_id"], device
             )
             if step == 1 and reference_gap is None:
                 reference_gap = reference_check(inputs, device)
+            if not all_finite(loss, device):  # every rank skips (or stops) together
+                state["skipped_batches"] += handle_nonfinite(loss, columns, step, config, rank)
+                continue  # a replacement micro-batch keeps the accumulation aligned with the steps
             engine.backward(loss)
             engine.step()
             window.add(loss, scores, output, inputs.chosen_logps, inputs.rejected_logps)
             window.add_tokens(tokens)
+            done += 1
         state["step"] = step
         step_seconds.append(time.perf_counter() - step_started)
         if step == 1 or step % config.logging_steps == 0 or step == total_steps:
@@ -291,6 +301,8 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
                 metrics.update(reference_gap)
                 _warn_if_reference_differs(reference_gap, config, rank)
             state["num_tokens"] += int(metrics.pop("_tokens"))
+            if state["skipped_batches"]:
+                metrics["skipped_nonfinite_batches"] = state["skipped_batches"]
             metrics.update(
                 grad_norm=_grad_norm(engine),
                 learning_rate=_learning_rate(engine, scheduler),
@@ -339,6 +351,28 @@ def peak_memory_gb(device: torch.device) -> float:
     if dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item()
+
+
+def all_finite(loss: torch.Tensor, device) -> bool:
+    """Whether the loss is finite on every rank (one tiny all-reduce), so all ranks skip or stop together."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([float(torch.isfinite(loss.detach()).all())], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def handle_nonfinite(loss: torch.Tensor, columns: dict[str, Any], step: int, config, rank: int) -> int:
+    """Stop with the step and this rank's pair ids, or (skip_nonfinite_loss) skip the micro-batch."""
+    ids = [str(pair_id) for pair_id in columns["pair_id"]]
+    where = f"step {step}, worker {rank} (loss {loss.item():.4g}), pairs {ids}"
+    if not config.skip_nonfinite_loss:
+        raise FloatingPointError(
+            f"non-finite loss on some worker at {where}; skip_nonfinite_loss skips such batches"
+        )
+    logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
+    return 1
 
 
 def reference_check(inputs: LossInputs, device) -> dict[str, float]:

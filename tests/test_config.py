@@ -44,3 +44,55 @@ def test_bad_override_and_yaml(tmp_path):
     bad.write_text("a: [1,\n")
     with pytest.raises(RaydpoError, match="not valid YAML"):
         load_yaml(bad)
+
+
+def test_train_yaml_mirrors_the_flags(tmp_path):
+    from raydpo.cli import _config, build_parser
+
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "train:\n  model: m\n  loss-type: [sigmoid, sft]\n  loss_weights: [1.0, 0.5]\n  lora-r: 8\n"
+        "  lora-target-modules: [q_proj, v_proj]\n"
+    )
+    args = build_parser().parse_args(
+        ["train", "--config", str(path), "--beta", "0.05", "--set", "train.grad_accum=4"]
+    )
+    config = _config(TrainConfig, args, "train")
+    assert config.loss_type == ["sigmoid", "sft"] and config.loss_weights == [1.0, 0.5]
+    assert (config.beta, config.grad_accum, config.lora_r) == (0.05, 4, 8)
+    assert config.lora_target_modules == ["q_proj", "v_proj"]
+    flags = build_parser().parse_args(
+        ["train", "--model", "m", "--loss-type", "sigmoid,bco_pair", "--loss-weights", "0.8,0.2"]
+    )
+    config = _config(TrainConfig, flags, "train")
+    assert config.loss_type == ["sigmoid", "bco_pair"] and config.loss_weights == [0.8, 0.2]
+
+
+def test_deepspeed_config_built_and_user_file(tmp_path):
+    from raydpo.train_stage import _deepspeed_config
+
+    config = TrainConfig(
+        model="m", micro_batch_size=4, grad_accum=2, offload_optimizer=True, gradient_clipping=0.5
+    )
+    built = _deepspeed_config(config, world_size=3)
+    assert built["train_batch_size"] == 24 and built["gradient_clipping"] == 0.5
+    assert (
+        built["zero_optimization"]["stage"] == 3
+        and built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    )
+    assert built["bf16"]["enabled"] is False  # CPU: fp32
+
+    user = tmp_path / "ds.json"
+    user.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
+    loaded = _deepspeed_config(
+        TrainConfig(model="m", deepspeed_config=str(user), micro_batch_size=4), world_size=2
+    )
+    assert loaded["zero_optimization"] == {"stage": 2} and loaded["train_batch_size"] == 8
+    user.write_text('{"train_micro_batch_size_per_gpu": 16}')
+    with pytest.raises(RaydpoError, match="train_micro_batch_size_per_gpu=16"):
+        _deepspeed_config(
+            TrainConfig(model="m", deepspeed_config=str(user), micro_batch_size=4), world_size=2
+        )
+    user.write_text("{not json")
+    with pytest.raises(RaydpoError, match="cannot read the DeepSpeed config"):
+        _deepspeed_config(TrainConfig(model="m", deepspeed_config=str(user)), world_size=2)

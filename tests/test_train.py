@@ -396,3 +396,29 @@ def test_cli_train_bad_input_is_one_line_and_exit_2(toy_model, tmp_path, capsys)
         == 2
     )
     assert "loss_weights has 1 values for 2 loss types" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_model, tmp_path):
+    """A finite but absurd cached value (3e38) makes the IPO loss overflow to inf: the run stops naming
+    the step and the pairs, or, when asked, skips those micro-batches and counts them."""
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(train_cache, poisoned)
+    bad_ids = set()
+    for part in sorted((poisoned / "train" / "data").glob("part-*.parquet")):
+        table = pq.read_table(part)
+        values = table.column("ref_chosen_logps").to_numpy().copy()
+        rows = [i for i in range(len(values)) if i % 8 == 5 and np.isfinite(values[i])]
+        values[rows] = 3e38
+        bad_ids.update(table.column("pair_id").take(rows).to_pylist())
+        index = table.schema.get_field_index("ref_chosen_logps")
+        pq.write_table(table.set_column(index, "ref_chosen_logps", pa.array(values, pa.float32())), part)
+    settings = run_settings(
+        toy_model, poisoned, tmp_path / "run", loss_type="ipo", eval_steps=None, checkpoint_steps=None
+    )
+    with pytest.raises(TrainingFailed, match="non-finite loss") as failure:
+        raydpo.train(settings)
+    assert any(pair_id in str(failure.value) for pair_id in bad_ids)
+
+    result = raydpo.train(settings, max_steps=3, skip_nonfinite_loss=True, overwrite=True)
+    assert metric_history(result, "skipped_nonfinite_batches")[3] >= 1
+    assert all(math.isfinite(value) for value in metric_history(result, "loss").values())
