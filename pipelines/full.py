@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raydpo.config import PrecomputeConfig, TrainConfig, apply_overrides, from_mapping, load_yaml
+from raydpo.config import PrecomputeConfig, apply_overrides, from_mapping, load_yaml
 from raydpo.errors import RaydpoError, TrainingFailed
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
@@ -59,18 +59,17 @@ def main(argv: list[str] | None = None) -> int:
             section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
         config = from_mapping(PrecomputeConfig, section)
         train_section = values.get("train")
-        train_config = None
-        if train_section is not None:
-            train_section = {"model": config.model, "data": config.output, **train_section}
-            train_config = from_mapping(TrainConfig, train_section)  # checked before any work starts
 
         import raydpo
 
-        result = raydpo.precompute(config)
-        print("precompute:\n  " + result.summary().replace("\n", "\n  "))
-        if train_config is not None:
-            trained = raydpo.train(train_config)
-            print("train:\n  " + trained.summary().replace("\n", "\n  "))
+        if train_section is None:
+            result = raydpo.precompute(config)
+            print("precompute:\n  " + result.summary().replace("\n", "\n  "))
+        else:
+            job = raydpo.run(config, train_section)
+            print("precompute:\n  " + job.precompute.summary().replace("\n", "\n  "))
+            print("train:\n  " + job.train.summary().replace("\n", "\n  "))
+            print("report:\n  " + job.summary().replace("\n", "\n  "))
         return 0
     except RaydpoError as error:
         print(f"full.py: error: {error}", file=sys.stderr)

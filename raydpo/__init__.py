@@ -24,11 +24,14 @@ _EXPORTS = {
     "TrainResult": "raydpo.train_stage",
     "TrainingFailed": "raydpo.errors",
     "train": "raydpo.train_stage",
+    "run": "raydpo.job",
+    "JobResult": "raydpo.job",
 }
 
 if TYPE_CHECKING:
     from raydpo.config import PrecomputeConfig, TrainConfig
     from raydpo.errors import RaydpoError, TrainingFailed
+    from raydpo.job import JobResult, run
     from raydpo.precompute_stage import PrecomputeResult, precompute, read_output
     from raydpo.train_stage import TrainResult, train
 
@@ -41,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [  # noqa: F822 - resolved lazily by __getattr__
+    "JobResult",
     "PrecomputeConfig",
     "PrecomputeResult",
     "RaydpoError",
@@ -49,5 +53,6 @@ __all__ = [  # noqa: F822 - resolved lazily by __getattr__
     "TrainingFailed",
     "precompute",
     "read_output",
+    "run",
     "train",
 ]

@@ -95,6 +95,25 @@ def _config(cls: type, args: argparse.Namespace, section: str):
     return from_mapping(cls, values)
 
 
+def config_reference() -> str:
+    """The configuration reference in the README: one table per stage, generated from the dataclasses."""
+    blocks = []
+    for name, cls in (("precompute", PrecomputeConfig), ("train", TrainConfig)):
+        docs = _field_docs(cls)
+        rows = [
+            f"### `raydpo {name}` / `{cls.__name__}`",
+            "",
+            "| key / flag | default | meaning |",
+            "| --- | --- | --- |",
+        ]
+        for f in dataclasses.fields(cls):
+            default = "required" if f.default is dataclasses.MISSING else repr(f.default)
+            meaning = docs.get(f.name, "").replace("|", "\\|")
+            rows.append(f"| `{f.name}` / `--{f.name.replace('_', '-')}` | `{default}` | {meaning} |")
+        blocks.append("\n".join(rows))
+    return "\n\n".join(blocks) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raydpo",
@@ -117,7 +136,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REFERENCE_START, REFERENCE_END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+
+
+def write_config_reference(path: str) -> None:
+    """Replace the generated section of a Markdown file (between the markers) with `config_reference()`."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    start, end = text.index(REFERENCE_START) + len(REFERENCE_START), text.index(REFERENCE_END)
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text[:start] + config_reference() + text[end:])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--write-config-reference"] and len(argv) == 2:
+        write_config_reference(argv[1])
+        return 0
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

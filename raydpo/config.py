@@ -183,29 +183,45 @@ class TrainConfig:
     loss_type: list[str] | str = "sigmoid"
     """Loss type(s), as in TRL; several at once with loss_weights."""
     loss_weights: list[float] | None = None
+    """One weight per loss type (default 1 each), e.g. MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0."""
     beta: float = 0.1
+    """Strength of the KL penalty towards the reference (TRL default)."""
     label_smoothing: float = 0.0
+    """robust: label flip probability; exo_pair: epsilon; aot/aot_unpaired: smoothing; in [0, 0.5)."""
     f_divergence_type: str = "reverse_kl"
+    """reverse_kl (standard DPO), forward_kl, js_divergence or alpha_divergence (f-DPO)."""
     f_alpha_divergence_coef: float = 0.5
+    """alpha of alpha_divergence."""
     discopop_tau: float = 0.05
+    """Temperature of the discopop loss."""
     rpo_alpha: float | None = None
+    """RPO: add rpo_alpha x the NLL of the chosen completions."""
     use_weighting: bool = False
+    """WPO: weight each pair by the policy probability of its completions."""
     ld_alpha: float | None = None
+    """LD-DPO: tokens past the shorter completion count with this weight, in [0, 1]."""
     reference_free: bool = False
+    """Take reference log-probs as zero."""
     learning_rate: float = 1e-6
     """Peak learning rate (TRL's DPO default)."""
     lr_scheduler: str = "linear"
     """linear or cosine decay after warmup."""
     warmup_ratio: float = 0.0
+    """Share of the steps with a linear warmup."""
     weight_decay: float = 0.0
+    """AdamW weight decay, on weight matrices only."""
     epochs: int = 1
+    """Passes over the training pairs (each with its own seeded shuffle)."""
     max_steps: int | None = None
     """Optimizer steps; overrides epochs."""
     micro_batch_size: int = 8
     """Pairs per worker per forward."""
     grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
     gradient_clipping: float = 1.0
+    """Clip the global gradient norm to this value (TRL default 1.0)."""
     zero_stage: int = 3
+    """DeepSpeed ZeRO stage (0-3)."""
     offload_optimizer: bool = False
     """ZeRO: keep optimizer state in CPU memory."""
     offload_params: bool = False
@@ -219,7 +235,9 @@ class TrainConfig:
     lora_r: int | None = None
     """Train a LoRA adapter of this rank instead of all weights."""
     lora_alpha: float = 16.0
+    """LoRA scaling numerator."""
     lora_dropout: float = 0.0
+    """Dropout on the LoRA path."""
     lora_target_modules: list[str] | str = "all-linear"
     """Modules that get LoRA adapters (peft's `target_modules`)."""
     logging_steps: int = 10
@@ -229,6 +247,7 @@ class TrainConfig:
     checkpoint_steps: int | None = 500
     """Save a Ray Train checkpoint (the full DeepSpeed state) every N steps."""
     keep_checkpoints: int = 2
+    """Checkpoints kept in storage."""
     max_failures: int = 1
     """Worker failures survived by restarting from the latest checkpoint."""
     storage_path: str | None = None
@@ -240,15 +259,19 @@ class TrainConfig:
     skip_nonfinite_loss: bool = False
     """Skip micro-batches whose loss is NaN/inf (counted) instead of stopping with their pair ids."""
     seed: int = 42
+    """Seed of the data order and of any random initialisation (LoRA)."""
     logits_chunk_tokens: int = 2048
+    """Completion tokens per LM-head chunk: bounds the [tokens, vocab] fp32 buffer."""
     mlflow_tracking_uri: str | None = None
     """Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
     experiment: str = "raydpo"
+    """MLflow experiment name."""
     reference_is_different: bool = False
     """The reference of the cache is on purpose not the policy's initial weights."""
     sync_ref_model: bool = False
     """TR-DPO; refused: a fixed cache cannot follow a moving reference."""
     ray_address: str | None = None
+    """Ray cluster to join (default: the current job's cluster, or a local instance)."""
 
     def __post_init__(self) -> None:
         _positive(

@@ -96,3 +96,13 @@ def test_deepspeed_config_built_and_user_file(tmp_path):
     user.write_text("{not json")
     with pytest.raises(RaydpoError, match="cannot read the DeepSpeed config"):
         _deepspeed_config(TrainConfig(model="m", deepspeed_config=str(user)), world_size=2)
+
+
+def test_readme_configuration_reference_is_generated_from_the_dataclasses():
+    from pathlib import Path
+
+    from raydpo.cli import REFERENCE_END, REFERENCE_START, config_reference
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index(REFERENCE_START) + len(REFERENCE_START) : readme.index(REFERENCE_END)]
+    assert section == config_reference(), "run: python -m raydpo.cli --write-config-reference README.md"

@@ -1,0 +1,202 @@
+"""The three ways users run raydpo: `ray job submit` of pipelines/full.py, the CLI, the notebook API;
+and the cluster launcher file against Ray's own schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_cluster_file_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` runs before it starts anything
+    assert config["head_node_type"] in config["available_node_types"]
+    assert any("pip install" in command for command in config["setup_commands"])
+    config["available_node_types"]["gpu_worker"]["node_confg"] = {}  # a typo must not pass
+    with pytest.raises(Exception, match="node_confg"):
+        validate_config(prepare_config(config))
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with token authentication, owned by this test (a child process)."""
+    token = tmp_path / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    env.pop("RAY_ADDRESS", None)
+    # a short temp dir of its own: socket paths are length-limited, and other processes' ray.init()
+    # must not find this cluster through the default /tmp/ray/ray_current_cluster
+    temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")
+    dashboard = free_port()
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}"]
+        + ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2"]
+        + [f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answered (401 without the token): the job server is up
+            break
+        except OSError:
+            if head.poll() is not None or time.monotonic() > deadline:
+                head.kill()
+                pytest.fail("the Ray head did not start")
+            time.sleep(1)
+    yield address, env
+    head.terminate()
+    head.wait(timeout=120)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def ray_job(env, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run(["ray", "job", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
+    address, env = ray_head
+    without_token = {key: value for key, value in env.items() if not key.startswith("RAY_AUTH")}
+    refused = ray_job(
+        {**without_token, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none")},
+        "list",
+        "--address",
+        address,
+    )
+    assert refused.returncode != 0  # the head really enforces token authentication
+
+    overrides = [
+        f"smoke.model_dir={tmp_path / 'model'}",
+        f"precompute.output={tmp_path / 'cache'}",
+        f"train.output={tmp_path / 'run'}",
+        "precompute.limit=24",
+        "train.max_steps=4",
+    ]
+    submitted = ray_job(
+        env,
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--no-wait",
+        "--",
+        "python",
+        "pipelines/full.py",
+        *[arg for item in overrides for arg in ("--set", item)],
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = next(word for word in submitted.stdout.split() if word.startswith("raysubmit_"))
+    deadline = time.monotonic() + 900
+    status = ""
+    while time.monotonic() < deadline:
+        status = ray_job(env, "status", "--address", address, job_id).stdout
+        if "SUCCEEDED" in status or "FAILED" in status or "STOPPED" in status:
+            break
+        time.sleep(5)
+    logs = ray_job(env, "logs", "--address", address, job_id).stdout
+    assert "SUCCEEDED" in status, logs[-3000:]
+    assert "trained 4 steps" in logs and "final_eval_rewards/accuracies" in logs
+
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["model_path"] == str(tmp_path / "run" / "model")
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "run" / "training_curves.png").stat().st_size > 10_000
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 4]
+    assert "report/precompute_pairs_per_second" in run.data.metrics
+    assert {"training_curves.png", "report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
+    """`raydpo precompute` then `raydpo train --config` in fresh processes, as a user types them."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "raydpo.cli"]
+    precompute = subprocess.run(
+        command
+        + ["precompute", "--model", str(toy_model), "--dataset", str(sample_dir / "dpo_en_demo.json")]
+        + ["--output", str(tmp_path / "cache"), "--limit", "24", "--max-length", "256"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert precompute.returncode == 0, precompute.stderr[-3000:]
+    assert "written" in precompute.stdout
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train": {
+                    "num-workers": 2,
+                    "cpus-per-worker": 0.5,
+                    "micro-batch-size": 2,
+                    "max-steps": 2,
+                    "logging-steps": 1,
+                    "checkpoint-steps": None,
+                }
+            }
+        )
+    )
+    train = subprocess.run(
+        command
+        + ["train", "--config", str(config), "--model", str(toy_model), "--data", str(tmp_path / "cache")]
+        + ["--output", str(tmp_path / "run"), "--set", "train.beta=0.2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "trained 2 steps" in train.stdout and str(tmp_path / "run" / "model") in train.stdout
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["status"] == "finished" and state["config"]["beta"] == 0.2
+
+
+def test_quickstart_notebook_executes(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    text = "\n".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
+    assert "trained 6 steps" in text
+    assert (tmp_path / "quickstart" / "run" / "model" / "model.safetensors").exists()
