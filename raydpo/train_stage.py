@@ -333,9 +333,17 @@ def _deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
         world_size=world_size,
         gradient_clipping=config.gradient_clipping,
         bf16=config.use_gpu,
+        hidden_size=_hidden_size(config.model),
         offload_optimizer=config.offload_optimizer,
         offload_params=config.offload_params,
     )
+
+
+def _hidden_size(model: str) -> int | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    return getattr(config.get_text_config(), "hidden_size", None)
 
 
 # ---- the run directory -------------------------------------------------------------------------------

@@ -63,17 +63,27 @@ def deepspeed_config(
     world_size: int,
     gradient_clipping: float,
     bf16: bool,
+    hidden_size: int | None = None,
     offload_optimizer: bool = False,
     offload_params: bool = False,
 ) -> dict[str, Any]:
-    """The DeepSpeed config of a run, built from its settings."""
+    """The DeepSpeed config of a run, built from its settings.
+
+    Bucket sizes follow the model's hidden size as Hugging Face's "auto" values do, instead of
+    DeepSpeed's fixed defaults (5e8 elements), which are sized for billion-parameter models.
+    """
     zero: dict[str, Any] = {"stage": zero_stage}
+    if hidden_size and zero_stage >= 2:
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
     if zero_stage == 3:
         zero.update(
             stage3_gather_16bit_weights_on_model_save=True,
             contiguous_gradients=True,
             overlap_comm=bf16,  # overlapping helps on GPUs; with gloo on CPUs it only adds threads
         )
+        if hidden_size:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
     if offload_params:
@@ -229,8 +239,11 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     settings = config.loss_settings()
     transformers.set_seed(config.seed)
 
-    policy = load_policy(config, plan["bf16"])
+    deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
     ds_config = plan["deepspeed_config"]
+    zero3_loading = _zero3_loading(ds_config)  # alive while the model loads: weights go straight to shards
+    memory_at_start = peak_memory_gb(device, reduce=False)
+    policy = load_policy(config, plan["bf16"])
     total_steps = plan["total_steps"]
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
@@ -328,8 +341,11 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
         train_runtime=runtime,
         train_steps_per_second=len(step_seconds) / runtime,
         peak_memory_gb=peak_memory_gb(device),
+        peak_memory_above_start_gb=peak_memory_gb(device, baseline=memory_at_start),
     )
-    tracker.log({name: final_metrics[name] for name in ("train_runtime", "peak_memory_gb")}, total_steps)
+    memory = ("train_runtime", "peak_memory_gb", "peak_memory_above_start_gb")
+    tracker.log({name: final_metrics[name] for name in memory}, total_steps)
+    del zero3_loading  # the final save loads the base model on rank 0 alone (LoRA merge): no ZeRO-3 there
     model_path = save_final_model(engine, config, plan, rank)
     ray.train.report({"step": total_steps, **final_metrics})
     if rank == 0:
@@ -337,8 +353,9 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    """The largest peak over the workers: GPU memory allocated by torch, or on CPUs the process's peak RSS."""
+def peak_memory_gb(device: torch.device, baseline: float = 0.0, reduce: bool = True) -> float:
+    """The largest peak over the workers: GPU memory allocated by torch, or on CPUs the process's peak
+    RSS; minus `baseline` (the peak before the model loaded: the libraries' own footprint on CPUs)."""
     import resource
 
     import torch.distributed as dist
@@ -347,8 +364,8 @@ def peak_memory_gb(device: torch.device) -> float:
         peak = torch.cuda.max_memory_allocated(device) / 2**30
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    value = torch.tensor([peak], dtype=torch.float64, device=device)
-    if dist.is_initialized():
+    value = torch.tensor([peak - baseline], dtype=torch.float64, device=device)
+    if reduce and dist.is_initialized():
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return value.item()
 
@@ -411,6 +428,16 @@ def _warn_if_reference_differs(check: dict[str, float], config, rank: int) -> No
             gap,
             scale,
         )
+
+
+def _zero3_loading(ds_config: dict[str, Any]):
+    """Under ZeRO-3, make `from_pretrained` build the model partitioned (deepspeed.zero.Init), so no worker
+    ever holds the whole model; transformers keeps only a weak reference to the returned object."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
 
 
 def load_policy(config, bf16: bool) -> torch.nn.Module:
