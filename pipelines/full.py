@@ -27,6 +27,24 @@ from raydpo.errors import RaydpoError, TrainingFailed
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
 
 
+def precompute_config(values: dict) -> PrecomputeConfig:
+    """The `precompute:` section; with a `smoke:` section, the small local model and bundled data."""
+    smoke = values.get("smoke")
+    section = dict(values.get("precompute", {}))
+    if smoke:  # build the small local model the smoke run uses
+        from raydpo.toy import build_toy_model, sample_data_dir
+
+        if "model" not in section:
+            model_dir = Path(smoke["model_dir"]).resolve()
+            model = build_toy_model(
+                model_dir, hidden_size=smoke.get("hidden_size", 64), num_layers=smoke.get("layers", 2)
+            )
+            section["model"] = str(model)
+        section.setdefault("dataset", str(sample_data_dir() / "dpo_en_demo.json"))
+        section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
+    return from_mapping(PrecomputeConfig, section)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(SMOKE_CONFIG), help="YAML config (default: the smoke run)")
@@ -35,29 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="dotted override, e.g. precompute.batch_size=4 (repeatable)",
+        help="dotted override, e.g. train.beta=0.05 (repeatable)",
     )
     args = parser.parse_args(argv)
     try:
         values = apply_overrides(load_yaml(args.config), args.set)
-        smoke = values.pop("smoke", None)
-        section = dict(values.get("precompute", {}))
-        if smoke:  # build the small local model the smoke run uses
-            from raydpo.toy import build_toy_model, sample_data_dir
-
-            section.setdefault(
-                "model",
-                str(
-                    build_toy_model(
-                        Path(smoke["model_dir"]).resolve(),
-                        hidden_size=smoke.get("hidden_size", 64),
-                        num_layers=smoke.get("layers", 2),
-                    )
-                ),
-            )
-            section.setdefault("dataset", str(sample_data_dir() / "dpo_en_demo.json"))
-            section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
-        config = from_mapping(PrecomputeConfig, section)
+        config = precompute_config(values)
         train_section = values.get("train")
 
         import raydpo

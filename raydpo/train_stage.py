@@ -340,9 +340,13 @@ def _deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
 
 
 def _hidden_size(model: str) -> int | None:
+    """The model's hidden size, for bucket sizes; None (DeepSpeed's defaults) when it cannot be read."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(model)
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except (OSError, ValueError):
+        return None
     return getattr(config.get_text_config(), "hidden_size", None)
 
 

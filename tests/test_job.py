@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -115,11 +116,13 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
         *[arg for item in overrides for arg in ("--set", item)],
     )
     assert submitted.returncode == 0, submitted.stderr
-    job_id = next(word for word in submitted.stdout.split() if word.startswith("raysubmit_"))
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout + submitted.stderr).group(0)
     deadline = time.monotonic() + 900
     status = ""
     while time.monotonic() < deadline:
-        status = ray_job(env, "status", "--address", address, job_id).stdout
+        answer = ray_job(env, "status", "--address", address, job_id)
+        assert answer.returncode == 0, answer.stderr[-2000:]
+        status = answer.stdout.upper()  # "Job 'raysubmit_...' succeeded"
         if "SUCCEEDED" in status or "FAILED" in status or "STOPPED" in status:
             break
         time.sleep(5)
