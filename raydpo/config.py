@@ -74,6 +74,7 @@ class PrecomputeConfig:
     """Ray cluster to connect to; None: the current one, or a new local instance."""
 
     def __post_init__(self) -> None:
+        self.model, self.tokenizer = local_path_or_id(self.model), local_path_or_id(self.tokenizer)
         _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens")
         _positive(self, "max_length", "max_prompt_length", "limit", allow_none=True)
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
@@ -101,6 +102,14 @@ class PrecomputeConfig:
             "max_prompt_length": self.max_prompt_length,
             "truncation_mode": self.truncation_mode,
         }
+
+
+def local_path_or_id(value: str | None) -> str | None:
+    """A model or tokenizer given as an existing local directory becomes absolute: Ray workers do not
+    share the driver's working directory. Hub ids and URIs pass unchanged."""
+    if value is None or "://" in value or not Path(value).expanduser().is_dir():
+        return value
+    return str(Path(value).expanduser().resolve())
 
 
 def _positive(config: Any, *names: str, allow_none: bool = False) -> None:
@@ -274,6 +283,7 @@ class TrainConfig:
     """Ray cluster to join (default: the current job's cluster, or a local instance)."""
 
     def __post_init__(self) -> None:
+        self.model = local_path_or_id(self.model)
         _positive(
             self,
             "num_workers",
