@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 from raydpo.config import PrecomputeConfig, apply_overrides, from_mapping, load_yaml
-from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.errors import run_command
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
 
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         help="dotted override, e.g. train.beta=0.05 (repeatable)",
     )
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         values = apply_overrides(load_yaml(args.config), args.set)
         config = precompute_config(values)
         train_section = values.get("train")
@@ -71,13 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             print("precompute:\n  " + job.precompute.summary().replace("\n", "\n  "))
             print("train:\n  " + job.train.summary().replace("\n", "\n  "))
             print("report:\n  " + job.summary().replace("\n", "\n  "))
-        return 0
-    except RaydpoError as error:
-        print(f"full.py: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingFailed as error:
-        print(f"full.py: {error}", file=sys.stderr)
-        return 1
+
+    return run_command("full.py", command)
 
 
 if __name__ == "__main__":

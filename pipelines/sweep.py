@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full import SMOKE_CONFIG, precompute_config  # noqa: E402
 
 from raydpo.config import apply_overrides, load_yaml  # noqa: E402
-from raydpo.errors import RaydpoError, TrainingFailed  # noqa: E402
+from raydpo.errors import RaydpoError, run_command  # noqa: E402
+from raydpo.tracking import resolve_tracking_uri  # noqa: E402
 
 SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "loss", "rewards/accuracies")
 
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dotted override")
     parser.add_argument("--sweep", action="append", required=True, metavar="train.KEY=V1,V2")
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         import raydpo
 
         values = apply_overrides(load_yaml(args.config), args.set)
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         combinations = grid(args.sweep)
         base = dict(values.get("train") or {})
         base_output = base.get("output", "raydpo-sweep")
+        # one MLflow store for the whole sweep (default: SQLite in the sweep's directory)
+        base.setdefault("mlflow_tracking_uri", resolve_tracking_uri(None, base_output))
         runs = []
         for index, overrides in enumerate(combinations):
             name = "-".join(f"{key.removeprefix('train.')}={value}" for key, value in overrides.items())
@@ -62,13 +66,8 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((name, job))
             print(f"[{index + 1}/{len(combinations)}] {name}: {job.train.summary().splitlines()[0]}")
         print("\n" + table(runs))
-        return 0
-    except RaydpoError as error:
-        print(f"sweep.py: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingFailed as error:
-        print(f"sweep.py: {error}", file=sys.stderr)
-        return 1
+
+    return run_command("sweep.py", command)
 
 
 def table(runs) -> str:

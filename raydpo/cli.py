@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from raydpo.config import PrecomputeConfig, TrainConfig, apply_overrides, from_mapping, load_yaml
-from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.errors import run_command
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
 TRAIN_SHORT_HELP = "train the policy with DPO on a precompute output (Ray Train + DeepSpeed ZeRO-3)"
@@ -155,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
+
+    def command() -> None:
         if args.command == "precompute":
             from raydpo.precompute_stage import precompute
 
@@ -165,13 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             result = train(_config(TrainConfig, args, "train"))
         print(result.summary())
-        return 0
-    except RaydpoError as error:
-        print(f"raydpo {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except TrainingFailed as error:
-        print(f"raydpo {args.command}: {error}", file=sys.stderr)
-        return 1
+
+    return run_command(f"raydpo {args.command}", command)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
             **{f"manifest_{name}.json": m for name, m in manifests.items()},
         },
         run_id=state.get("run_id"),
-        artifact_root=f"{run_dir}/mlflow-artifacts" if tracking_uri.startswith("sqlite") else None,
+        artifact_root=_artifact_root(tracking_uri),
     )
     state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
     _write_state(fs, run_dir, state)
@@ -157,6 +157,13 @@ def worker_error_summary(error: BaseException) -> str:
     raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ", line)]
     text = raised[-1] if raised else " ".join(" ".join(lines).split())
     return text[:1000]
+
+
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Beside a SQLite store, artifacts go to mlflow-artifacts/ next to the database file."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None  # a tracking server or other store decides
+    return os.path.join(os.path.dirname(tracking_uri.removeprefix("sqlite:///")), "mlflow-artifacts")
 
 
 def _as_config(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig:

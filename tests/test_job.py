@@ -203,3 +203,35 @@ def test_quickstart_notebook_executes(tmp_path):
     )
     assert "trained 6 steps" in text
     assert (tmp_path / "quickstart" / "run" / "model" / "model.safetensors").exists()
+
+
+def test_sweep_reuses_one_precompute(ray_session, tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import sweep
+
+    overrides = [
+        f"smoke.model_dir={tmp_path / 'model'}",
+        f"precompute.output={tmp_path / 'cache'}",
+        f"train.output={tmp_path / 'runs'}",
+        "precompute.limit=24",
+        "train.max_steps=2",
+        "train.eval_steps=null",
+        "train.checkpoint_steps=null",
+    ]
+    code = sweep.main(
+        [arg for item in overrides for arg in ("--set", item)] + ["--sweep", "train.beta=0.1,0.5"]
+    )
+    out = capsys.readouterr().out
+    assert code == 0, out[-3000:]
+    runs = sorted(path.name for path in (tmp_path / "runs").iterdir() if path.is_dir())
+    assert runs == ["00-beta=0.1", "01-beta=0.5"]
+    manifest = json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())
+    states = [json.loads((tmp_path / "runs" / run / "run.json").read_text()) for run in runs]
+    assert [state["config"]["beta"] for state in states] == [0.1, 0.5]
+    assert {state["data_key"] for state in states} == {manifest["key"]}  # one cache served both runs
+    assert out.count("| beta=") == 2 and "eval_rewards/accuracies" in out
+    assert {state["tracking_uri"] for state in states} == {f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}"}
+    client = MlflowClient(tracking_uri=states[0]["tracking_uri"])
+    experiment = client.get_experiment_by_name("raydpo-sweep")
+    found = client.search_runs([experiment.experiment_id])
+    assert sorted(run.info.run_id for run in found) == sorted(state["run_id"] for state in states)

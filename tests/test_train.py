@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -310,6 +311,7 @@ def test_loss_falls_on_an_easy_task_logged_to_a_tracking_server(
 
 
 def test_lora_trains_an_adapter_and_saves_it_merged(train_cache, toy_model, tmp_path):
+    """LoRA, here together with activation checkpointing and the optimizer state offloaded to CPU memory."""
     result = raydpo.train(
         run_settings(
             toy_model,
@@ -322,6 +324,8 @@ def test_lora_trains_an_adapter_and_saves_it_merged(train_cache, toy_model, tmp_
             lora_alpha=8,
             lora_target_modules=["q_proj", "v_proj"],
             learning_rate=1e-2,
+            activation_checkpointing=True,
+            offload_optimizer=True,
         )
     )
     adapter = json.loads((tmp_path / "run" / "model" / "adapter" / "adapter_config.json").read_text())
@@ -331,6 +335,10 @@ def test_lora_trains_an_adapter_and_saves_it_merged(train_cache, toy_model, tmp_
     changed = {name for name in merged if not torch.equal(merged[name], base[name])}
     assert changed and all(".q_proj." in name or ".v_proj." in name for name in changed)
     assert metric_history(result, "loss")[1] == pytest.approx(math.log(2), abs=1e-5)
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    downloaded = client.download_artifacts(result.run_id, "deepspeed_config.json", str(tmp_path))
+    ds_config = json.loads(Path(downloaded).read_text())
+    assert ds_config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
 
 
 def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path):
