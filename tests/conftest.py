@@ -58,8 +58,12 @@ def tokenizer(toy_model):
 def ray_session():
     """The one Ray instance of the test session."""
     import ray
+    import ray.data
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Ray Data sets up its log handler on its first execution; doing that here, under pytest's
+    # session-long capture, keeps it from binding to a test's capsys stream that is closed afterwards
+    ray.data.range(1).materialize()
     yield ray
     ray.shutdown()
 

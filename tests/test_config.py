@@ -106,3 +106,16 @@ def test_readme_configuration_reference_is_generated_from_the_dataclasses():
     readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme[readme.index(REFERENCE_START) + len(REFERENCE_START) : readme.index(REFERENCE_END)]
     assert section == config_reference(), "run: python -m raydpo.cli --write-config-reference README.md"
+
+
+def test_import_has_no_side_effects():
+    """`import raydpo` in a notebook loads no Ray, torch or transformers and parses no arguments."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.argv = ['x', '--bogus']; import raydpo; "
+        "heavy = [m for m in ('ray', 'torch', 'transformers', 'deepspeed', 'mlflow') if m in sys.modules]; "
+        "assert not heavy, heavy; assert callable(raydpo.run) and raydpo.TrainConfig(model='m').beta == 0.1"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -143,39 +143,27 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
 
 
 def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
-    """`raydpo precompute` then `raydpo train --config` in fresh processes, as a user types them."""
+    """`raydpo precompute` then `raydpo train` on the smoke config, in fresh processes, as users type them."""
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     command = [sys.executable, "-m", "raydpo.cli"]
+    smoke = str(ROOT / "pipelines" / "configs" / "smoke.yaml")
     precompute = subprocess.run(
         command
-        + ["precompute", "--model", str(toy_model), "--dataset", str(sample_dir / "dpo_en_demo.json")]
-        + ["--output", str(tmp_path / "cache"), "--limit", "24", "--max-length", "256"],
+        + ["precompute", "--config", smoke, "--model", str(toy_model)]
+        + ["--dataset", str(sample_dir / "dpo_en_demo.json"), "--output", str(tmp_path / "cache")]
+        + ["--set", "precompute.limit=24", "--max-length", "256"],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert precompute.returncode == 0, precompute.stderr[-3000:]
-    assert "written" in precompute.stdout
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "train": {
-                    "num-workers": 2,
-                    "cpus-per-worker": 0.5,
-                    "micro-batch-size": 2,
-                    "max-steps": 2,
-                    "logging-steps": 1,
-                    "checkpoint-steps": None,
-                }
-            }
-        )
-    )
+    assert "24 rows read" in precompute.stdout
     train = subprocess.run(
         command
-        + ["train", "--config", str(config), "--model", str(toy_model), "--data", str(tmp_path / "cache")]
-        + ["--output", str(tmp_path / "run"), "--set", "train.beta=0.2"],
+        + ["train", "--config", smoke, "--model", str(toy_model), "--data", str(tmp_path / "cache")]
+        + ["--output", str(tmp_path / "run"), "--set", "train.beta=0.2", "--max-steps", "2"]
+        + ["--eval-steps", "none", "--checkpoint-steps", "none"],
         env=env,
         capture_output=True,
         text=True,
@@ -185,6 +173,7 @@ def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
     assert "trained 2 steps" in train.stdout and str(tmp_path / "run" / "model") in train.stdout
     state = json.loads((tmp_path / "run" / "run.json").read_text())
     assert state["status"] == "finished" and state["config"]["beta"] == 0.2
+    assert state["config"]["micro_batch_size"] == 2  # from the smoke config's train section
 
 
 def test_quickstart_notebook_executes(tmp_path):
@@ -223,7 +212,7 @@ def test_sweep_reuses_one_precompute(ray_session, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert code == 0, out[-3000:]
-    runs = sorted(path.name for path in (tmp_path / "runs").iterdir() if path.is_dir())
+    runs = sorted(path.name for path in (tmp_path / "runs").iterdir() if re.match(r"\d\d-", path.name))
     assert runs == ["00-beta=0.1", "01-beta=0.5"]
     manifest = json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())
     states = [json.loads((tmp_path / "runs" / run / "run.json").read_text()) for run in runs]
