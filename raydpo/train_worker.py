@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from raydpo.logprobs import CompletionLogps, completion_logps, pack_pairs
+from raydpo.logprobs import CompletionLogps, PackedPairs, completion_logps, pack_pairs
 from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
 
 logger = logging.getLogger(__name__)
@@ -111,8 +111,6 @@ class PolicyScorer(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, input_ids, attention_mask, completion_mask) -> CompletionLogps:
-        from raydpo.logprobs import PackedPairs
-
         batch = PackedPairs(input_ids, attention_mask, completion_mask)
         return completion_logps(self.model, batch, self.chunk_tokens, with_stats=True)
 
@@ -299,7 +297,8 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             if step == 1 and reference_gap is None:
                 reference_gap = reference_check(inputs, device)
             if not all_finite(loss, device):  # every rank skips (or stops) together
-                state["skipped_batches"] += handle_nonfinite(loss, columns, step, config, rank)
+                handle_nonfinite(loss, columns, step, config, rank)
+                state["skipped_batches"] += 1
                 continue  # a replacement micro-batch keeps the accumulation aligned with the steps
             engine.backward(loss)
             engine.step()
@@ -380,7 +379,7 @@ def all_finite(loss: torch.Tensor, device) -> bool:
     return bool(flag.item())
 
 
-def handle_nonfinite(loss: torch.Tensor, columns: dict[str, Any], step: int, config, rank: int) -> int:
+def handle_nonfinite(loss: torch.Tensor, columns: dict[str, Any], step: int, config, rank: int) -> None:
     """Stop with the step and this rank's pair ids, or (skip_nonfinite_loss) skip the micro-batch."""
     ids = [str(pair_id) for pair_id in columns["pair_id"]]
     where = f"step {step}, worker {rank} (loss {loss.item():.4g}), pairs {ids}"
@@ -389,7 +388,6 @@ def handle_nonfinite(loss: torch.Tensor, columns: dict[str, Any], step: int, con
             f"non-finite loss on some worker at {where}; skip_nonfinite_loss skips such batches"
         )
     logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
-    return 1
 
 
 def reference_check(inputs: LossInputs, device) -> dict[str, float]:

@@ -142,32 +142,51 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
     assert {"training_curves.png", "report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`raydpo ...` in a fresh process (its own local Ray instance), as a user types it."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "raydpo.cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
 def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
     """`raydpo precompute` then `raydpo train` on the smoke config, in fresh processes, as users type them."""
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "raydpo.cli"]
     smoke = str(ROOT / "pipelines" / "configs" / "smoke.yaml")
-    precompute = subprocess.run(
-        command
-        + ["precompute", "--config", smoke, "--model", str(toy_model)]
-        + ["--dataset", str(sample_dir / "dpo_en_demo.json"), "--output", str(tmp_path / "cache")]
-        + ["--set", "precompute.limit=24", "--max-length", "256"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    precompute = run_cli(
+        "precompute",
+        "--config",
+        smoke,
+        "--model",
+        str(toy_model),
+        "--dataset",
+        str(sample_dir / "dpo_en_demo.json"),
+        "--output",
+        str(tmp_path / "cache"),
+        "--set",
+        "precompute.limit=24",
+        "--max-length",
+        "256",
     )
     assert precompute.returncode == 0, precompute.stderr[-3000:]
     assert "24 rows read" in precompute.stdout
-    train = subprocess.run(
-        command
-        + ["train", "--config", smoke, "--model", str(toy_model), "--data", str(tmp_path / "cache")]
-        + ["--output", str(tmp_path / "run"), "--set", "train.beta=0.2", "--max-steps", "2"]
-        + ["--eval-steps", "none", "--checkpoint-steps", "none"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    train = run_cli(
+        "train",
+        "--config",
+        smoke,
+        "--model",
+        str(toy_model),
+        "--data",
+        str(tmp_path / "cache"),
+        "--output",
+        str(tmp_path / "run"),
+        "--set",
+        "train.beta=0.2",
+        "--max-steps",
+        "2",
+        "--eval-steps",
+        "none",
+        "--checkpoint-steps",
+        "none",
     )
     assert train.returncode == 0, train.stderr[-3000:]
     assert "trained 2 steps" in train.stdout and str(tmp_path / "run" / "model") in train.stdout
