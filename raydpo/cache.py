@@ -41,6 +41,7 @@ LOCK = ".lock"
 COMPLETE_MARKER = "_COMPLETE"
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
+PART_PREFIXES = ("part-", "dup-part-")  # file names this module writes; nothing else is read back
 KEY_METADATA = b"raydpo.cache_key"
 MANIFEST_METADATA = b"raydpo.manifest"
 
@@ -254,6 +255,9 @@ def open_split(path: str) -> CacheSplit:
         )
     files = []
     for entry in manifest["files"]:
+        directory, _, name = str(entry["path"]).partition("/")
+        if directory not in (DATA_DIR, REJECTS_DIR) or not name.startswith(PART_PREFIXES) or "/" in name:
+            raise RaydpoError(f"{path}: the manifest lists {entry['path']!r}, which is not a part file here")
         file_path = f"{root}/{entry['path']}"
         try:
             rows = pq.ParquetFile(file_path, filesystem=fs).metadata.num_rows
@@ -276,7 +280,7 @@ def list_parts(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
             info
             for info in fs.get_file_info(selector)
             if info.type == pafs.FileType.File
-            and info.base_name.startswith(("part-", "dup-part-"))
+            and info.base_name.startswith(PART_PREFIXES)
             and info.base_name.endswith(".parquet")
         ),
         key=lambda info: info.path,

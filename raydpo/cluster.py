@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 from raydpo.errors import RaydpoError
 
 
@@ -11,6 +14,12 @@ def init_ray(address: str | None) -> None:
 
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=True)
+
+
+def worker_env() -> dict[str, Any] | None:
+    """A runtime env passing this process's `RAYDPO_*` variables (fault drills) to Ray workers and actors."""
+    env = {key: value for key, value in os.environ.items() if key.startswith("RAYDPO_")}
+    return {"env_vars": env} if env else None
 
 
 def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:

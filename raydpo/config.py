@@ -58,6 +58,11 @@ class PrecomputeConfig:
     """GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU)."""
     cpus_per_actor: float = 1.0
     """CPUs per scorer actor; on CPU this is also its torch thread count."""
+    max_actor_restarts: int = 3
+    """Times Ray restarts a dead scorer actor (its unfinished batches are retried on the new one)."""
+    rows_per_file: int = 2048
+    """Pairs per Parquet part file; each file is written atomically, and a rerun after a crash
+    recomputes only the pairs of files that were not written."""
     dtype: str = "auto"
     """Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
     attn_implementation: str | None = None
@@ -75,7 +80,9 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = local_path_or_id(self.model), local_path_or_id(self.tokenizer)
-        _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens")
+        _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens", "rows_per_file")
+        if self.max_actor_restarts < 0:
+            raise RaydpoError("max_actor_restarts must be >= 0")
         _positive(self, "max_length", "max_prompt_length", "limit", allow_none=True)
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
@@ -271,6 +278,10 @@ class TrainConfig:
     """Seed of the data order and of any random initialisation (LoRA)."""
     logits_chunk_tokens: int = 2048
     """Completion tokens per LM-head chunk: bounds the [tokens, vocab] fp32 buffer."""
+    cpu_malloc_mmap_threshold_kb: int | None = 1024
+    """CPU workers (glibc): allocations of at least this size get their own pages, returned to the OS
+    when freed. glibc's default moves this threshold up at run time, after which ZeRO-3's gather/free
+    churn fragments the heap and RSS grows step after step. Unset to keep glibc's default."""
     mlflow_tracking_uri: str | None = None
     """Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
     experiment: str = "raydpo"

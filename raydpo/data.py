@@ -7,10 +7,14 @@ Formats (the ones TRL's DPOTrainer accepts, plus ShareGPT):
 - ShareGPT: `conversations` (`{"from", "value"}` turns, optional `system` column) with `chosen` and `rejected`
   each one `{"from": "gpt", "value"}` message (or a list of them).
 A row that fits none of them becomes a reject with a reason; it is never dropped silently.
+
+JSON and JSONL files are read record by record (`JSON_RECORD`) and each record is parsed on its own, so
+one record with other types, another format or invalid UTF-8 is one reject, not a failed file.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass
@@ -33,6 +37,7 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 PREFERENCE_KEYS = ("chosen", "rejected")
+JSON_RECORD = "_raydpo_json_record"  # the raw bytes of one JSON record, parsed by `parse_row`
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,33 @@ class CanonicalPair:
 
 class RowError(ValueError):
     """A row that cannot become a pair; its message is the reject reason."""
+
+
+def parse_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A row as the formats see it: a raw JSON record is parsed here (or raises `RowError`)."""
+    if JSON_RECORD not in row:
+        return row
+    not_text = "not valid UTF-8 text (invalid bytes or a lone surrogate escape)"
+    try:
+        value = json.loads(row[JSON_RECORD].decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RowError(not_text) from None
+    except json.JSONDecodeError as error:
+        raise RowError(f"not valid JSON: {error}") from None
+    if not isinstance(value, dict):
+        raise RowError(f"a JSON record that is not an object (a {type(value).__name__})")
+    try:  # an escape such as "\ud800" (or a JSON array's invalid bytes) gives a lone surrogate: not text
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RowError(not_text) from None
+    return value
+
+
+def row_text(row: dict[str, Any]) -> str:
+    """The row as JSON text for the rejects file: a raw record as it was in the file."""
+    if JSON_RECORD in row:
+        return row[JSON_RECORD].decode("utf-8", "replace")
+    return json.dumps(row, ensure_ascii=False, default=str)
 
 
 def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> CanonicalPair:
@@ -161,7 +193,7 @@ def _sharegpt_messages(value: Any, name: str) -> list[dict[str, str]]:
     for turn in turns:
         if not isinstance(turn, dict):
             raise RowError(f"{name} holds a turn that is not a {{from, value}} mapping")
-        if "role" in turn:  # already in role/content form
+        if turn.get("role") is not None:  # already in role/content form (Arrow gives absent keys as None)
             messages.append(_message(turn, name))
             continue
         speaker, content = turn.get("from"), turn.get("value")
@@ -204,8 +236,27 @@ def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[r
         "kind": "files",
         "files": [[info.path, info.size, info.mtime_ns] for info in files if info.path in paths],
     }
-    reader = ray.data.read_json if formats == {"json"} else ray.data.read_parquet
-    return reader(paths, filesystem=filesystem), fingerprint
+    if formats == {"json"}:
+        files = ray.data.read_binary_files(paths, filesystem=filesystem)
+        return files.flat_map(json_records), fingerprint
+    return ray.data.read_parquet(paths, filesystem=filesystem), fingerprint
+
+
+def json_records(file: dict[str, Any]) -> list[dict[str, Any]]:
+    """Split one JSON or JSONL file into raw records: a top-level array's items, else its non-blank lines.
+
+    Records stay bytes until `parse_row`, so types may differ between records (Arrow's JSON reader wants
+    one schema per file) and a record with invalid UTF-8 spoils only itself. An array that does not
+    parse is one record, and so one reject with the parser's reason.
+    """
+    data = file["bytes"].removeprefix(codecs.BOM_UTF8)
+    if data.lstrip()[:1] != b"[":
+        return [{JSON_RECORD: line} for line in data.split(b"\n") if line.strip()]
+    try:
+        items = json.loads(data.decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError:
+        return [{JSON_RECORD: data}]
+    return [{JSON_RECORD: json.dumps(item).encode()} for item in items]
 
 
 def _suffix(path: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +24,11 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from raydpo import cache
-from raydpo.cluster import check_cpu_headroom, init_ray
+from raydpo.cluster import check_cpu_headroom, init_ray, worker_env
 from raydpo.config import PrecomputeConfig, as_dict, from_mapping
-from raydpo.data import RowError, canonical_pair, open_source, reject_id
+from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError
+from raydpo.faults import fault_point
 from raydpo.tokenize import (
     cached_tokenizer,
     load_tokenizer,
@@ -163,6 +165,7 @@ def _precompute_split(
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     started = time.perf_counter()
+    runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the tasks and actors
     prepared = ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
@@ -175,28 +178,37 @@ def _precompute_split(
             "max_prompt_length": config.max_prompt_length,
             "done_ids": ray.put(done_ids) if done_ids else None,
         },
+        runtime_env=runtime_env,
     )
-    scored = prepared.map_batches(
-        ReferenceScorer,
-        batch_format="pyarrow",
-        batch_size=config.batch_size * config.sort_window,
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-        num_gpus=config.gpus_per_actor or None,
-        num_cpus=config.cpus_per_actor,
-        fn_constructor_kwargs={
-            "model": config.model,
-            "dtype": config.dtype,
-            "attn_implementation": config.attn_implementation,
-            "trust_remote_code": config.trust_remote_code,
-            "pad_token_id": pad_token_id(tokenizer),
-            "batch_size": config.batch_size,
-            "chunk_tokens": config.logits_chunk_tokens,
-            "store_token_logps": config.store_token_logps,
-            "num_threads": max(1, int(config.cpus_per_actor)),
-        },
-    )
-    sink = CacheSink(root, key, config.store_token_logps)
-    scored.write_datasink(sink)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        scored = prepared.map_batches(
+            ReferenceScorer,
+            batch_format="pyarrow",
+            batch_size=config.batch_size * config.sort_window,
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            num_gpus=config.gpus_per_actor or None,
+            num_cpus=config.cpus_per_actor,
+            # a dead actor is restarted and its unfinished batches retried; a model that kills every actor
+            # that loads it (out of memory) fails the run after this many restarts instead of looping.
+            # (Ray 2.60 has no named parameter for these and warns about the generic route.)
+            max_restarts=config.max_actor_restarts,
+            max_task_retries=-1,
+            runtime_env=runtime_env,
+            fn_constructor_kwargs={
+                "model": config.model,
+                "dtype": config.dtype,
+                "attn_implementation": config.attn_implementation,
+                "trust_remote_code": config.trust_remote_code,
+                "pad_token_id": pad_token_id(tokenizer),
+                "batch_size": config.batch_size,
+                "chunk_tokens": config.logits_chunk_tokens,
+                "store_token_logps": config.store_token_logps,
+                "num_threads": max(1, int(config.cpus_per_actor)),
+            },
+        )
+    sink = CacheSink(root, key, config.store_token_logps, config.rows_per_file)
+    scored.write_datasink(sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None)
     wall_time = time.perf_counter() - started
     manifest = _finish(
         fs,
@@ -218,26 +230,47 @@ def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
     """Fail fast on the first rows: a missing column or a missing chat template stops before any scoring."""
     try:
         head = ds.take(8)
-    except Exception as error:  # reader errors (bad JSON, bad Parquet) surface here
-        raise RaydpoError(f"could not read the dataset: {' '.join(str(error).split())[:300]}") from None
+    except Exception as error:  # reader errors (bad Parquet, unreadable files) surface here
+        raise RaydpoError(f"could not read the dataset: {_root_cause(error)}") from None
     if not head:
         raise RaydpoError("the dataset is empty")
-    columns = set(head[0])
+    rows, errors = [], []
+    for row in head:
+        try:
+            rows.append(parse_row(row))
+        except RowError as error:
+            errors.append(str(error))
+    if not rows:
+        raise RaydpoError(
+            f"could not read the dataset: none of its first {len(head)} records is usable ({errors[0]})"
+        )
+    columns = set().union(*rows)
     if not {"chosen", "rejected"} <= columns:
         raise RaydpoError(
             f"the dataset needs 'chosen' and 'rejected' columns (with 'prompt' or 'conversations', or neither "
-            f"for an implicit prompt); it has: {', '.join(sorted(columns))}"
+            f"for an implicit prompt); it has: {', '.join(sorted(columns)) or 'none'}"
         )
     if config.id_column and config.id_column not in columns:
         raise RaydpoError(f"id column {config.id_column!r} is not in the dataset")
     pairs = []
-    for row in head:
+    for row in rows:
         try:
             pairs.append(canonical_pair(row, config.id_column))
         except RowError:
             continue
     if any(pair.conversational for pair in pairs) and tokenizer.chat_template is None:
         raise RaydpoError("the data is conversational but the tokenizer has no chat template")
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost error: Ray wraps a reader's error in its task's traceback."""
+    for _ in range(8):  # a bounded walk down the chain of causes
+        inner = getattr(error, "cause", None) or error.__cause__
+        if inner is None:
+            break
+        error = inner
+    lines = str(error).strip().splitlines()
+    return " ".join(lines[0].split())[:300] if lines else type(error).__name__
 
 
 def _prepare_output(fs: pafs.FileSystem, root: str, key: str, overwrite: bool, path: str) -> set[str] | None:
@@ -307,8 +340,10 @@ def prepare_batch(
     tokenizer = cached_tokenizer(tokenizer_path, trust_remote_code, tokenizer_digest)
     skip = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else (done_ids or set())
     out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
-    for row in batch.to_pylist():
+    for raw in batch.to_pylist():
+        row = raw
         try:
+            row = parse_row(raw)
             pair = canonical_pair(row, id_column)
             if pair.pair_id in skip:
                 _append(out, pair.pair_id, "done")
@@ -317,7 +352,7 @@ def prepare_batch(
         except RowError as error:
             pair_id = reject_id(row, id_column)
             status = "done" if pair_id in skip else "rejected"
-            _append(out, pair_id, status, str(error), json.dumps(row, ensure_ascii=False, default=str))
+            _append(out, pair_id, status, str(error), row_text(raw))
             continue
         _append(
             out,
@@ -355,9 +390,9 @@ class ReferenceScorer:
 
     It loads the model once; each call sorts its pairs by length, runs forwards of `batch_size` pairs
     (chosen and rejected together), and returns the batch with the reference log-prob columns added.
-    Ray Data restarts a dead scorer actor and retries its unfinished batches (its defaults for actor
-    pools: unlimited restarts and retries), and part files are named by content, so a retried batch
-    rewrites its own file rather than adding a second copy.
+    Ray restarts a dead scorer actor (up to `max_actor_restarts` times) and retries its unfinished
+    batches, and part files are named by content, so a retried batch rewrites its own file rather than
+    adding a second copy.
     """
 
     def __init__(
@@ -401,6 +436,8 @@ class ReferenceScorer:
 
         from raydpo.logprobs import completion_logps, pack_pairs
 
+        fault_point("precompute.score")
+
         ok = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
         prompts = batch.column("prompt_input_ids").to_pylist()
         chosens = batch.column("chosen_input_ids").to_pylist()
@@ -431,14 +468,7 @@ class ReferenceScorer:
         return out
 
     def _output_names(self) -> list[str]:
-        names = [
-            "ref_chosen_logps",
-            "ref_rejected_logps",
-            "ref_chosen_logps_shared",
-            "ref_chosen_logps_tail",
-            "ref_rejected_logps_shared",
-            "ref_rejected_logps_tail",
-        ]
+        names = [name for name in cache.DATA_SCHEMA.names if name.startswith("ref_")]
         if self.store_token_logps:
             names += ["ref_chosen_token_logps", "ref_rejected_token_logps"]
         return names
@@ -465,15 +495,16 @@ class ReferenceScorer:
 class CacheSink(Datasink):
     """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, each file atomically."""
 
-    def __init__(self, root: str, key: str, store_token_logps: bool):
+    def __init__(self, root: str, key: str, store_token_logps: bool, rows_per_file: int = 2048):
         self.root = root
         self.key = key
         self.schema = cache.data_schema(store_token_logps)
+        self.rows_per_file = rows_per_file
         self.totals: dict[str, Any] = {}
 
     @property
     def min_rows_per_write(self) -> int:
-        return 2048
+        return self.rows_per_file
 
     def write(self, blocks, ctx) -> dict[str, Any]:
         from ray.data.block import BlockAccessor
@@ -493,6 +524,7 @@ class CacheSink(Datasink):
                 data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
                 name = cache.part_name(data.column("pair_id").to_pylist())
                 cache.write_table_atomic(fs, f"{self.root}/{cache.DATA_DIR}/{name}", data, metadata)
+                fault_point("precompute.write")
             if rejected.num_rows:
                 totals["rejected"] += rejected.num_rows
                 reasons.update(rejected.column("reason").to_pylist())

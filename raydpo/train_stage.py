@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo import cache
-from raydpo.cluster import check_cpu_headroom, init_ray
+from raydpo.cluster import check_cpu_headroom, init_ray, worker_env
 from raydpo.config import TrainConfig, as_dict, from_mapping
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
@@ -443,7 +443,6 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
     datasets = {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
     if "eval" in splits:
         datasets["eval"] = read(splits["eval"])
-    env = {key: value for key, value in os.environ.items() if key.startswith("RAYDPO_")}
     resources = {"CPU": config.cpus_per_worker}
     return TorchTrainer(
         train_loop,
@@ -456,7 +455,7 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env={"env_vars": env} if env else None,
+            worker_runtime_env=worker_env(),
         ),
         datasets=datasets,
         # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from typing import Any
 
 import torch
 
+from raydpo.faults import fault_point
 from raydpo.logprobs import CompletionLogps, PackedPairs, completion_logps, pack_pairs
 from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
 
@@ -30,9 +30,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_TAG = "deepspeed"
 STATE_KEYS = ("step", "num_tokens", "skipped_batches")
 REFERENCE_TOLERANCE = 1e-3  # relative gap between policy and cached reference at step 1 that warns
-# Fault injection for reliability tests: the last rank exits after this step unless the marker exists.
-FAULT_STEP_ENV = "RAYDPO_FAULT_AFTER_STEP"
-FAULT_MARKER_ENV = "RAYDPO_FAULT_MARKER"
 
 # Per-rank sums, all-reduced together; means are formed after the reduction.
 SUMS = (
@@ -237,6 +234,8 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     settings = config.loss_settings()
     transformers.set_seed(config.seed)
 
+    if device.type == "cpu" and config.cpu_malloc_mmap_threshold_kb:
+        fix_malloc_mmap_threshold(config.cpu_malloc_mmap_threshold_kb * 1024)
     deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
     ds_config = plan["deepspeed_config"]
     zero3_loading = _zero3_loading(ds_config)  # alive while the model loads: weights go straight to shards
@@ -333,7 +332,8 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             window.started = time.perf_counter()
         if config.checkpoint_steps and step % config.checkpoint_steps == 0 and not is_last:
             save_checkpoint(engine, state, {"step": step, **final_metrics})
-        _maybe_inject_fault(step, rank, world_size)
+        if rank == world_size - 1:  # reliability drills kill the last worker
+            fault_point("train.after_step")
 
     runtime = time.perf_counter() - started
     final_metrics.update(
@@ -350,6 +350,17 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     if rank == 0:
         return {"metrics": final_metrics, "model_path": model_path, "step_seconds": step_seconds}
     return None
+
+
+def fix_malloc_mmap_threshold(size: int) -> bool:
+    """Fix glibc's mmap threshold (mallopt M_MMAP_THRESHOLD), which also stops glibc from raising it."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    m_mmap_threshold = -3  # malloc.h
+    return bool(ctypes.CDLL(None).mallopt(m_mmap_threshold, size))
 
 
 def peak_memory_gb(device: torch.device, baseline: float = 0.0, reduce: bool = True) -> float:
@@ -512,6 +523,9 @@ def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any]) -> N
 
     with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=dict(state))
+        context = ray.train.get_context()
+        if context.get_world_rank() == context.get_world_size() - 1:
+            fault_point("train.checkpoint_write")  # drills: die with other ranks' shards persisted
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
@@ -566,15 +580,3 @@ def _learning_rate(engine, scheduler) -> float:
     if scheduler is not None:
         return float(scheduler.get_last_lr()[0])
     return float(engine.get_lr()[0])
-
-
-def _maybe_inject_fault(step: int, rank: int, world_size: int) -> None:
-    """Kill the last worker after a given step, once (the marker file records that it happened)."""
-    fault_step, marker = os.environ.get(FAULT_STEP_ENV), os.environ.get(FAULT_MARKER_ENV)
-    if not fault_step or not marker or step != int(fault_step) or rank != world_size - 1:
-        return
-    if os.path.exists(marker):
-        return
-    Path(marker).write_text(f"worker {rank} exited after step {step}\n")
-    logger.warning("fault injection: worker %d exits after step %d", rank, step)
-    os._exit(1)

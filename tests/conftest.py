@@ -15,6 +15,57 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 from raydpo.toy import build_toy_model, sample_data_dir  # noqa: E402
 
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
+RELIABILITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+RELIABILITY_HEADER = """# Reliability: faults and bad input, as the tests found them
+
+Written by the test suite itself (`tests/conftest.py`) at the end of a full run in which every
+reliability test passed, so each line below is what a test injected and then observed on this
+code. Faults are real: processes are killed with SIGKILL or exit mid-work, files are truncated on
+disk; nothing is mocked. Regenerate with the README's test command.
+
+| area | fault or input | how it was injected | what was observed |
+| --- | --- | --- | --- |
+"""
+
+
+class ReliabilityLog:
+    """What each reliability test injected and observed; becomes docs/reliability.md."""
+
+    def __init__(self):
+        self.rows: dict[str, tuple[str, str, str, str]] = {}
+
+    def record(self, key: str, area: str, fault: str, injected: str, observed: str) -> None:
+        self.rows[key] = (area, fault, injected, observed)
+
+    def markdown(self) -> str:
+        cells = [
+            "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |"
+            for _, row in sorted(self.rows.items())
+        ]
+        return RELIABILITY_HEADER + "\n".join(cells) + "\n"
+
+
+RELIABILITY = ReliabilityLog()
+
+
+@pytest.fixture(scope="session")
+def reliability() -> ReliabilityLog:
+    """Record a row of docs/reliability.md: `reliability.record(key, area, fault, injected, observed)`."""
+    return RELIABILITY
+
+
+def pytest_collection_modifyitems(config, items):
+    config._reliability_total = sum(1 for item in items if "reliability" in item.fixturenames)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Rewrite docs/reliability.md after a full, passing run (not after a selection of tests)."""
+    config = session.config
+    full_run = config.args_source == pytest.Config.ArgsSource.TESTPATHS
+    selected = config.option.keyword or config.option.markexpr or not full_run
+    total = getattr(config, "_reliability_total", 0)
+    if exitstatus == 0 and not selected and total and len(RELIABILITY.rows) >= total:
+        RELIABILITY_DOC.write_text(RELIABILITY.markdown(), encoding="utf-8")
 
 
 @pytest.fixture(scope="session")

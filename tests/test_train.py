@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 
 import raydpo
 from raydpo.errors import RaydpoError, TrainingFailed
-from raydpo.train_worker import FAULT_MARKER_ENV, FAULT_STEP_ENV
+from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired
 
 NONFINITE_ROWS = 2
 STEPS = 6
@@ -169,23 +169,38 @@ def test_saved_model_loads_generates_and_moved(base_run, toy_model):
     assert len(moved) == len(trained)  # every tensor was updated (no frozen or lost parameter)
 
 
+def inject(monkeypatch, directory: Path, fault: str) -> None:
+    """Arm a fault (`point:n:action`, see raydpo.faults) in the workers this test starts."""
+    monkeypatch.setenv(FAULT_ENV, fault)
+    monkeypatch.setenv(FAULT_DIR_ENV, str(directory))
+
+
 def test_worker_failure_restarts_from_checkpoint_and_matches(
-    base_run, train_cache, toy_model, tmp_path, monkeypatch
+    base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
 ):
     """A worker killed after step 4 is restarted from the step-3 checkpoint; the result is the same model."""
-    monkeypatch.setenv(FAULT_STEP_ENV, "4")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
+    inject(monkeypatch, tmp_path, "train.after_step:4:exit")
     result = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "run", max_failures=1))
-    assert (tmp_path / "fault-happened").exists()
+    assert fired(tmp_path, "train.after_step")
+    assert len(result.step_seconds) == STEPS - 3  # the restarted group ran steps 4-6 again
     assert_same_weights(result.model_path, base_run.model_path)
     assert metric_history(result, "loss")[STEPS] == pytest.approx(
         metric_history(base_run, "loss")[STEPS], rel=1e-5
     )
+    reliability.record(
+        "train-1-worker-killed",
+        "training",
+        "a Ray Train worker dies mid-run (`max_failures=1`)",
+        "the last of 2 ZeRO-3 workers exits (`os._exit`) after step 4 of 6; checkpoints every 3 steps",
+        f"restarted from the step-3 checkpoint, ran steps 4-{STEPS}; final weights equal to an uninterrupted "
+        "run (max |diff| <= 1e-6), final loss equal to 1e-5",
+    )
 
 
-def test_interrupted_run_resumes_to_the_same_model(base_run, train_cache, toy_model, tmp_path, monkeypatch):
-    monkeypatch.setenv(FAULT_STEP_ENV, "4")
-    monkeypatch.setenv(FAULT_MARKER_ENV, str(tmp_path / "fault-happened"))
+def test_interrupted_run_resumes_to_the_same_model(
+    base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
+):
+    inject(monkeypatch, tmp_path, "train.after_step:4:exit")
     settings = run_settings(toy_model, train_cache, tmp_path / "run")
     with pytest.raises(TrainingFailed, match="--resume"):
         raydpo.train(settings)
@@ -194,9 +209,47 @@ def test_interrupted_run_resumes_to_the_same_model(base_run, train_cache, toy_mo
     with pytest.raises(RaydpoError, match="interrupted run"):
         raydpo.train(settings)
     result = raydpo.train(settings, resume=True)
+    assert len(result.step_seconds) == STEPS - 3
     assert_same_weights(result.model_path, base_run.model_path)
     with pytest.raises(RaydpoError, match="finished run"):
         raydpo.train(settings)
+    reliability.record(
+        "train-2-run-stopped",
+        "training",
+        "the run stops (`max_failures=0`), the operator reruns",
+        "the last worker exits after step 4 of 6; rerun without, then with `--resume`",
+        "no model directory after the failure, run.json says failed; a rerun without `--resume` is refused "
+        f"(exit 2); `--resume` continued from the step-3 checkpoint, ran steps 4-{STEPS}; weights equal to "
+        "an uninterrupted run (<= 1e-6); a third run is refused as finished",
+    )
+
+
+def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(
+    base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
+):
+    """The last worker dies while the step-4 checkpoint is being written, after its DeepSpeed shard is on
+    its local disk and before Ray Train has it. Resuming must use the complete step-2 checkpoint."""
+    inject(monkeypatch, tmp_path, "train.checkpoint_write:2:exit")
+    settings = run_settings(toy_model, train_cache, tmp_path / "run", checkpoint_steps=2)
+    with pytest.raises(TrainingFailed):
+        raydpo.train(settings)
+    assert fired(tmp_path, "train.checkpoint_write")
+    storage = tmp_path / "run" / "checkpoints" / "raydpo"
+    assert (storage / "checkpoint-00000002").is_dir()
+    assert not (storage / "checkpoint-00000004").exists()  # rank 0 waits at Ray Train's barrier: no torn copy
+    result = raydpo.train(settings, resume=True)
+    assert len(result.step_seconds) == STEPS - 2  # resumed after step 2, not from the torn step-4 checkpoint
+    assert_same_weights(result.model_path, base_run.model_path)
+    reliability.record(
+        "train-3-checkpoint-write-killed",
+        "training",
+        "a worker dies while a checkpoint is being written",
+        "checkpoints every 2 steps; the last of 2 workers exits after writing its step-4 ZeRO shard locally, "
+        "before handing it to Ray Train",
+        "the run stops; nothing of step 4 reached the storage path (rank 0 was held at Ray Train's checkpoint "
+        f"barrier); `--resume` continued from the step-2 checkpoint, ran steps 3-{STEPS}; weights equal to an "
+        "uninterrupted run (<= 1e-6)",
+    )
 
 
 def test_reference_must_be_the_policy(train_cache, toy_model, tmp_path):
