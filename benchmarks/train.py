@@ -119,7 +119,13 @@ def run_trl(mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Pat
     return json.loads(out.read_text())
 
 
-def run_raydpo(args: argparse.Namespace, model_dir: Path, cache: Path, workdir: Path) -> dict:
+def run_raydpo(
+    args: argparse.Namespace,
+    model_dir: Path,
+    cache: Path,
+    workdir: Path,
+    mmap_threshold_kb: int | None = None,
+) -> dict:
     import raydpo
 
     output = workdir / "run"
@@ -137,6 +143,7 @@ def run_raydpo(args: argparse.Namespace, model_dir: Path, cache: Path, workdir: 
         checkpoint_steps=None,
         max_failures=0,
         overwrite=True,
+        cpu_malloc_mmap_threshold_kb=mmap_threshold_kb,
     )
     wall = time.perf_counter() - started
     return {
@@ -162,6 +169,12 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=768, help="large enough that model state, not")
     parser.add_argument(
         "--layers", type=int, default=6, help="the libraries' import overhead, dominates memory"
+    )
+    parser.add_argument(
+        "--low-memory-kb",
+        type=int,
+        default=1024,
+        help="also run raydpo with cpu_malloc_mmap_threshold_kb at this value (0: skip that run)",
     )
     parser.add_argument("--workdir", default=".bench/train")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -215,10 +228,15 @@ def main() -> None:
     )
     print(f"raydpo precompute (once, reusable by every run): {precompute_s:.1f}s")
     results: dict[str, list[dict]] = {"trl-online": [], "trl-precompute": [], "raydpo": []}
+    low_memory = f"raydpo-mmap{args.low_memory_kb}k"
+    if args.low_memory_kb:
+        results[low_memory] = []
     for repeat in range(args.repeats):
         results["trl-online"].append(run_trl("online", args, model_dir, rows_file, workdir))
         results["trl-precompute"].append(run_trl("precompute", args, model_dir, rows_file, workdir))
         results["raydpo"].append(run_raydpo(args, model_dir, cache, workdir))
+        if args.low_memory_kb:
+            results[low_memory].append(run_raydpo(args, model_dir, cache, workdir, args.low_memory_kb))
         for name, runs in results.items():
             run = runs[-1]
             print(
@@ -236,13 +254,14 @@ def main() -> None:
     }
     for name, (step, peak, above) in summary.items():
         print(f"median {name:15s} step {step:6.3f}s  peak {peak:5.2f} GiB  above start {above:5.2f} GiB")
-    ours = summary["raydpo"]
-    for peer in ("trl-online", "trl-precompute"):
-        theirs = summary[peer]
-        print(
-            f"raydpo vs {peer}: {theirs[0] / ours[0]:.2f}x faster per step; peak memory {ours[1] / theirs[1]:.2f}x, "
-            f"above start {ours[2] / theirs[2]:.2f}x"
-        )
+    for name in [name for name in summary if name.startswith("raydpo")]:
+        ours = summary[name]
+        for peer in ("trl-online", "trl-precompute"):
+            theirs = summary[peer]
+            print(
+                f"{name} vs {peer}: {theirs[0] / ours[0]:.2f}x faster per step; peak memory "
+                f"{ours[1] / theirs[1]:.2f}x, above start {ours[2] / theirs[2]:.2f}x"
+            )
     ray.shutdown()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -459,7 +460,7 @@ def test_cli_train_bad_input_is_one_line_and_exit_2(toy_model, tmp_path, capsys)
     assert "loss_weights has 1 values for 2 loss types" in capsys.readouterr().err
 
 
-def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_model, tmp_path):
+def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_model, tmp_path, reliability):
     """A finite but absurd cached value (3e38) makes the IPO loss overflow to inf: the run stops naming
     the step and the pairs, or, when asked, skips those micro-batches and counts them."""
     poisoned = tmp_path / "poisoned"
@@ -480,6 +481,18 @@ def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_mode
         raydpo.train(settings)
     assert any(pair_id in str(failure.value) for pair_id in bad_ids)
 
+    assert not (tmp_path / "run" / "model").exists()
+    step = re.search(r"at step (\d+)", str(failure.value)).group(1)
     result = raydpo.train(settings, max_steps=3, skip_nonfinite_loss=True, overwrite=True)
-    assert metric_history(result, "skipped_nonfinite_batches")[3] >= 1
+    skipped = int(metric_history(result, "skipped_nonfinite_batches")[3])
+    assert skipped >= 1
     assert all(math.isfinite(value) for value in metric_history(result, "loss").values())
+    reliability.record(
+        "train-4-nonfinite-loss",
+        "training",
+        "a NaN/inf loss",
+        "one cached reference value in 8 set to 3e38, so the IPO loss overflows to inf",
+        f"the run stopped at step {step} naming the micro-batch's pair ids (exit 1, no model); with "
+        f"`--skip-nonfinite-loss`, {skipped} micro-batches in 3 steps were skipped, counted in "
+        "`skipped_nonfinite_batches`, and replaced; every logged loss finite",
+    )
