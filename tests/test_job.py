@@ -42,6 +42,15 @@ def test_cluster_file_passes_rays_schema():
         validate_config(prepare_config(config))
 
 
+AGENT_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "ray-client-server-port",
+)
+
+
 @pytest.fixture()
 def ray_head(tmp_path):
     """A Ray head on 127.0.0.1 with token authentication, owned by this test (a child process)."""
@@ -56,7 +65,9 @@ def ray_head(tmp_path):
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={free_port()}"]
         + ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2"]
-        + [f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"],
+        + [f"--temp-dir={temp_dir}", "--disable-usage-stats", "--include-dashboard=true"]
+        # ports of its own: the test session's Ray instance already holds the agents' default ports
+        + [f"--{name}={free_port()}" for name in AGENT_PORTS],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -102,19 +113,13 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
         "precompute.limit=24",
         "train.max_steps=4",
     ]
-    submitted = ray_job(
-        env,
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        str(ROOT),
-        "--no-wait",
-        "--",
-        "python",
-        "pipelines/full.py",
-        *[arg for item in overrides for arg in ("--set", item)],
-    )
+    command = ["submit", "--address", address, "--working-dir", str(ROOT), "--no-wait", "--"]
+    command += ["python", "pipelines/full.py", *[arg for item in overrides for arg in ("--set", item)]]
+    deadline = time.monotonic() + 120
+    submitted = ray_job(env, *command)
+    while "No available agent" in submitted.stderr and time.monotonic() < deadline:
+        time.sleep(3)  # the head's job agent starts after its dashboard answers; Ray says to try again
+        submitted = ray_job(env, *command)
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", submitted.stdout + submitted.stderr).group(0)
     deadline = time.monotonic() + 900
