@@ -495,7 +495,7 @@ class ReferenceScorer:
 class CacheSink(Datasink):
     """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, each file atomically."""
 
-    def __init__(self, root: str, key: str, store_token_logps: bool, rows_per_file: int = 2048):
+    def __init__(self, root: str, key: str, store_token_logps: bool, rows_per_file: int):
         self.root = root
         self.key = key
         self.schema = cache.data_schema(store_token_logps)

@@ -230,12 +230,14 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     config: TrainConfig = from_mapping(TrainConfig, plan["config"])
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    drilled = rank == world_size - 1  # the worker that reliability drills (raydpo.faults) kill
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     settings = config.loss_settings()
     transformers.set_seed(config.seed)
 
-    if device.type == "cpu" and config.cpu_malloc_mmap_threshold_kb:
-        fix_malloc_mmap_threshold(config.cpu_malloc_mmap_threshold_kb * 1024)
+    threshold_kb = config.cpu_malloc_mmap_threshold_kb
+    if device.type == "cpu" and threshold_kb and not fix_malloc_mmap_threshold(threshold_kb * 1024):
+        logger.warning("cpu_malloc_mmap_threshold_kb has no effect here: it needs glibc's malloc")
     deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
     ds_config = plan["deepspeed_config"]
     zero3_loading = _zero3_loading(ds_config)  # alive while the model loads: weights go straight to shards
@@ -331,8 +333,8 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             engine.train()
             window.started = time.perf_counter()
         if config.checkpoint_steps and step % config.checkpoint_steps == 0 and not is_last:
-            save_checkpoint(engine, state, {"step": step, **final_metrics})
-        if rank == world_size - 1:  # reliability drills kill the last worker
+            save_checkpoint(engine, state, {"step": step, **final_metrics}, drilled)
+        if drilled:
             fault_point("train.after_step")
 
     runtime = time.perf_counter() - started
@@ -517,15 +519,14 @@ def evaluate(engine, config, settings: LossSettings, pad_token_id: int, device) 
     return {f"eval_{name}": value for name, value in metrics.items()}
 
 
-def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any], drilled: bool = False) -> None:
     """Every rank saves its ZeRO shard; Ray Train merges the ranks' directories into one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=dict(state))
-        context = ray.train.get_context()
-        if context.get_world_rank() == context.get_world_size() - 1:
-            fault_point("train.checkpoint_write")  # drills: die with other ranks' shards persisted
+        if drilled:
+            fault_point("train.checkpoint_write")  # after the local shard, before Ray Train has it
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),
