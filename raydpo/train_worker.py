@@ -263,6 +263,7 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
         config=ds_config,
         dist_init_required=False,
     )
+    load_checkpoints_weights_only(engine)
 
     state = {"step": 0, "num_tokens": 0, "skipped_batches": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -517,6 +518,30 @@ def evaluate(engine, config, settings: LossSettings, pad_token_id: int, device) 
     metrics["runtime"] = time.perf_counter() - window.started
     metrics.pop("tokens_per_second")
     return {f"eval_{name}": value for name, value in metrics.items()}
+
+
+def load_checkpoint_file(path: str, map_location=None) -> Any:
+    """`torch.load(weights_only=True)` of one DeepSpeed checkpoint file: tensors, containers and the two
+    DeepSpeed classes a ZeRO checkpoint holds, never arbitrary pickled objects."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoints_weights_only(engine) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles whatever a checkpoint file holds
+    (`weights_only=False`); every load of model, optimizer and client state goes through this method."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.load = load_checkpoint_file
+    else:
+        logger.warning(
+            "checkpoints are loaded by DeepSpeed's %s, which may unpickle them",
+            type(engine.checkpoint_engine).__name__,
+        )
 
 
 def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any], drilled: bool = False) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+from raydpo.faults import fired  # noqa: E402
 from raydpo.toy import build_toy_model, sample_data_dir  # noqa: E402
 
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -124,3 +128,26 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def kill_when_fired(
+    directory: Path, point: str, target=None, ready=None, timeout: float = 300
+) -> threading.Thread:
+    """Watch for fault `point` to stall its process, then SIGKILL that process (or `target()`'s group),
+    once `ready()` (if given) holds."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid = fired(directory, point)
+            if pid is not None and (ready is None or ready()):
+                if target is None:
+                    os.kill(pid, signal.SIGKILL)
+                else:
+                    os.killpg(target(), signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread

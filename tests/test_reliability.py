@@ -7,12 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import to_conversational, write_jsonl
+from conftest import kill_when_fired, to_conversational, write_jsonl
 
 import raydpo
 from raydpo.cache import DATA_SCHEMA
@@ -54,26 +52,6 @@ def compare(output: Path, clean) -> dict[str, int]:
         gap = (got[column] - clean[column]).abs().max()
         assert gap <= 1e-4, f"{column} differs by up to {gap}"
     return {"lost": lost, "duplicated": duplicated}
-
-
-def kill_when_fired(directory: Path, point: str, target=None, timeout: float = 300) -> threading.Thread:
-    """Watch for fault `point` to stall its process, then SIGKILL that process (or `target()`'s group)."""
-
-    def watch() -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            pid = fired(directory, point)
-            if pid is not None:
-                if target is None:
-                    os.kill(pid, signal.SIGKILL)
-                else:
-                    os.killpg(target(), signal.SIGKILL)
-                return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_scorer_actor_killed_mid_run(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -13,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import kill_when_fired
 from mlflow import MlflowClient
 
 import raydpo
@@ -176,15 +179,25 @@ def inject(monkeypatch, directory: Path, fault: str) -> None:
     monkeypatch.setenv(FAULT_DIR_ENV, str(directory))
 
 
+def checkpoint_registered(output: Path, step: int):
+    """Whether Ray Train's controller has registered the checkpoint of `step` (its snapshot lists it)."""
+    snapshot = output / "checkpoints" / "raydpo" / "checkpoint_manager_snapshot.json"
+    return lambda: snapshot.is_file() and f"checkpoint-{step:08d}" in snapshot.read_text()
+
+
 def test_worker_failure_restarts_from_checkpoint_and_matches(
     base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
 ):
-    """A worker killed after step 4 is restarted from the step-3 checkpoint; the result is the same model."""
-    inject(monkeypatch, tmp_path, "train.after_step:4:exit")
+    """A worker SIGKILLed after step 4 is restarted from the step-3 checkpoint; the result is the same model.
+
+    The worker stalls after step 4 and is killed once Ray Train has registered the step-3 checkpoint: its
+    controller polls the workers every 2 s, so a worker dying right after a report could beat the
+    registration, and the group would then start over (to the same weights) instead of resuming."""
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall")
+    kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     result = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "run", max_failures=1))
     assert fired(tmp_path, "train.after_step")
-    # not asserted: that the restart began at step 4. Ray Train's controller polls every 2 s, and a worker
-    # that dies right after the step-3 report can beat its registration (the group then starts over)
+    assert len(result.step_seconds) == STEPS - 3  # the restarted group ran steps 4-6
     assert_same_weights(result.model_path, base_run.model_path)
     assert metric_history(result, "loss")[STEPS] == pytest.approx(
         metric_history(base_run, "loss")[STEPS], rel=1e-5
@@ -193,16 +206,19 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
         "train-1-worker-killed",
         "training",
         "a Ray Train worker dies mid-run (`max_failures=1`)",
-        "the last of 2 ZeRO-3 workers exits (`os._exit`) after step 4 of 6; checkpoints every 3 steps",
-        "the worker group was restarted from the latest checkpoint Ray Train had registered and finished; "
-        "final weights equal to an uninterrupted run (max |diff| <= 1e-6), final loss equal to 1e-5",
+        "the last of 2 ZeRO-3 workers stalls after step 4 of 6 and is killed with SIGKILL from outside, once "
+        "Ray Train has registered the step-3 checkpoint; checkpoints every 3 steps",
+        "the worker group was restarted, resumed from step 3 (DeepSpeed state loaded with "
+        "`weights_only=True`) and ran steps 4-6; final weights equal to an uninterrupted run "
+        "(max |diff| <= 1e-6), final loss equal to 1e-5",
     )
 
 
 def test_interrupted_run_resumes_to_the_same_model(
     base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
 ):
-    inject(monkeypatch, tmp_path, "train.after_step:4:exit")
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall")
+    kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     settings = run_settings(toy_model, train_cache, tmp_path / "run")
     with pytest.raises(TrainingFailed, match="--resume"):
         raydpo.train(settings)
@@ -211,6 +227,7 @@ def test_interrupted_run_resumes_to_the_same_model(
     with pytest.raises(RaydpoError, match="interrupted run"):
         raydpo.train(settings)
     result = raydpo.train(settings, resume=True)
+    assert len(result.step_seconds) == STEPS - 3
     assert_same_weights(result.model_path, base_run.model_path)
     with pytest.raises(RaydpoError, match="finished run"):
         raydpo.train(settings)
@@ -218,9 +235,10 @@ def test_interrupted_run_resumes_to_the_same_model(
         "train-2-run-stopped",
         "training",
         "the run stops (`max_failures=0`), the operator reruns",
-        "the last worker exits after step 4 of 6; rerun without, then with `--resume`",
+        "the last worker stalls after step 4 of 6 and is killed with SIGKILL once the step-3 checkpoint is "
+        "registered; rerun without, then with `--resume`",
         "no model directory after the failure, run.json says failed; a rerun without `--resume` is refused "
-        "(exit 2); `--resume` continued from the latest registered checkpoint; weights equal to an "
+        "(exit 2); `--resume` continued from step 3 and ran steps 4-6; weights equal to an "
         "uninterrupted run (<= 1e-6); a third run is refused as finished",
     )
 
@@ -251,6 +269,38 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(
         f"barrier); `--resume` continued from the step-2 checkpoint, ran steps 3-{STEPS}; weights equal to an "
         "uninterrupted run (<= 1e-6)",
     )
+
+
+class _RunsOnLoad:
+    """A pickled object that runs code when unpickled: what a tampered checkpoint file could hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_checkpoint_files_are_loaded_weights_only(tmp_path):
+    """What resume loads: ZeRO-3 state (tensors, DeepSpeed's stage enum and loss scaler) loads; an arbitrary
+    pickled object is refused before it runs."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from raydpo.train_worker import load_checkpoint_file
+
+    state = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "flat": [torch.arange(4.0)]}
+    torch.save(state, tmp_path / "optim_states.pt")
+    loaded = load_checkpoint_file(str(tmp_path / "optim_states.pt"), map_location="cpu")
+    assert loaded["zero_stage"] is ZeroStageEnum.weights
+    assert loaded["loss_scaler"].cur_scale == 1.0
+    assert torch.equal(loaded["flat"][0], torch.arange(4.0))
+
+    marker = tmp_path / "ran"
+    torch.save({"module": _RunsOnLoad(marker)}, tmp_path / "tampered.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        load_checkpoint_file(str(tmp_path / "tampered.pt"))
+    assert not marker.exists()
 
 
 def test_reference_must_be_the_policy(train_cache, toy_model, tmp_path):
