@@ -1,9 +1,12 @@
 """DPO training step time and peak memory: raydpo against TRL's DPOTrainer, in one run.
 
-Three runs on the same model, pairs, max_length, micro batch and number of processes:
+Runs on the same model, pairs, max_length, micro batch and number of processes:
   - TRL, reference model online (a second model in memory and a second forward per step),
   - TRL with precompute_ref_log_probs=True (reference forwards before training, in the trainer),
-  - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output).
+  - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output),
+and, to separate the allocator from the rest (raydpo's CPU workers run mimalloc by default):
+  - raydpo train with cpu_allocator="system" (glibc's malloc, as TRL runs),
+  - TRL online with mimalloc preloaded as raydpo preloads it (`--allocator-runs 0` skips these two).
 TRL runs under torchrun with the gloo backend on CPUs (DDP), raydpo under Ray Train. Printed: the
 median step time over the steps after warmup, the peak memory of the largest process (GPU memory
 allocated, or peak RSS on CPUs) in total and above what the process held before the model loaded
@@ -97,7 +100,9 @@ def trl_worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps({"step_seconds": timer.seconds, "wall_s": wall, **figures}))
 
 
-def run_trl(mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Path, workdir: Path) -> dict:
+def run_trl(
+    mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Path, workdir: Path, env_vars=None
+) -> dict:
     out = workdir / f"trl-{mode}.json"
     out.unlink(missing_ok=True)
     # a fresh copy of the data on disk for every run: in-memory datasets get a private temporary cache
@@ -114,7 +119,7 @@ def run_trl(mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Pat
     command += [__file__, "--trl-worker", "--mode", mode, "--model", str(model_dir), "--rows", str(data)]
     command += ["--out", str(out), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
     command += ["--max-length", str(args.max_length)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_vars or {})}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -124,7 +129,7 @@ def run_raydpo(
     model_dir: Path,
     cache: Path,
     workdir: Path,
-    mmap_threshold_kb: int | None = None,
+    cpu_allocator: str = "mimalloc",
 ) -> dict:
     import raydpo
 
@@ -143,7 +148,7 @@ def run_raydpo(
         checkpoint_steps=None,
         max_failures=0,
         overwrite=True,
-        cpu_malloc_mmap_threshold_kb=mmap_threshold_kb,
+        cpu_allocator=cpu_allocator,
     )
     wall = time.perf_counter() - started
     return {
@@ -171,10 +176,11 @@ def main() -> None:
         "--layers", type=int, default=6, help="the libraries' import overhead, dominates memory"
     )
     parser.add_argument(
-        "--low-memory-kb",
+        "--allocator-runs",
         type=int,
-        default=1024,
-        help="also run raydpo with cpu_malloc_mmap_threshold_kb at this value (0: skip that run)",
+        choices=(0, 1),
+        default=1,
+        help="also run raydpo with the system allocator and TRL online with mimalloc (0: skip them)",
     )
     parser.add_argument("--workdir", default=".bench/train")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -227,16 +233,21 @@ def main() -> None:
         f"micro batch {args.micro_batch}; {args.steps} steps, median over steps {WARMUP_STEPS + 1}-{args.steps}"
     )
     print(f"raydpo precompute (once, reusable by every run): {precompute_s:.1f}s")
-    results: dict[str, list[dict]] = {"trl-online": [], "trl-precompute": [], "raydpo": []}
-    low_memory = f"raydpo-mmap{args.low_memory_kb}k"
-    if args.low_memory_kb:
-        results[low_memory] = []
+    from raydpo.cluster import cpu_allocator_env
+
+    runners = {
+        "trl-online": lambda: run_trl("online", args, model_dir, rows_file, workdir),
+        "trl-precompute": lambda: run_trl("precompute", args, model_dir, rows_file, workdir),
+        "raydpo": lambda: run_raydpo(args, model_dir, cache, workdir),
+    }
+    if args.allocator_runs:
+        runners["raydpo-system"] = lambda: run_raydpo(args, model_dir, cache, workdir, cpu_allocator="system")
+        mimalloc = cpu_allocator_env("mimalloc")
+        runners["trl-online-mi"] = lambda: run_trl("online", args, model_dir, rows_file, workdir, mimalloc)
+    results: dict[str, list[dict]] = {name: [] for name in runners}
     for repeat in range(args.repeats):
-        results["trl-online"].append(run_trl("online", args, model_dir, rows_file, workdir))
-        results["trl-precompute"].append(run_trl("precompute", args, model_dir, rows_file, workdir))
-        results["raydpo"].append(run_raydpo(args, model_dir, cache, workdir))
-        if args.low_memory_kb:
-            results[low_memory].append(run_raydpo(args, model_dir, cache, workdir, args.low_memory_kb))
+        for name, runner in runners.items():
+            results[name].append(runner())
         for name, runs in results.items():
             run = runs[-1]
             print(
@@ -256,7 +267,7 @@ def main() -> None:
         print(f"median {name:15s} step {step:6.3f}s  peak {peak:5.2f} GiB  above start {above:5.2f} GiB")
     for name in [name for name in summary if name.startswith("raydpo")]:
         ours = summary[name]
-        for peer in ("trl-online", "trl-precompute"):
+        for peer in [peer for peer in summary if peer.startswith("trl")]:
             theirs = summary[peer]
             print(
                 f"{name} vs {peer}: {theirs[0] / ours[0]:.2f}x faster per step; peak memory "

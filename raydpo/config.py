@@ -15,6 +15,7 @@ import yaml
 
 from raydpo.errors import RaydpoError
 
+CPU_ALLOCATORS = ("mimalloc", "system")
 TRUNCATION_MODES = ("keep_start",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -278,11 +279,10 @@ class TrainConfig:
     """Seed of the data order and of any random initialisation (LoRA)."""
     logits_chunk_tokens: int = 2048
     """Completion tokens per LM-head chunk: bounds the [tokens, vocab] fp32 buffer."""
-    cpu_malloc_mmap_threshold_kb: int | None = None
-    """CPU workers (glibc): allocations of at least this size get their own pages, returned to the OS
-    when freed. glibc's default raises this threshold at run time, after which ZeRO-3's gather/free
-    churn fragments the heap and RSS grows step after step. 1024 cut peak RSS by a third in
-    benchmarks/train.py but made steps about 25% slower (page faults); None keeps glibc's default."""
+    cpu_allocator: str = "mimalloc"
+    """Memory allocator of CPU training workers: "mimalloc" (preloaded from the cmeel-mimalloc wheel;
+    freed memory is kept for reuse) or "system" (the C library's malloc). glibc's malloc fragments
+    its heap under ZeRO-3's gather/free churn and grows step after step; see docs/benchmarks.md."""
     mlflow_tracking_uri: str | None = None
     """Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
     experiment: str = "raydpo"
@@ -324,6 +324,8 @@ class TrainConfig:
             )
         if self.zero_stage not in (0, 1, 2, 3):
             raise RaydpoError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.cpu_allocator not in CPU_ALLOCATORS:
+            raise RaydpoError(f"cpu_allocator must be mimalloc or system, got {self.cpu_allocator!r}")
         if self.lr_scheduler not in ("linear", "cosine"):
             raise RaydpoError(f"lr_scheduler must be linear or cosine, got {self.lr_scheduler!r}")
         if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:

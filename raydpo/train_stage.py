@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo import cache
-from raydpo.cluster import check_cpu_headroom, init_ray, worker_env
+from raydpo.cluster import check_cpu_headroom, cpu_allocator_env, init_ray, worker_env
 from raydpo.config import TrainConfig, as_dict, from_mapping
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
@@ -49,6 +49,7 @@ class TrainResult:
     metrics: dict[str, float] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run took
+    cpu_allocator: str | None = None  # the allocator rank 0 ran with on CPUs: "mimalloc" or "system"
 
     def summary(self) -> str:
         shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
@@ -148,6 +149,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         metrics=outcome.get("metrics", {}),
         plan=plan,
         step_seconds=outcome.get("step_seconds", []),
+        cpu_allocator=outcome.get("cpu_allocator"),
     )
 
 
@@ -455,7 +457,9 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env=worker_env(),
+            worker_runtime_env=worker_env(
+                None if config.use_gpu else cpu_allocator_env(config.cpu_allocator)
+            ),
         ),
         datasets=datasets,
         # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from raydpo.cluster import MIMALLOC_LIBRARY, preloaded
 from raydpo.faults import fault_point
 from raydpo.logprobs import CompletionLogps, PackedPairs, completion_logps, pack_pairs
 from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
@@ -235,9 +236,13 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     settings = config.loss_settings()
     transformers.set_seed(config.seed)
 
-    threshold_kb = config.cpu_malloc_mmap_threshold_kb
-    if device.type == "cpu" and threshold_kb and not fix_malloc_mmap_threshold(threshold_kb * 1024):
-        logger.warning("cpu_malloc_mmap_threshold_kb has no effect here: it needs glibc's malloc")
+    allocator = None
+    if device.type == "cpu":
+        allocator = "mimalloc" if preloaded(MIMALLOC_LIBRARY) else "system"
+        if allocator != config.cpu_allocator:
+            logger.warning(
+                "rank %d: cpu_allocator=%s is not in effect (preload failed)", rank, config.cpu_allocator
+            )
     deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
     ds_config = plan["deepspeed_config"]
     zero3_loading = _zero3_loading(ds_config)  # alive while the model loads: weights go straight to shards
@@ -351,19 +356,13 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     model_path = save_final_model(engine, config, plan, rank)
     ray.train.report({"step": total_steps, **final_metrics})
     if rank == 0:
-        return {"metrics": final_metrics, "model_path": model_path, "step_seconds": step_seconds}
+        return {
+            "metrics": final_metrics,
+            "model_path": model_path,
+            "step_seconds": step_seconds,
+            "cpu_allocator": allocator,
+        }
     return None
-
-
-def fix_malloc_mmap_threshold(size: int) -> bool:
-    """Fix glibc's mmap threshold (mallopt M_MMAP_THRESHOLD), which also stops glibc from raising it."""
-    import ctypes
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    m_mmap_threshold = -3  # malloc.h
-    return bool(ctypes.CDLL(None).mallopt(m_mmap_threshold, size))
 
 
 def peak_memory_gb(device: torch.device, baseline: float = 0.0, reduce: bool = True) -> float:

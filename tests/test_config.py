@@ -30,6 +30,11 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (TrainConfig, {"model": "m", "label_smoothing": 0.7, "loss_type": "robust"}, "label_smoothing"),
         (TrainConfig, {"model": "m", "sync_ref_model": True}, "reference is fixed"),
         (TrainConfig, {"model": "m", "zero_stage": 4}, "zero_stage"),
+        (
+            TrainConfig,
+            {"model": "m", "cpu_allocator": "jemalloc"},
+            "cpu_allocator must be mimalloc or system",
+        ),
     ],
 )
 def test_invalid_settings_are_one_clear_error(cls, values, message):

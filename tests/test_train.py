@@ -108,6 +108,15 @@ def test_first_step_policy_is_the_reference(base_run):
     assert metric_history(base_run, "rewards/chosen")[1] == pytest.approx(0.0, abs=1e-4)
 
 
+def test_cpu_workers_allocate_with_mimalloc(base_run):
+    """cpu_allocator's default reaches the workers: mimalloc is preloaded into every Ray Train worker."""
+    from raydpo.cluster import cpu_allocator_env
+
+    assert base_run.cpu_allocator == "mimalloc"
+    assert Path(cpu_allocator_env("mimalloc")["LD_PRELOAD"]).is_file()
+    assert cpu_allocator_env("system") == {}
+
+
 def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache):
     client = MlflowClient(tracking_uri=base_run.tracking_uri)
     run = client.get_run(base_run.run_id)
