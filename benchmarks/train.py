@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import statistics
@@ -242,7 +243,11 @@ def main() -> None:
     }
     if args.allocator_runs:
         runners["raydpo-system"] = lambda: run_raydpo(args, model_dir, cache, workdir, cpu_allocator="system")
-        mimalloc = cpu_allocator_env("mimalloc")
+        # expanded as Ray expands a runtime env's variables: ${VAR} from this environment, or empty
+        mimalloc = {
+            key: re.sub(r"\$\{[A-Z0-9_]+\}", "", os.path.expandvars(value)).strip()
+            for key, value in cpu_allocator_env("mimalloc").items()
+        }
         runners["trl-online-mi"] = lambda: run_trl("online", args, model_dir, rows_file, workdir, mimalloc)
     results: dict[str, list[dict]] = {name: [] for name in runners}
     for repeat in range(args.repeats):

@@ -44,7 +44,8 @@ def cpu_allocator_env(allocator: str) -> dict[str, str]:
             "cpu_allocator=%s is preloaded with LD_PRELOAD, which needs Linux: not used", allocator
         )
         return {}
-    return {"LD_PRELOAD": mimalloc_library(), "MIMALLOC_PURGE_DELAY": "-1"}
+    # Ray expands ${LD_PRELOAD} from the node's environment: what a node already preloads stays loaded
+    return {"LD_PRELOAD": f"{mimalloc_library()} ${{LD_PRELOAD}}", "MIMALLOC_PURGE_DELAY": "-1"}
 
 
 def mimalloc_library() -> str:
