@@ -325,7 +325,9 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise RaydpoError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.cpu_allocator not in CPU_ALLOCATORS:
-            raise RaydpoError(f"cpu_allocator must be mimalloc or system, got {self.cpu_allocator!r}")
+            raise RaydpoError(
+                f"cpu_allocator must be {' or '.join(CPU_ALLOCATORS)}, got {self.cpu_allocator!r}"
+            )
         if self.lr_scheduler not in ("linear", "cosine"):
             raise RaydpoError(f"lr_scheduler must be linear or cosine, got {self.lr_scheduler!r}")
         if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:

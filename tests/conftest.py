@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-from raydpo.faults import fired  # noqa: E402
+from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired  # noqa: E402
 from raydpo.toy import build_toy_model, sample_data_dir  # noqa: E402
 
 ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -128,6 +128,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     return path
+
+
+def inject(monkeypatch, directory: Path, fault: str) -> None:
+    """Arm a fault (`point:n:action`, see raydpo.faults) in the processes and Ray workers a test starts."""
+    monkeypatch.setenv(FAULT_ENV, fault)
+    monkeypatch.setenv(FAULT_DIR_ENV, str(directory))
 
 
 def kill_when_fired(

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import kill_when_fired, to_conversational, write_jsonl
+from conftest import inject, kill_when_fired, to_conversational, write_jsonl
 
 import raydpo
 from raydpo.cache import DATA_SCHEMA
@@ -58,8 +58,7 @@ def test_scorer_actor_killed_mid_run(
     ray_session, toy_model, pairs_file, clean, tmp_path, monkeypatch, reliability
 ):
     """The scorer actor stalls in its second batch and is SIGKILLed; Ray restarts it and retries the batch."""
-    monkeypatch.setenv(FAULT_ENV, "precompute.score:2:stall")
-    monkeypatch.setenv(FAULT_DIR_ENV, str(tmp_path))
+    inject(monkeypatch, tmp_path, "precompute.score:2:stall")
     watcher = kill_when_fired(tmp_path, "precompute.score")
     result = raydpo.precompute(
         model=str(toy_model), dataset=str(pairs_file), output=str(tmp_path / "out"), **SETTINGS

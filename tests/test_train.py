@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import kill_when_fired
+from conftest import inject, kill_when_fired
 from mlflow import MlflowClient
 
 import raydpo
 from raydpo.errors import RaydpoError, TrainingFailed
-from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired
+from raydpo.faults import fired
 
 NONFINITE_ROWS = 2
 STEPS = 6
@@ -180,12 +180,6 @@ def test_saved_model_loads_generates_and_moved(base_run, toy_model):
     assert trained.keys() == initial.keys()
     moved = [name for name in trained if not torch.equal(trained[name], initial[name])]
     assert len(moved) == len(trained)  # every tensor was updated (no frozen or lost parameter)
-
-
-def inject(monkeypatch, directory: Path, fault: str) -> None:
-    """Arm a fault (`point:n:action`, see raydpo.faults) in the workers this test starts."""
-    monkeypatch.setenv(FAULT_ENV, fault)
-    monkeypatch.setenv(FAULT_DIR_ENV, str(directory))
 
 
 def checkpoint_registered(output: Path, step: int):
