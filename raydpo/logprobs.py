@@ -9,14 +9,21 @@ The head runs as one call of the head module per forward, whatever the number of
 DeepSpeed ZeRO-3 each module call gathers the module's sharded weight, a collective, so every rank
 must make the same number of calls even though ranks hold different numbers of completion tokens.
 
-Batches are laid out as TRL lays them out: the chosen sequences of the B pairs, then their rejected
-sequences, right-padded to the longest sequence of the batch.
+Batches come in two layouts with the same values:
+- `PackedPairs`, as TRL lays them out: the chosen sequences of the B pairs, then their rejected
+  sequences, right-padded to the longest sequence of the batch (the prompt goes through twice);
+- `SharedPairs` (prefix sharing): one row per pair, `prompt | chosen | rejected`, with an attention
+  mask that keeps the rejected tokens from seeing the chosen ones and position ids that restart the
+  rejected branch at the prompt's end, so the prompt goes through the model once. The first token of
+  each branch is scored from the last prompt position; backward through the prompt sums the
+  gradients of both branches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +73,130 @@ def pack_pairs(
     return PackedPairs(input_ids, attention_mask, completion_mask)
 
 
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # segment of each position of a SharedPairs row
+PREFIX_SHARING = ("auto", "on", "off")
+
+
+@dataclass
+class SharedPairs:
+    """A batch of B pairs as B right-padded rows `prompt | chosen | rejected`: the prompt is computed once."""
+
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]; the rejected branch restarts at the prompt's length
+    segments: torch.Tensor  # [B, T]: PROMPT, CHOSEN, REJECTED or PAD
+    predecessors: (
+        torch.Tensor
+    )  # [2B, C]: the row position whose output scores each completion token; -1: none
+    targets: torch.Tensor  # [2B, C]: completion token ids, chosen rows first, left-aligned
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> SharedPairs:
+        return SharedPairs(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets)
+            )
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets
+
+
+def pack_shared(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+) -> SharedPairs:
+    """Lay each pair out as one row `prompt | chosen | rejected`, padded to the batch's longest row.
+
+    A branch's first token is scored from the last prompt position, its others from the token before;
+    with an empty prompt the first token of a branch is not scored, as in the unshared layout."""
+    pairs = len(prompt_ids)
+    rows = [[*p, *c, *r] for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
+    width = max(len(row) for row in rows)
+    completion_width = max(max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True))
+    input_ids = torch.full((pairs, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((pairs, width), dtype=torch.long)
+    segments = torch.full((pairs, width), PAD, dtype=torch.long)
+    predecessors = torch.full((2 * pairs, max(completion_width, 1)), -1, dtype=torch.long)
+    targets = torch.full((2 * pairs, max(completion_width, 1)), pad_token_id, dtype=torch.long)
+    for k, (prompt, chosen, rejected, row) in enumerate(
+        zip(prompt_ids, chosen_ids, rejected_ids, rows, strict=True)
+    ):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[k, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        position_ids[k, : p + c] = torch.arange(p + c)
+        position_ids[k, p + c : p + c + r] = torch.arange(p, p + r)
+        segments[k, :p], segments[k, p : p + c], segments[k, p + c : p + c + r] = PROMPT, CHOSEN, REJECTED
+        for out, start, length in ((k, p, c), (pairs + k, p + c, r)):
+            # token i of the branch sits at start + i; its predecessor is the last prompt position for i = 0
+            before = torch.arange(start - 1, start + length - 1)
+            before[0:1] = p - 1
+            predecessors[out, :length] = before
+            targets[out, :length] = input_ids[k, start : start + length]
+    return SharedPairs(input_ids, position_ids, segments, predecessors, targets)
+
+
+def shared_attention_mask(
+    batch: SharedPairs, model: torch.nn.Module
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The 4D mask of a SharedPairs batch for `model`'s attention layers.
+
+    Causal over the row, except that rejected positions never see chosen ones, and padding is never
+    seen. Sliding-window layers also limit the distance in positions (not in row offsets) to their
+    window, as the model's own masks do. Models whose layers differ (full and sliding) get a mask per
+    layer type. SDPA takes a boolean mask; other kernels an additive one in the model's dtype.
+    """
+    config = model.config
+    segments, positions = batch.segments, batch.position_ids
+    width = segments.shape[1]
+    index = torch.arange(width, device=segments.device)
+    allowed = (index[None, :] <= index[:, None])[None]  # [1, T(query), T(key)]
+    allowed = allowed & (segments[:, None, :] != PAD)
+    allowed = allowed & ~((segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN))
+    distance = positions[:, :, None] - positions[:, None, :]
+
+    def formatted(window: int | None) -> torch.Tensor:
+        mask = allowed if window is None else allowed & (distance < window)
+        mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
+        if config._attn_implementation == "sdpa":
+            return mask
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min
+        )
+
+    windows = layer_windows(config)
+    if len(windows) == 1:
+        return formatted(next(iter(windows.values())))
+    return {layer_type: formatted(window) for layer_type, window in windows.items()}
+
+
+def layer_windows(config: Any) -> dict[str, int | None]:
+    """The attention window of each kind of layer the model has (None: full attention)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return {"full_attention": window}
+    windows = {}
+    for layer_type in set(layer_types):
+        if layer_type not in ("full_attention", "sliding_attention"):
+            raise ValueError(f"attention layers of type {layer_type!r} are not supported by prefix sharing")
+        windows[layer_type] = window if layer_type == "sliding_attention" else None
+    return windows
+
+
 @dataclass
 class CompletionLogps:
     """Log-probs of each sequence's completion tokens under the model (fp32)."""
 
-    token_logps: torch.Tensor  # [2B, T-1], zero outside the completion; position t scores token t+1
-    target_mask: torch.Tensor  # [2B, T-1] bool, where token_logps holds a completion token
+    token_logps: torch.Tensor  # [2B, W], zero outside the completion (W: T-1, or the longest completion)
+    target_mask: torch.Tensor  # [2B, W] bool, where token_logps holds a completion token
     sums: torch.Tensor  # [2B], sum over completion tokens
     shared_sums: torch.Tensor  # [2B], sum over the first min(len chosen, len rejected) completion tokens
     tail_sums: torch.Tensor  # [2B], sum over the rest (LD-DPO: shared + ld_alpha * tail)
@@ -86,18 +211,30 @@ class CompletionLogps:
 
 def completion_logps(
     model: torch.nn.Module,
-    batch: PackedPairs,
+    batch: PackedPairs | SharedPairs,
     chunk_tokens: int = 2048,
     with_stats: bool = False,
 ) -> CompletionLogps:
-    """Score a packed batch: one forward of the model body, then the LM head over completion tokens only."""
+    """Score a batch: one forward of the model body, then the LM head over completion tokens only."""
     body, head, transform = _split_model(model)
-    hidden = body(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).last_hidden_state
-    target_mask = batch.completion_mask[:, 1:].bool()
-    targets = batch.input_ids[:, 1:][target_mask]  # [M]
-    states = hidden[:, :-1][target_mask]  # [M, H]
+    if isinstance(batch, SharedPairs):
+        hidden = body(
+            input_ids=batch.input_ids,
+            attention_mask=shared_attention_mask(batch, model),
+            position_ids=batch.position_ids,
+            use_cache=False,
+        ).last_hidden_state
+        target_mask = batch.predecessors >= 0
+        rows = torch.arange(batch.num_pairs, device=hidden.device).repeat(2)[:, None].expand_as(target_mask)
+        states = hidden[rows[target_mask], batch.predecessors[target_mask]]  # [M, H]
+        targets = batch.targets[target_mask]  # [M]
+    else:
+        hidden = body(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        target_mask = batch.completion_mask[:, 1:].bool()
+        targets = batch.input_ids[:, 1:][target_mask]  # [M]
+        states = hidden[:, :-1][target_mask]  # [M, H]
     logps, mean_logits, log_sum_sq = _call_head(head, states, targets, transform, chunk_tokens, with_stats)
 
     token_logps = _scatter(target_mask, logps)
@@ -246,3 +383,37 @@ def check_head_path(model: torch.nn.Module, vocab_size: int, atol: float = 1e-3)
             f"{type(model).__name__}: LM head applied to the decoder output differs from the model's logits "
             f"(max error {error:.3g}); this architecture post-processes logits in an unsupported way"
         )
+
+
+@torch.no_grad()
+def check_prefix_sharing(model: torch.nn.Module, rtol: float | None = None) -> str | None:
+    """Whether `model` scores a shared-prefix batch as it scores the two sequences apart, on a tiny input
+    of two pairs of unequal lengths. Returns None when it does, else the reason it does not (an
+    attention kernel that takes no 4D mask, a layer type or an architecture that ignores the mask)."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    if rtol is None:
+        rtol = 1e-4 if dtype == torch.float32 else 2e-2
+    vocab = model.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=generator).tolist()
+
+    prompts, chosen, rejected = [tokens(7), tokens(3)], [tokens(5), tokens(9)], [tokens(8), tokens(4)]
+    try:
+        layer_windows(model.config)
+        shared = completion_logps(model, pack_shared(prompts, chosen, rejected, 0).to(device)).sums
+    except (ValueError, RuntimeError, TypeError) as error:
+        return (
+            f"{type(model).__name__} cannot take a shared-prefix mask: {' '.join(str(error).split())[:200]}"
+        )
+    unshared = completion_logps(model, pack_pairs(prompts, chosen, rejected, 0).to(device)).sums
+    gap = ((shared - unshared).abs() / unshared.abs().clamp_min(1.0)).max().item()
+    if not gap <= rtol:  # also catches NaN
+        return (
+            f"{type(model).__name__} with {model.config._attn_implementation} attention scores a shared-prefix "
+            f"batch differently from the sequences apart (relative gap {gap:.3g} > {rtol:g}): its attention "
+            "does not follow the 4D mask"
+        )
+    return None

@@ -1,0 +1,186 @@
+"""Prefix sharing: one row `prompt | chosen | rejected` per pair gives the values of two sequences apart.
+
+Real sample pairs (English multi-turn and Chinese) through tiny random models of the architectures
+users bring: Llama, Qwen2 (tied embeddings, qkv bias), Gemma 2 (soft-capping, alternating sliding and
+full layers, eager attention), Mistral (a sliding window shorter than the sequences), GPT-2 (learned
+absolute positions) and a mixture of experts (Qwen2-MoE).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    AttentionInterface,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from raydpo.data import RowError, canonical_pair
+from raydpo.logprobs import (
+    check_prefix_sharing,
+    completion_logps,
+    pack_pairs,
+    pack_shared,
+)
+from raydpo.tokenize import pad_token_id, tokenize_pair
+
+WINDOW = 16  # shorter than every sequence below: the sliding layers' mask matters
+
+
+def architectures(vocab: int) -> dict[str, torch.nn.Module]:
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return {
+        "llama": LlamaForCausalLM(LlamaConfig(**common)),
+        "qwen2": Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=True)),
+        "gemma2": Gemma2ForCausalLM(
+            Gemma2Config(
+                **common,
+                head_dim=8,
+                sliding_window=WINDOW,
+                final_logit_softcapping=5.0,
+                attn_logit_softcapping=10.0,
+                attn_implementation="eager",
+            )
+        ),
+        "mistral": MistralForCausalLM(MistralConfig(**common, sliding_window=WINDOW)),
+        "gpt2": GPT2LMHeadModel(
+            GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+        ),
+        "qwen2_moe": Qwen2MoeForCausalLM(
+            Qwen2MoeConfig(
+                **common,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=16,
+                num_experts=4,
+                num_experts_per_tok=2,
+            )
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer):
+    torch.manual_seed(0)
+    return {name: model.eval() for name, model in architectures(len(tokenizer)).items()}
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer, en_rows, zh_rows):
+    """Four English multi-turn and four Chinese pairs, prompts cut to 96 tokens, pairs to 192."""
+    out = []
+    for rows in (en_rows, zh_rows):
+        taken = []
+        for row in rows:
+            try:
+                taken.append(tokenize_pair(tokenizer, canonical_pair(row), 192, 96))
+            except RowError:
+                continue
+            if len(taken) == 4:
+                break
+        out += taken
+    assert all(len(p.prompt_ids) + min(len(p.chosen_ids), len(p.rejected_ids)) > WINDOW for p in out)
+    return out
+
+
+def columns(pairs) -> tuple[list[list[int]], ...]:
+    return [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe"])
+def test_shared_equals_unshared(models, tokenizer, pairs, name):
+    model = models[name]
+    pad = pad_token_id(tokenizer)
+    with torch.inference_mode():
+        unshared = completion_logps(model, pack_pairs(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
+        shared = completion_logps(model, pack_shared(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
+    torch.testing.assert_close(shared.lengths, unshared.lengths, rtol=0, atol=0)
+    for field in ("sums", "shared_sums", "tail_sums", "logits_sums"):
+        torch.testing.assert_close(
+            getattr(shared, field), getattr(unshared, field), rtol=1e-5, atol=1e-6, msg=field
+        )
+    # per-token values too, completion token by completion token
+    for row in range(2 * len(pairs)):
+        torch.testing.assert_close(
+            shared.token_logps[row][shared.target_mask[row]],
+            unshared.token_logps[row][unshared.target_mask[row]],
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert check_prefix_sharing(model) is None
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_gradients_equal_unshared(models, tokenizer, pairs, name):
+    """The prompt's gradient is the sum of both branches' gradients: every parameter's gradient of one
+    DPO-like objective equals the unshared one's, within 1e-5 of its norm (elements near zero are sums
+    of terms taken in another order, so an element-wise relative bound would measure rounding)."""
+    model = models[name]
+    pad = pad_token_id(tokenizer)
+    weights = torch.linspace(0.5, 2.0, 2 * len(pairs))  # a different upstream gradient per sequence
+
+    def gradients(batch) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        (completion_logps(model, batch, chunk_tokens=61).sums * weights).sum().backward()
+        return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    unshared = gradients(pack_pairs(*columns(pairs), pad))
+    shared = gradients(pack_shared(*columns(pairs), pad))
+    model.zero_grad()
+    assert shared.keys() == unshared.keys() and len(shared) == len(list(model.parameters()))
+    for parameter, expected in unshared.items():
+        gap = (shared[parameter] - expected).norm() / expected.norm()
+        assert gap <= 1e-5, f"{parameter}: relative gap {gap:.3g}"
+
+
+def test_layout(tokenizer):
+    """Rejected positions restart at the prompt's end; each branch's first token is scored from the
+    last prompt position; an empty prompt leaves the first token of each branch unscored."""
+    batch = pack_shared([[5, 6, 7], []], [[8, 9], [10, 11, 12]], [[13], [14, 15]], 0)
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 13], [10, 11, 12, 14, 15, 0]]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]
+    assert batch.position_ids[1, :5].tolist() == [0, 1, 2, 0, 1]
+    assert batch.predecessors.tolist() == [[2, 3, -1], [-1, 0, 1], [2, -1, -1], [-1, 3, -1]]
+    assert batch.targets[:, :2].tolist() == [[8, 9], [10, 11], [13, 0], [14, 15]]
+
+
+def ignores_mask(module, query, key, value, attention_mask, **kwargs):
+    """An attention kernel that is causal within a row and takes no custom mask (like varlen kernels
+    without segment ids): with prefix sharing its rejected tokens would see the chosen ones."""
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)
+
+
+def test_check_refuses_attention_that_ignores_the_mask(tokenizer):
+    AttentionInterface.register("raydpo_test_ignores_mask", ignores_mask)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        attn_implementation="raydpo_test_ignores_mask",
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    reason = check_prefix_sharing(model)
+    assert reason is not None and "does not follow the 4D mask" in reason
+    model.set_attn_implementation("sdpa")
+    assert check_prefix_sharing(model) is None
