@@ -18,6 +18,7 @@ from raydpo.errors import RaydpoError
 CPU_ALLOCATORS = ("mimalloc", "system")
 TRUNCATION_MODES = ("keep_start",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREFIX_SHARING = ("auto", "on", "off")
 
 
 @dataclass
@@ -72,6 +73,10 @@ class PrecomputeConfig:
     """Completion tokens per chunk of the LM head and log-softmax; bounds the [tokens, vocab] buffer."""
     store_token_logps: bool = False
     """Also store per-token reference log-probs of each completion."""
+    prefix_sharing: str = "auto"
+    """One forward per pair, `prompt | chosen | rejected`, so the prompt is computed once: auto (on where
+    the model's attention passes a load-time check that shared equals unshared), on, or off. The values
+    are the same either way, so the setting is not part of the cache key."""
     trust_remote_code: bool = False
     """Run code shipped with the model repository. Off unless asked for: it executes arbitrary Python."""
     overwrite: bool = False
@@ -96,6 +101,7 @@ class PrecomputeConfig:
             )
         if self.dtype not in DTYPES:
             raise RaydpoError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _choice(self, "prefix_sharing", PREFIX_SHARING)
         if (
             self.max_length is not None
             and self.max_prompt_length is not None
@@ -118,6 +124,11 @@ def local_path_or_id(value: str | None) -> str | None:
     if value is None or "://" in value or not Path(value).expanduser().is_dir():
         return value
     return str(Path(value).expanduser().resolve())
+
+
+def _choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
+    if getattr(config, name) not in choices:
+        raise RaydpoError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
 
 
 def _positive(config: Any, *names: str, allow_none: bool = False) -> None:

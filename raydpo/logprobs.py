@@ -21,12 +21,15 @@ Batches come in two layouts with the same values:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from raydpo.config import PREFIX_SHARING
 
 
 @dataclass
@@ -73,8 +76,9 @@ def pack_pairs(
     return PackedPairs(input_ids, attention_mask, completion_mask)
 
 
+logger = logging.getLogger(__name__)
+
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # segment of each position of a SharedPairs row
-PREFIX_SHARING = ("auto", "on", "off")
 
 
 @dataclass
@@ -417,3 +421,35 @@ def check_prefix_sharing(model: torch.nn.Module, rtol: float | None = None) -> s
             "does not follow the 4D mask"
         )
     return None
+
+
+def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
+    """Decide prefix sharing for a loaded model: `off`; `on` (stop when the model cannot take it); `auto`
+    (on where `check_prefix_sharing` passes, else off with the reason logged)."""
+    if setting not in PREFIX_SHARING:
+        raise ValueError(f"prefix_sharing must be one of {', '.join(PREFIX_SHARING)}, got {setting!r}")
+    if setting == "off":
+        return False
+    reason = check_prefix_sharing(model)
+    if reason is None:
+        return True
+    if setting == "on":
+        raise ValueError(f"prefix_sharing=on: {reason}")
+    logger.warning("prefix sharing is off: %s", reason)
+    return False
+
+
+def pack_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    shared: bool,
+) -> PackedPairs | SharedPairs:
+    """The batch in the layout the run uses: one row per pair (`shared`) or two."""
+    return (pack_shared if shared else pack_pairs)(prompt_ids, chosen_ids, rejected_ids, pad_token_id)
+
+
+def pair_width(prompt: int, chosen: int, rejected: int, shared: bool) -> int:
+    """The row length a pair needs in its layout (what a batch is sorted and padded by)."""
+    return prompt + chosen + rejected if shared else prompt + max(chosen, rejected)

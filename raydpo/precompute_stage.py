@@ -52,6 +52,7 @@ PREPARED_SCHEMA = pa.schema(
     ]
 )
 FORWARD_TOKENS = "_forward_tokens"  # padded tokens each pair took in its forward (for the padding figure)
+COMPUTED_TOKENS = "_computed_tokens"  # tokens of each pair the model computed (the prompt once if shared)
 
 
 @dataclass
@@ -70,10 +71,12 @@ class SplitResult:
     def summary(self) -> str:
         counts, stats = self.counts, self.manifest["throughput"]
         head = "cached, nothing to do" if self.cached else f"{stats['wall_time_s']:.1f}s"
+        saved = stats.get("tokens_saved_by_prefix_sharing", 0)
+        sharing = f", prompts computed once ({saved / stats['tokens']:.1%} fewer tokens)" if saved else ""
         return (
             f"{self.name}: {counts['read']} rows read, {counts['written']} written, "
             f"{counts['rejected']} rejected; {stats['tokens']} tokens, {stats['tokens_per_s']:.0f} tokens/s, "
-            f"{stats['padding_fraction']:.1%} padding ({head}) -> {self.path}"
+            f"{stats['padding_fraction']:.1%} padding{sharing} ({head}) -> {self.path}"
         )
 
 
@@ -204,6 +207,7 @@ def _precompute_split(
                 "batch_size": config.batch_size,
                 "chunk_tokens": config.logits_chunk_tokens,
                 "store_token_logps": config.store_token_logps,
+                "prefix_sharing": config.prefix_sharing,
                 "num_threads": max(1, int(config.cpus_per_actor)),
             },
         )
@@ -389,7 +393,8 @@ class ReferenceScorer:
     """Scores prepared batches with the reference model: a plain callable class for `map_batches`.
 
     It loads the model once; each call sorts its pairs by length, runs forwards of `batch_size` pairs
-    (chosen and rejected together), and returns the batch with the reference log-prob columns added.
+    (chosen and rejected together: one row per pair with prefix sharing, else two), and returns the
+    batch with the reference log-prob columns added.
     Ray restarts a dead scorer actor (up to `max_actor_restarts` times) and retries its unfinished
     batches, and part files are named by content, so a retried batch rewrites its own file rather than
     adding a second copy.
@@ -405,12 +410,13 @@ class ReferenceScorer:
         batch_size: int = 8,
         chunk_tokens: int = 2048,
         store_token_logps: bool = False,
+        prefix_sharing: str = "auto",
         num_threads: int = 1,
     ):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from raydpo.logprobs import check_head_path
+        from raydpo.logprobs import check_head_path, use_prefix_sharing
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
@@ -426,6 +432,7 @@ class ReferenceScorer:
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(model, **kwargs).to(self.device).eval()
         check_head_path(self.model, self.model.config.vocab_size)
+        self.shared = use_prefix_sharing(self.model, prefix_sharing)
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
@@ -434,7 +441,7 @@ class ReferenceScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from raydpo.logprobs import completion_logps, pack_pairs
+        from raydpo.logprobs import completion_logps, pack_batch, pair_width
 
         fault_point("precompute.score")
 
@@ -444,25 +451,31 @@ class ReferenceScorer:
         rejecteds = batch.column("rejected_input_ids").to_pylist()
         columns = {name: [None] * batch.num_rows for name in self._output_names()}
         columns[FORWARD_TOKENS] = [0] * batch.num_rows
-        longest = {i: len(prompts[i]) + max(len(chosens[i]), len(rejecteds[i])) for i in ok}
-        order = sorted(ok, key=lambda i: longest[i], reverse=True)  # longest first: memory peaks early
+        columns[COMPUTED_TOKENS] = [0] * batch.num_rows
+        width = {i: pair_width(len(prompts[i]), len(chosens[i]), len(rejecteds[i]), self.shared) for i in ok}
+        order = sorted(ok, key=lambda i: width[i], reverse=True)  # longest first: memory peaks early
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            packed = pack_pairs(
+            packed = pack_batch(
                 [prompts[i] for i in rows],
                 [chosens[i] for i in rows],
                 [rejecteds[i] for i in rows],
                 self.pad_token_id,
+                self.shared,
             ).to(self.device)
             with torch.inference_mode():
                 scores = completion_logps(self.model, packed, self.chunk_tokens)
             self._collect(columns, rows, scores, packed.input_ids.shape[1])
+            for i in rows:
+                columns[COMPUTED_TOKENS][i] = (
+                    width[i] if self.shared else 2 * len(prompts[i]) + len(chosens[i]) + len(rejecteds[i])
+                )
         out = batch
         for name, values in columns.items():
             dtype = (
                 pa.list_(pa.float32())
                 if name.endswith("token_logps")
-                else (pa.int64() if name == FORWARD_TOKENS else pa.float32())
+                else (pa.int64() if name in (FORWARD_TOKENS, COMPUTED_TOKENS) else pa.float32())
             )
             out = out.append_column(name, pa.array(values, type=dtype))
         return out
@@ -483,7 +496,7 @@ class ReferenceScorer:
             columns["ref_chosen_logps_tail"][i] = float(sums[2][k])
             columns["ref_rejected_logps_shared"][i] = float(sums[1][pairs + k])
             columns["ref_rejected_logps_tail"][i] = float(sums[2][pairs + k])
-            columns[FORWARD_TOKENS][i] = 2 * width
+            columns[FORWARD_TOKENS][i] = width if self.shared else 2 * width
         if self.store_token_logps:
             token_logps = scores.token_logps.cpu()
             mask = scores.target_mask.cpu()
@@ -542,6 +555,7 @@ class CacheSink(Datasink):
         totals["written"] += accepted.num_rows
         totals["tokens"] += int((2 * lengths["prompt"] + lengths["chosen"] + lengths["rejected"]).sum())
         totals["forward_tokens"] += int(pc.sum(accepted.column(FORWARD_TOKENS)).as_py() or 0)
+        totals["computed_tokens"] += int(pc.sum(accepted.column(COMPUTED_TOKENS)).as_py() or 0)
         totals["truncated"] += int(pc.sum(accepted.column("truncated").cast(pa.int64())).as_py() or 0)
 
     def on_write_complete(self, write_result) -> None:
@@ -608,6 +622,7 @@ def _finish(
         )
     tokens = totals.get("tokens", 0)
     forward_tokens = totals.get("forward_tokens", 0)
+    computed_tokens = totals.get("computed_tokens", 0)
     manifest = {
         "format": cache.FORMAT,
         "schema_version": cache.SCHEMA_VERSION,
@@ -632,7 +647,10 @@ def _finish(
             "tokens": tokens,
             "tokens_per_s": tokens / wall_time if wall_time > 0 else 0.0,
             "pairs_per_s": totals.get("written", 0) / wall_time if wall_time > 0 else 0.0,
-            "padding_fraction": 1 - tokens / forward_tokens if forward_tokens else 0.0,
+            "padding_fraction": 1 - computed_tokens / forward_tokens if forward_tokens else 0.0,
+            "prefix_sharing": "on" if computed_tokens < tokens else "off",  # as the scorers decided
+            "tokens_computed": computed_tokens,
+            "tokens_saved_by_prefix_sharing": tokens - computed_tokens,
             "num_actors": config.num_actors,
             "batch_size": config.batch_size,
         },

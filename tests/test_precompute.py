@@ -134,7 +134,7 @@ def test_rerun_is_a_cached_no_op_and_changed_inputs_need_overwrite(
         raydpo.precompute(**{**same, "max_length": 384})
 
 
-def test_values_do_not_depend_on_batch_size_padding_or_actor_count(
+def test_values_do_not_depend_on_batch_size_padding_actor_count_or_prefix_sharing(
     ray_session, toy_model, sample_dir, tmp_path
 ):
     source = str(sample_dir / "dpo_en_demo.json")
@@ -142,9 +142,16 @@ def test_values_do_not_depend_on_batch_size_padding_or_actor_count(
     with pytest.raises(RaydpoError, match="take all 2 CPUs"):
         raydpo.precompute(**common, output=str(tmp_path / "a"), num_actors=2, cpus_per_actor=1)
     a = raydpo.precompute(
-        **common, output=str(tmp_path / "a"), batch_size=1, num_actors=2, cpus_per_actor=0.5
+        **common,
+        output=str(tmp_path / "a"),
+        batch_size=1,
+        num_actors=2,
+        cpus_per_actor=0.5,
+        prefix_sharing="on",
     )
-    b = raydpo.precompute(**common, output=str(tmp_path / "b"), batch_size=5, num_actors=1, sort_window=1)
+    b = raydpo.precompute(
+        **common, output=str(tmp_path / "b"), batch_size=5, num_actors=1, sort_window=1, prefix_sharing="off"
+    )
     frame_a = raydpo.read_output(a.output).to_pandas().set_index("pair_id").sort_index()
     frame_b = raydpo.read_output(b.output).to_pandas().set_index("pair_id").sort_index()
     assert list(frame_a.index) == list(frame_b.index)
@@ -158,6 +165,13 @@ def test_values_do_not_depend_on_batch_size_padding_or_actor_count(
             torch.tensor(frame_a[column].values), torch.tensor(frame_b[column].values), rtol=1e-5, atol=1e-3
         )
     assert b.train.manifest["throughput"]["padding_fraction"] > 0  # unsorted batches of 5 pad
+    # the same values: the same cache key, whichever layout computed them
+    assert a.train.manifest["key"] == b.train.manifest["key"]
+    shared, unshared = a.train.manifest["throughput"], b.train.manifest["throughput"]
+    prompt_tokens = int(frame_a["prompt_length"].sum())
+    assert shared["prefix_sharing"] == "on" and shared["tokens_saved_by_prefix_sharing"] == prompt_tokens
+    assert shared["tokens_computed"] == shared["tokens"] - prompt_tokens
+    assert unshared["prefix_sharing"] == "off" and unshared["tokens_saved_by_prefix_sharing"] == 0
 
 
 def test_in_memory_ray_dataset_is_cached_by_content(ray_session, toy_model, en_rows, tmp_path):
