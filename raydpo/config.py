@@ -290,6 +290,10 @@ class TrainConfig:
     """Seed of the data order and of any random initialisation (LoRA)."""
     logits_chunk_tokens: int = 2048
     """Completion tokens per LM-head chunk: bounds the [tokens, vocab] fp32 buffer."""
+    prefix_sharing: str = "auto"
+    """One forward and backward per pair, `prompt | chosen | rejected`, so the prompt is computed once:
+    auto (on where the policy's attention passes a check at start that shared equals unshared), on,
+    or off. The log-probs and gradients are the same either way."""
     cpu_allocator: str = "mimalloc"
     """Memory allocator of CPU training workers: "mimalloc" (preloaded from the cmeel-mimalloc wheel;
     freed memory is kept for reuse) or "system" (the C library's malloc). glibc's malloc fragments
@@ -339,6 +343,7 @@ class TrainConfig:
             raise RaydpoError(
                 f"cpu_allocator must be {' or '.join(CPU_ALLOCATORS)}, got {self.cpu_allocator!r}"
             )
+        _choice(self, "prefix_sharing", PREFIX_SHARING)
         if self.lr_scheduler not in ("linear", "cosine"):
             raise RaydpoError(f"lr_scheduler must be linear or cosine, got {self.lr_scheduler!r}")
         if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:

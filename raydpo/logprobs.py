@@ -44,6 +44,14 @@ class PackedPairs:
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
+    @property
+    def pair_tokens(self) -> int:
+        """Tokens of the pairs' sequences, each counted once per sequence it is in (TRL's num_tokens)."""
+        return int(self.attention_mask.sum())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.completion_mask
+
     def to(self, device: torch.device | str) -> PackedPairs:
         return PackedPairs(
             *(
@@ -96,6 +104,12 @@ class SharedPairs:
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def pair_tokens(self) -> int:
+        """Tokens of the pairs' two sequences, the prompt counted twice as TRL counts it (num_tokens);
+        the model computed the prompt once."""
+        return int((self.segments != PAD).sum() + (self.segments == PROMPT).sum())
 
     def to(self, device: torch.device | str) -> SharedPairs:
         return SharedPairs(
@@ -396,6 +410,15 @@ def check_prefix_sharing(model: torch.nn.Module, rtol: float | None = None) -> s
     attention kernel that takes no 4D mask, a layer type or an architecture that ignores the mask)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    was_training = model.training
+    model.eval()  # dropout would tell the two layouts apart
+    try:
+        return _prefix_sharing_gap(model, device, dtype, rtol)
+    finally:
+        model.train(was_training)
+
+
+def _prefix_sharing_gap(model: torch.nn.Module, device, dtype, rtol: float | None) -> str | None:
     if rtol is None:
         rtol = 1e-4 if dtype == torch.float32 else 2e-2
     vocab = model.config.get_text_config().vocab_size

@@ -50,6 +50,7 @@ class TrainResult:
     plan: dict[str, Any] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run took
     cpu_allocator: str | None = None  # the allocator rank 0 ran with on CPUs: "mimalloc" or "system"
+    prefix_sharing: bool | None = None  # whether each pair's prompt went through the policy once
 
     def summary(self) -> str:
         shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
@@ -137,6 +138,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
 
     client = MlflowClient(tracking_uri=tracking_uri)
     client.set_tag(run_id, "raydpo.model_path", model_output)
+    client.set_tag(run_id, "raydpo.prefix_sharing", str(outcome.get("prefix_sharing")).lower())
     client.set_terminated(run_id, "FINISHED")
     state["status"] = "finished"
     state["model_path"] = model_output
@@ -150,6 +152,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         plan=plan,
         step_seconds=outcome.get("step_seconds", []),
         cpu_allocator=outcome.get("cpu_allocator"),
+        prefix_sharing=outcome.get("prefix_sharing"),
     )
 
 

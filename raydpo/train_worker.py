@@ -23,7 +23,14 @@ import torch
 
 from raydpo.cluster import MIMALLOC_LIBRARY, preloaded
 from raydpo.faults import fault_point
-from raydpo.logprobs import CompletionLogps, PackedPairs, completion_logps, pack_pairs
+from raydpo.logprobs import (
+    CompletionLogps,
+    PackedPairs,
+    SharedPairs,
+    completion_logps,
+    pack_batch,
+    use_prefix_sharing,
+)
 from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
 
 logger = logging.getLogger(__name__)
@@ -101,16 +108,30 @@ def deepspeed_config(
 
 
 class PolicyScorer(torch.nn.Module):
-    """The policy with `completion_logps` as its forward, so the DeepSpeed engine runs the forward."""
+    """The policy with `completion_logps` as its forward, so the DeepSpeed engine runs the forward.
+
+    It takes the tensors of a `SharedPairs` batch (one row per pair) when `shared`, else of a
+    `PackedPairs` batch; `shared` is decided once the engine holds the model (`decide_prefix_sharing`)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
+        self.shared = False
 
-    def forward(self, input_ids, attention_mask, completion_mask) -> CompletionLogps:
-        batch = PackedPairs(input_ids, attention_mask, completion_mask)
+    def forward(self, *tensors: torch.Tensor) -> CompletionLogps:
+        batch = SharedPairs(*tensors) if self.shared else PackedPairs(*tensors)
         return completion_logps(self.model, batch, self.chunk_tokens, with_stats=True)
+
+
+def decide_prefix_sharing(engine, setting: str, rank: int) -> bool:
+    """Check, on every rank alike (under ZeRO-3 the check's forwards gather weights), whether the
+    policy's attention follows a shared-prefix mask; `auto` turns sharing off where it does not."""
+    scorer: PolicyScorer = engine.module
+    scorer.shared = use_prefix_sharing(scorer.model, setting)
+    if rank == 0:
+        logger.info("prefix sharing: %s", "on (each prompt computed once)" if scorer.shared else "off")
+    return scorer.shared
 
 
 @dataclass
@@ -166,13 +187,17 @@ class MetricWindow:
 
 def loss_on_batch(engine, columns: dict[str, Any], settings: LossSettings, pad_token_id: int, device):
     """Forward one micro-batch through the engine; returns (loss, scores, loss output, policy logps)."""
-    batch = pack_pairs(
-        columns["prompt_input_ids"], columns["chosen_input_ids"], columns["rejected_input_ids"], pad_token_id
+    batch = pack_batch(
+        columns["prompt_input_ids"],
+        columns["chosen_input_ids"],
+        columns["rejected_input_ids"],
+        pad_token_id,
+        engine.module.shared,
     ).to(device)
-    scores: CompletionLogps = engine(batch.input_ids, batch.attention_mask, batch.completion_mask)
+    scores: CompletionLogps = engine(*batch.tensors())
     inputs = loss_inputs(scores, columns, settings, device)
     output = preference_loss(inputs, settings)
-    return output.loss, scores, output, inputs, int(batch.attention_mask.sum())
+    return output.loss, scores, output, inputs, batch.pair_tokens
 
 
 def loss_inputs(
@@ -269,6 +294,7 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
         dist_init_required=False,
     )
     load_checkpoints_weights_only(engine)
+    prefix_shared = decide_prefix_sharing(engine, config.prefix_sharing, rank)
 
     state = {"step": 0, "num_tokens": 0, "skipped_batches": 0}
     checkpoint = ray.train.get_checkpoint()
@@ -361,6 +387,7 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             "model_path": model_path,
             "step_seconds": step_seconds,
             "cpu_allocator": allocator,
+            "prefix_sharing": prefix_shared,
         }
     return None
 

@@ -108,6 +108,18 @@ def test_first_step_policy_is_the_reference(base_run):
     assert metric_history(base_run, "rewards/chosen")[1] == pytest.approx(0.0, abs=1e-4)
 
 
+def test_prefix_sharing_off_gives_the_same_first_step(base_run, train_cache, toy_model, tmp_path):
+    """The base run computes each prompt once (prefix_sharing auto); one step with two sequences per
+    pair gives the same log-probs, gradient norm and token count (TRL's, the prompt counted twice)."""
+    assert base_run.prefix_sharing is True
+    settings = run_settings(toy_model, train_cache, tmp_path / "unshared", max_steps=1, prefix_sharing="off")
+    unshared = raydpo.train({**settings, "eval_steps": None, "checkpoint_steps": None})
+    assert unshared.prefix_sharing is False
+    for name in ("loss", "logps/chosen", "logps/rejected", "logits/chosen", "grad_norm", "num_tokens"):
+        expected = metric_history(base_run, name)[1]
+        assert metric_history(unshared, name)[1] == pytest.approx(expected, rel=1e-5), name
+
+
 def test_cpu_workers_allocate_with_mimalloc(base_run):
     """cpu_allocator's default reaches the workers: mimalloc is preloaded into every Ray Train worker."""
     from raydpo.cluster import cpu_allocator_env
