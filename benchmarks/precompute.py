@@ -1,10 +1,13 @@
 """Reference log-prob precompute: raydpo against TRL's DPOTrainer(precompute_ref_log_probs=True).
 
-Both run in this one process run on the same model, data, max_length and batch size; the script prints
-pairs/s and tokens/s of each, their ratio (median over the repeats), the share of each forward that was
-padding, and how far apart the two sets of values are.
+All run in this one process on the same model, data, max_length and batch size: TRL, raydpo with
+prefix sharing (each prompt computed once) and raydpo without it. The script prints the data's
+prompt:completion token ratio (the gain of sharing depends on it), pairs/s and tokens/s of each (tokens
+as TRL counts them, the prompt twice), their ratios (medians over the repeats), the share of each
+forward that was padding, and how far apart the sets of values are.
 
-    python benchmarks/precompute.py --pairs 96 --repeats 3
+    python benchmarks/precompute.py --pairs 96 --repeats 3               # English multi-turn
+    python benchmarks/precompute.py --pairs 96 --repeats 3 --data zh     # Chinese, short prompts
 """
 
 from __future__ import annotations
@@ -82,7 +85,13 @@ def run_trl(model_dir: Path, rows: list[dict], max_length: int, batch_size: int,
 
 
 def run_raydpo(
-    model_dir: Path, rows: list[dict], max_length: int, batch_size: int, threads: int, output: str
+    model_dir: Path,
+    rows: list[dict],
+    max_length: int,
+    batch_size: int,
+    threads: int,
+    output: str,
+    prefix_sharing: str,
 ):
     import ray.data
 
@@ -99,6 +108,7 @@ def run_raydpo(
         batch_size=batch_size,
         num_actors=1,
         cpus_per_actor=threads,
+        prefix_sharing=prefix_sharing,
     )
     seconds = time.perf_counter() - started
     frame = raydpo.read_output(output).to_pandas()
@@ -115,6 +125,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--workdir", default=".bench")
+    parser.add_argument("--data", choices=["en", "zh"], default="en", help="the bundled sample to use")
     args = parser.parse_args()
 
     import ray
@@ -137,34 +148,46 @@ def main() -> None:
         .torch.load_file(str(model_dir / "model.safetensors"))
         .values()
     )
-    source = json.loads((sample_data_dir() / "dpo_en_demo.json").read_text(encoding="utf-8"))
+    source = json.loads((sample_data_dir() / f"dpo_{args.data}_demo.json").read_text(encoding="utf-8"))
     rows = [conversational(row) for row in source[: args.pairs]]
     ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)  # +1: the tokenize tasks
 
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"model: Llama {args.hidden_size}x{args.layers}, {params / 1e6:.1f}M parameters; "
-        f"{len(rows)} English pairs (conversational); max_length {args.max_length}; batch {args.batch_size}"
+        f"{len(rows)} {args.data} pairs (conversational); max_length {args.max_length}; batch {args.batch_size}"
     )
-    ours, theirs = [], []
+    runs = {"TRL": [], "raydpo-shared": [], "raydpo-unshared": []}
+    frames = {}
     for repeat in range(args.repeats):
         t_sec, t_pairs, t_tokens, t_pad, trl_values = run_trl(
             model_dir, rows, args.max_length, args.batch_size, threads
         )
-        r_sec, r_pairs, r_tokens, r_pad, frame = run_raydpo(
-            model_dir, rows, args.max_length, args.batch_size, threads, str(workdir / "cache")
-        )
-        theirs.append((t_pairs / t_sec, t_tokens / t_sec))
-        ours.append((r_pairs / r_sec, r_tokens / r_sec))
+        runs["TRL"].append((t_pairs / t_sec, t_tokens / t_sec))
         print(
-            f"[{repeat + 1}/{args.repeats}] TRL    {t_sec:7.1f}s {t_pairs} pairs {t_pairs / t_sec:6.2f} pairs/s "
-            f"{t_tokens / t_sec:8.0f} tokens/s, padding {t_pad:.1%}"
+            f"[{repeat + 1}/{args.repeats}] {'TRL':<16}{t_sec:7.1f}s {t_pairs} pairs {t_pairs / t_sec:6.2f} "
+            f"pairs/s {t_tokens / t_sec:8.0f} tokens/s, padding {t_pad:.1%}"
         )
-        print(
-            f"[{repeat + 1}/{args.repeats}] raydpo {r_sec:7.1f}s {r_pairs} pairs {r_pairs / r_sec:6.2f} pairs/s "
-            f"{r_tokens / r_sec:8.0f} tokens/s, padding {r_pad:.1%}"
-        )
+        for name, sharing in (("raydpo-shared", "on"), ("raydpo-unshared", "off")):
+            r_sec, r_pairs, r_tokens, r_pad, frames[name] = run_raydpo(
+                model_dir, rows, args.max_length, args.batch_size, threads, str(workdir / "cache"), sharing
+            )
+            runs[name].append((r_pairs / r_sec, r_tokens / r_sec))
+            print(
+                f"[{repeat + 1}/{args.repeats}] {name:<16}{r_sec:7.1f}s {r_pairs} pairs {r_pairs / r_sec:6.2f} "
+                f"pairs/s {r_tokens / r_sec:8.0f} tokens/s, padding {r_pad:.1%}"
+            )
 
+    frame = frames["raydpo-shared"]
+    prompt_tokens, completion_tokens = (
+        int(frame["prompt_length"].sum()),
+        int((frame["chosen_length"] + frame["rejected_length"]).sum()),
+    )
+    print(
+        f"data: {prompt_tokens} prompt tokens, {completion_tokens} completion tokens "
+        f"(prompt:completion {prompt_tokens / completion_tokens:.2f}); prompts are "
+        f"{2 * prompt_tokens / (2 * prompt_tokens + completion_tokens):.0%} of the tokens TRL computes"
+    )
     by_id = frame.set_index("pair_id")
     diffs = []
     for key, (chosen, rejected) in trl_values.items():
@@ -177,17 +200,22 @@ def main() -> None:
                 (row["ref_rejected_logps"], rejected),
             ):
                 diffs.append(abs(ours_value - trl_value) / max(abs(trl_value), 1.0))
-    ratio_pairs = statistics.median(o[0] for o in ours) / statistics.median(t[0] for t in theirs)
-    ratio_tokens = statistics.median(o[1] for o in ours) / statistics.median(t[1] for t in theirs)
-    print(
-        f"median TRL:    {statistics.median(t[0] for t in theirs):.2f} pairs/s, "
-        f"{statistics.median(t[1] for t in theirs):.0f} tokens/s"
+    unshared = frames["raydpo-unshared"].set_index("pair_id").loc[by_id.index]
+    layout_gap = max(
+        (abs(by_id[c] - unshared[c]) / unshared[c].abs().clip(lower=1.0)).max()
+        for c in ("ref_chosen_logps", "ref_rejected_logps")
     )
+    medians = {
+        name: [statistics.median(v[i] for v in values) for i in (0, 1)] for name, values in runs.items()
+    }
+    for name, (pairs_per_s, tokens_per_s) in medians.items():
+        print(f"median {name:<16} {pairs_per_s:6.2f} pairs/s, {tokens_per_s:8.0f} tokens/s")
+    for name in ("raydpo-shared", "raydpo-unshared"):
+        print(f"ratio {name}/TRL: {medians[name][0] / medians['TRL'][0]:.2f}x pairs/s")
     print(
-        f"median raydpo: {statistics.median(o[0] for o in ours):.2f} pairs/s, "
-        f"{statistics.median(o[1] for o in ours):.0f} tokens/s"
+        f"ratio shared/unshared: {medians['raydpo-shared'][0] / medians['raydpo-unshared'][0]:.2f}x pairs/s"
     )
-    print(f"ratio raydpo/TRL: {ratio_pairs:.2f}x pairs/s, {ratio_tokens:.2f}x tokens/s")
+    print(f"values: shared vs unshared max relative difference {layout_gap:.2e}")
     print(f"values: {len(diffs) // 2} pairs compared, max relative difference {max(diffs):.2e}")
     ray.shutdown()
     sys.exit(0 if diffs and max(diffs) < 1e-4 else 1)
