@@ -3,7 +3,8 @@
 Runs on the same model, pairs, max_length, micro batch and number of processes:
   - TRL, reference model online (a second model in memory and a second forward per step),
   - TRL with precompute_ref_log_probs=True (reference forwards before training, in the trainer),
-  - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output),
+  - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output), with
+    prefix sharing (each prompt computed once, the default) and without it (`raydpo-unshared`),
 and, to separate the allocator from the rest (raydpo's CPU workers run mimalloc by default):
   - raydpo train with cpu_allocator="system" (glibc's malloc, as TRL runs),
   - TRL online with mimalloc preloaded as raydpo preloads it (`--allocator-runs 0` skips these two).
@@ -131,6 +132,7 @@ def run_raydpo(
     cache: Path,
     workdir: Path,
     cpu_allocator: str = "mimalloc",
+    prefix_sharing: str = "auto",
 ) -> dict:
     import raydpo
 
@@ -150,6 +152,7 @@ def run_raydpo(
         max_failures=0,
         overwrite=True,
         cpu_allocator=cpu_allocator,
+        prefix_sharing=prefix_sharing,
     )
     wall = time.perf_counter() - started
     return {
@@ -184,6 +187,7 @@ def main() -> None:
         help="also run raydpo with the system allocator and TRL online with mimalloc (0: skip them)",
     )
     parser.add_argument("--workdir", default=".bench/train")
+    parser.add_argument("--data", choices=["en", "zh"], default="en", help="the bundled sample to use")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -208,7 +212,7 @@ def main() -> None:
         num_layers=args.layers,
         num_heads=8,
     )
-    source = json.loads((sample_data_dir() / "dpo_en_demo.json").read_text(encoding="utf-8"))
+    source = json.loads((sample_data_dir() / f"dpo_{args.data}_demo.json").read_text(encoding="utf-8"))
     rows = [conversational(row) for row in source[: args.pairs]]
     import datasets
 
@@ -239,7 +243,8 @@ def main() -> None:
     runners = {
         "trl-online": lambda: run_trl("online", args, model_dir, rows_file, workdir),
         "trl-precompute": lambda: run_trl("precompute", args, model_dir, rows_file, workdir),
-        "raydpo": lambda: run_raydpo(args, model_dir, cache, workdir),
+        "raydpo": lambda: run_raydpo(args, model_dir, cache, workdir),  # prefix sharing: auto (on)
+        "raydpo-unshared": lambda: run_raydpo(args, model_dir, cache, workdir, prefix_sharing="off"),
     }
     if args.allocator_runs:
         runners["raydpo-system"] = lambda: run_raydpo(args, model_dir, cache, workdir, cpu_allocator="system")
