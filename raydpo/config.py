@@ -59,7 +59,10 @@ class PrecomputeConfig:
     gpus_per_actor: float = 0.0
     """GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU)."""
     cpus_per_actor: float = 1.0
-    """CPUs per scorer actor; on CPU this is also its torch thread count."""
+    """CPUs per scorer actor (what Ray reserves for it)."""
+    cpu_threads_per_actor: int | None = None
+    """Torch threads of a CPU scorer; None: the cores of its machine shared among the pool's actors
+    (at least `cpus_per_actor`), so one actor on a small machine uses all of its cores."""
     max_actor_restarts: int = 3
     """Times Ray restarts a dead scorer actor (its unfinished batches are retried on the new one)."""
     rows_per_file: int = 2048
@@ -89,7 +92,7 @@ class PrecomputeConfig:
         _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens", "rows_per_file")
         if self.max_actor_restarts < 0:
             raise RaydpoError("max_actor_restarts must be >= 0")
-        _positive(self, "max_length", "max_prompt_length", "limit", allow_none=True)
+        _positive(self, "max_length", "max_prompt_length", "limit", "cpu_threads_per_actor", allow_none=True)
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:

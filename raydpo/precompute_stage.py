@@ -208,7 +208,8 @@ def _precompute_split(
                 "chunk_tokens": config.logits_chunk_tokens,
                 "store_token_logps": config.store_token_logps,
                 "prefix_sharing": config.prefix_sharing,
-                "num_threads": max(1, int(config.cpus_per_actor)),
+                "num_threads": config.cpu_threads_per_actor
+                or cpu_threads(config.cpus_per_actor, config.num_actors),
             },
         )
     sink = CacheSink(root, key, config.store_token_logps, config.rows_per_file)
@@ -389,6 +390,17 @@ def _append(
         out[column].append(value)
 
 
+def cpu_threads(cpus_per_actor: float, num_actors: int) -> int:
+    """Torch threads of a CPU scorer: this machine's cores shared among the pool, at least its CPUs.
+
+    A forward is matrix work that scales with threads, and the tokenize tasks beside it are light, so
+    a single scorer on a 2-core machine runs 2 threads rather than the 1 CPU Ray reserved for it."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, int(cpus_per_actor), cores // num_actors)
+
+
 class ReferenceScorer:
     """Scores prepared batches with the reference model: a plain callable class for `map_batches`.
 
@@ -411,7 +423,9 @@ class ReferenceScorer:
         chunk_tokens: int = 2048,
         store_token_logps: bool = False,
         prefix_sharing: str = "auto",
-        num_threads: int = 1,
+        num_threads: int | None = None,
+        cpus: float = 1.0,
+        pool_size: int = 1,
     ):
         import torch
         from transformers import AutoModelForCausalLM
@@ -420,7 +434,7 @@ class ReferenceScorer:
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
-            torch.set_num_threads(num_threads)
+            torch.set_num_threads(num_threads or cpu_threads(cpus, pool_size))
         torch_dtype = {
             "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
             "float32": torch.float32,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
@@ -229,3 +230,14 @@ def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, c
         == 2
     )
     assert "dataset not found" in capsys.readouterr().err
+
+
+def test_cpu_scorer_threads_share_the_machine():
+    """A CPU scorer runs the machine's cores shared among the pool, never fewer than its Ray CPUs."""
+    from raydpo.precompute_stage import cpu_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert cpu_threads(1, 1) == cores
+    assert cpu_threads(1, 2 * cores) == 1
+    assert cpu_threads(0.5, 1) == cores
+    assert cpu_threads(cores + 2, 1) == cores + 2
