@@ -215,3 +215,14 @@ def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, c
         == 2
     )
     assert "dataset not found" in capsys.readouterr().err
+
+
+def test_weight_digest_is_chunked_sha256(tmp_path):
+    """Weight files are hashed in chunks (Python 3.10 has no `hashlib.file_digest`), to the same digest."""
+    import hashlib
+
+    from raydpo.cache import file_sha256
+
+    payload = bytes(range(256)) * 1000 + b"tail"
+    (tmp_path / "w.bin").write_bytes(payload)
+    assert file_sha256(tmp_path / "w.bin", chunk_bytes=4096) == hashlib.sha256(payload).hexdigest()
