@@ -138,10 +138,21 @@ def from_mapping(cls: type, values: dict[str, Any]) -> Any:
         if name not in known:
             raise RaydpoError(f"unknown {cls.__name__} setting {key!r}")
         kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as error:  # a required field is missing
-        raise RaydpoError(f"{cls.__name__}: {error}") from None
+    missing = missing_required(cls, kwargs)
+    if missing:
+        raise RaydpoError(f"{cls.__name__}: {missing[0]} is required")
+    return cls(**kwargs)
+
+
+def missing_required(cls: type, values: dict[str, Any]) -> list[str]:
+    """The settings of a config dataclass that have no default and are absent (or None) in `values`."""
+    return [
+        f.name
+        for f in fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and values.get(f.name) is None
+    ]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (PrecomputeConfig, {"model": "m", "dtype": "int8"}, "dtype must be one of"),
         (PrecomputeConfig, {"model": "m", "max_length": 64, "max_prompt_length": 64}, "max_prompt_length"),
         (PrecomputeConfig, {"model": "m", "colour": 1}, "unknown PrecomputeConfig setting"),
-        (PrecomputeConfig, {}, "missing 1 required positional argument"),
+        (PrecomputeConfig, {}, "PrecomputeConfig: model is required"),
         (TrainConfig, {"model": "m", "beta": 0}, "beta and discopop_tau must be > 0"),
         (TrainConfig, {"model": "m", "loss_type": "dpo++"}, "loss type"),
         (TrainConfig, {"model": "m", "label_smoothing": 0.7, "loss_type": "robust"}, "label_smoothing"),
@@ -101,6 +101,14 @@ def test_deepspeed_config_built_and_user_file(tmp_path):
     user.write_text("{not json")
     with pytest.raises(RaydpoError, match="cannot read the DeepSpeed config"):
         _deepspeed_config(TrainConfig(model="m", deepspeed_config=str(user)), world_size=2)
+
+
+@pytest.mark.parametrize("command", ["train", "precompute"])
+def test_cli_missing_required_setting_names_the_flag(command, capsys):
+    from raydpo.cli import main
+
+    assert main([command, "--beta" if command == "train" else "--batch-size", "2"]) == 2
+    assert capsys.readouterr().err == f"raydpo {command}: error: --model is required\n"
 
 
 def test_readme_configuration_reference_is_generated_from_the_dataclasses():
