@@ -25,6 +25,7 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (PrecomputeConfig, {"model": "m", "max_length": 64, "max_prompt_length": 64}, "max_prompt_length"),
         (PrecomputeConfig, {"model": "m", "colour": 1}, "unknown PrecomputeConfig setting"),
         (PrecomputeConfig, {}, "PrecomputeConfig: model is required"),
+        (TrainConfig, {"model": "m", "dtype": "fp8"}, "dtype must be one of"),
         (TrainConfig, {"model": "m", "beta": 0}, "beta and discopop_tau must be > 0"),
         (TrainConfig, {"model": "m", "loss_type": "dpo++"}, "loss type"),
         (TrainConfig, {"model": "m", "label_smoothing": 0.7, "loss_type": "robust"}, "label_smoothing"),
@@ -73,34 +74,39 @@ def test_train_yaml_mirrors_the_flags(tmp_path):
     assert config.loss_type == ["sigmoid", "bco_pair"] and config.loss_weights == [0.8, 0.2]
 
 
-def test_deepspeed_config_built_and_user_file(tmp_path):
-    from raydpo.train_stage import _deepspeed_config
+@pytest.fixture()
+def model_dir(tmp_path):
+    """A model directory with only a config (hidden size 64): all the DeepSpeed config reads."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
+    from raydpo.deepspeed_config import for_run
 
     config = TrainConfig(
-        model="m", micro_batch_size=4, grad_accum=2, offload_optimizer=True, gradient_clipping=0.5
+        model=model_dir, micro_batch_size=4, grad_accum=2, offload_optimizer=True, gradient_clipping=0.5
     )
-    built = _deepspeed_config(config, world_size=3)
+    built = for_run(config, world_size=3, total_steps=10)
     assert built["train_batch_size"] == 24 and built["gradient_clipping"] == 0.5
-    assert (
-        built["zero_optimization"]["stage"] == 3
-        and built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    )
-    assert built["bf16"]["enabled"] is False  # CPU: fp32
+    assert built["zero_optimization"]["stage"] == 3
+    assert built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert built["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert built["bf16"]["enabled"] is False  # CPU, dtype auto: fp32
+    assert for_run(TrainConfig(model=model_dir, dtype="bfloat16"), 2, 10)["bf16"]["enabled"] is True
 
     user = tmp_path / "ds.json"
     user.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
-    loaded = _deepspeed_config(
-        TrainConfig(model="m", deepspeed_config=str(user), micro_batch_size=4), world_size=2
-    )
+    loaded = for_run(TrainConfig(model=model_dir, deepspeed_config=str(user), micro_batch_size=4), 2, 10)
     assert loaded["zero_optimization"] == {"stage": 2} and loaded["train_batch_size"] == 8
     user.write_text('{"train_micro_batch_size_per_gpu": 16}')
     with pytest.raises(RaydpoError, match="train_micro_batch_size_per_gpu=16"):
-        _deepspeed_config(
-            TrainConfig(model="m", deepspeed_config=str(user), micro_batch_size=4), world_size=2
-        )
+        for_run(TrainConfig(model=model_dir, deepspeed_config=str(user), micro_batch_size=4), 2, 10)
     user.write_text("{not json")
     with pytest.raises(RaydpoError, match="cannot read the DeepSpeed config"):
-        _deepspeed_config(TrainConfig(model="m", deepspeed_config=str(user)), world_size=2)
+        for_run(TrainConfig(model=model_dir, deepspeed_config=str(user)), 2, 10)
 
 
 @pytest.mark.parametrize("command", ["train", "precompute"])
