@@ -1,13 +1,18 @@
-"""The DeepSpeed config of a training run: built from its settings, or a user's JSON.
+"""The DeepSpeed config of a training run: built from its settings, or a user's JSON with "auto" filled.
 
-The built config follows the run's dtype (`bf16`/`fp16.enabled`) and the model's hidden size (bucket
-sizes). A user's file (`--deepspeed-config`) may say "auto" for the batch sizes, which the run's
-settings decide.
+A user's file (`--deepspeed-config`) may say "auto" where Hugging Face's Trainer integration allows it
+(`HfTrainerDeepSpeedConfig.trainer_config_process` / `trainer_config_finalize`): the batch sizes,
+`gradient_clipping`, `bf16`/`fp16.enabled`, the optimizer's lr, betas, eps and weight decay, the
+scheduler's warmup and total steps, and the ZeRO bucket sizes that follow the model's hidden size.
+They are filled with the run's values; an explicit value that disagrees with a setting of the run
+(batch sizes, clipping, dtype, lr, weight decay, steps) is refused, as the Trainer refuses it, and so
+is any "auto" left elsewhere: DeepSpeed would not know what it means.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from raydpo.config import TrainConfig
@@ -75,7 +80,7 @@ def _bucket_sizes(zero_stage: int, hidden_size: int | None) -> dict[str, int]:
 
 
 def for_run(config: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
-    """The run's DeepSpeed config: `config.deepspeed_config` with the batch sizes filled, or the built one."""
+    """The run's DeepSpeed config: `config.deepspeed_config` with "auto" resolved, or the built one."""
     dtype = resolve_dtype(config.dtype, config.use_gpu)
     if not config.deepspeed_config:
         return build(
@@ -91,18 +96,50 @@ def for_run(config: TrainConfig, world_size: int, total_steps: int) -> dict[str,
             offload_params=config.offload_params,
         )
     loaded = _read(config.deepspeed_config)
-    values = {
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        loaded.setdefault(key, AUTO)  # the run's settings decide them
+    for section in ("bf16", "fp16"):  # and the dtype: the model is loaded in it
+        if isinstance(loaded.setdefault(section, {}), dict):
+            loaded[section].setdefault("enabled", AUTO)
+    stage = loaded.get("zero_optimization", {}).get("stage", 0)
+    needs_hidden = any(_get(loaded, f"zero_optimization.{key}") == AUTO for key in _bucket_sizes(3, 1))
+    buckets = _bucket_sizes(
+        stage, hidden_size(config.model, config.trust_remote_code) if needs_hidden else None
+    )
+    matched = {  # filled when "auto", refused when different
         "train_micro_batch_size_per_gpu": config.micro_batch_size,
         "gradient_accumulation_steps": config.grad_accum,
         "train_batch_size": config.micro_batch_size * config.grad_accum * world_size,
+        "gradient_clipping": config.gradient_clipping,
+        "bf16.enabled": dtype == "bfloat16",
+        "fp16.enabled": dtype == "float16",
+        "optimizer.params.lr": config.learning_rate,
+        "optimizer.params.weight_decay": config.weight_decay,
+        "scheduler.params.warmup_max_lr": config.learning_rate,
+        "scheduler.params.warmup_num_steps": max(1, math.ceil(config.warmup_ratio * total_steps)),
+        "scheduler.params.total_num_steps": total_steps,
     }
-    for key, value in values.items():  # "auto" means: take the run's value, as in HF's integration
-        if loaded.get(key, AUTO) == AUTO:
-            loaded[key] = value
-        elif loaded[key] != value:
+    filled_only = {  # filled when "auto"; an explicit value is the user's choice (no setting of the run)
+        "optimizer.params.betas": list(ADAM_BETAS),
+        "optimizer.params.eps": ADAM_EPS,
+        "scheduler.params.warmup_min_lr": 0,
+        **{f"zero_optimization.{key}": value for key, value in buckets.items()},
+    }
+    source = config.deepspeed_config
+    for key, value in {**matched, **filled_only}.items():
+        current = _get(loaded, key)
+        if current == AUTO:
+            _set(loaded, key, value)
+        elif key in matched and current is not None and current != value:
             raise RaydpoError(
-                f"{config.deepspeed_config}: {key}={loaded[key]} but the run's settings give {value}"
+                f'{source}: {key}={current} but the run\'s settings give {value}; set it to "auto" or match it'
             )
+    left = auto_keys(loaded)
+    if left:
+        raise RaydpoError(
+            f'{source}: {left[0]} is "auto", which raydpo cannot fill (for the hidden-size buckets: the model '
+            "config has no hidden_size, or the ZeRO stage does not use it); give a value"
+        )
     return loaded
 
 
@@ -115,6 +152,30 @@ def _read(path: str) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise RaydpoError(f"{path} must hold a JSON object")
     return loaded
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def auto_keys(values: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is "auto", in document order."""
+    if isinstance(values, dict):
+        return [key for name, value in values.items() for key in auto_keys(value, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")] if values == AUTO else []
 
 
 def hidden_size(model: str, trust_remote_code: bool = False) -> int | None:

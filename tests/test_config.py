@@ -109,6 +109,71 @@ def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
         for_run(TrainConfig(model=model_dir, deepspeed_config=str(user)), 2, 10)
 
 
+def test_deepspeed_auto_values_resolved_as_hugging_face_does(tmp_path, model_dir):
+    """Every "auto" the Trainer integration fills is filled with the run's value; explicit values that
+    contradict the run, and any other "auto", are refused naming the key."""
+    import json
+
+    from raydpo.deepspeed_config import for_run
+
+    auto = "auto"
+    user = {
+        "gradient_clipping": auto,
+        "bf16": {"enabled": auto},
+        "optimizer": {"type": "AdamW", "params": dict.fromkeys(["lr", "betas", "eps", "weight_decay"], auto)},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": dict.fromkeys(
+                ["warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps"], auto
+            ),
+        },
+        "zero_optimization": {
+            "stage": 3,
+            **dict.fromkeys(
+                ["reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"],
+                auto,
+            ),
+        },
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    config = TrainConfig(
+        model=model_dir,
+        deepspeed_config=str(path),
+        dtype="bfloat16",
+        learning_rate=3e-6,
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        gradient_clipping=0.7,
+    )
+    resolved = for_run(config, world_size=2, total_steps=50)
+    assert resolved["gradient_clipping"] == 0.7 and resolved["bf16"] == {"enabled": True}
+    assert resolved["fp16"] == {"enabled": False} and resolved["train_batch_size"] == 16
+    assert resolved["optimizer"]["params"] == {
+        "lr": 3e-6,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+    }
+    assert resolved["scheduler"]["params"] == {
+        "warmup_min_lr": 0,
+        "warmup_max_lr": 3e-6,
+        "warmup_num_steps": 5,
+        "total_num_steps": 50,
+    }
+    zero = resolved["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (4096, int(0.9 * 4096))
+    assert zero["stage3_param_persistence_threshold"] == 640
+
+    user["optimizer"]["params"]["lr"] = 1e-5
+    path.write_text(json.dumps(user))
+    with pytest.raises(RaydpoError, match=r"optimizer.params.lr=1e-05 but the run's settings give 3e-06"):
+        for_run(config, world_size=2, total_steps=50)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": auto}}))
+    with pytest.raises(RaydpoError, match='zero_optimization.sub_group_size is "auto"'):
+        for_run(config, world_size=2, total_steps=50)
+
+
 @pytest.mark.parametrize("command", ["train", "precompute"])
 def test_cli_missing_required_setting_names_the_flag(command, capsys):
     from raydpo.cli import main
