@@ -79,6 +79,17 @@ def resolve_attn_implementation(model: str, requested: str | None, trust_remote_
     return built.config._attn_implementation
 
 
+def resolve_numerics(
+    model: str, dtype: str, attn_implementation: str | None, trust_remote_code: bool, on_gpu: bool
+) -> dict[str, str]:
+    """The dtype and attention kernel a stage runs the model with, resolved (never "auto" or None): the
+    precompute records them in its manifest and cache key, training compares its own with those."""
+    return {
+        "dtype": resolve_dtype(dtype, on_gpu),
+        "attn_implementation": resolve_attn_implementation(model, attn_implementation, trust_remote_code),
+    }
+
+
 def dropout_settings(config) -> dict[str, float]:
     """The dropout probabilities of a transformers config (and of its text config), by attribute name."""
     found = {}

@@ -29,7 +29,7 @@ from raydpo.config import PrecomputeConfig, as_dict, from_mapping
 from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError
 from raydpo.faults import fault_point
-from raydpo.numerics import load_causal_lm, resolve_attn_implementation, resolve_dtype
+from raydpo.numerics import load_causal_lm, resolve_dtype, resolve_numerics
 from raydpo.tokenize import (
     cached_tokenizer,
     load_tokenizer,
@@ -149,7 +149,13 @@ def _precompute_split(
     _check_rows(ds, tokenizer, config)
     settings = {
         **config.tokenization_settings(),
-        **scoring_numerics(config),
+        **resolve_numerics(
+            config.model,
+            config.dtype,
+            config.attn_implementation,
+            config.trust_remote_code,
+            on_gpu=config.gpus_per_actor > 0,
+        ),
         "id_column": config.id_column,
         "store_token_logps": config.store_token_logps,
     }
@@ -224,17 +230,6 @@ def _precompute_split(
         settings,
     )
     return SplitResult(name, root, False, manifest)
-
-
-def scoring_numerics(config: PrecomputeConfig) -> dict[str, str]:
-    """The dtype and attention kernel the scorers run with, resolved (never "auto" or None): recorded in
-    the manifest and the cache key, and compared by training."""
-    return {
-        "dtype": resolve_dtype(config.dtype, on_gpu=config.gpus_per_actor > 0),
-        "attn_implementation": resolve_attn_implementation(
-            config.model, config.attn_implementation, config.trust_remote_code
-        ),
-    }
 
 
 def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:

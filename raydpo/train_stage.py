@@ -28,7 +28,7 @@ from raydpo import cache, deepspeed_config
 from raydpo.cluster import check_cpu_headroom, cpu_allocator_env, init_ray, worker_env
 from raydpo.config import TrainConfig, as_dict, from_mapping
 from raydpo.errors import RaydpoError, TrainingFailed
-from raydpo.numerics import check_cache_numerics, resolve_attn_implementation, resolve_dtype
+from raydpo.numerics import check_cache_numerics, resolve_numerics
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -221,27 +221,18 @@ def check_cache_matches(
             f"the reference log-probs in {splits['train'].path} were computed with {train_manifest['model']}, "
             f"whose weights differ from {config.model}; pass --reference-is-different if that is intended"
         )
-    numerics = training_numerics(config)
-    note = None
+    numerics = resolve_numerics(
+        config.model, config.dtype, config.attn_implementation, config.trust_remote_code, config.use_gpu
+    )
     if not config.reference_is_different:
         note = check_cache_numerics(train_manifest["settings"], **numerics)
-    if note:
-        logger.info("%s", note)
+        if note:
+            logger.info("%s", note)
     return {
         "model": train_manifest["model"],
         "same_as_policy": same,
         "fingerprint": train_manifest["fingerprints"]["model"],
         "numerics": numerics,
-    }
-
-
-def training_numerics(config: TrainConfig) -> dict[str, str]:
-    """The dtype and attention kernel the policy trains with, resolved as the precompute resolves its own."""
-    return {
-        "dtype": resolve_dtype(config.dtype, on_gpu=config.use_gpu),
-        "attn_implementation": resolve_attn_implementation(
-            config.model, config.attn_implementation, config.trust_remote_code
-        ),
     }
 
 
