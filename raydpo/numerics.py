@@ -93,7 +93,7 @@ def resolve_numerics(
 def dropout_settings(config) -> dict[str, float]:
     """The dropout probabilities of a transformers config (and of its text config), by attribute name."""
     found = {}
-    for part in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+    for part in _config_parts(config):
         for name, value in vars(part).items():
             if (
                 DROPOUT_ATTRIBUTE.search(name)
@@ -104,8 +104,14 @@ def dropout_settings(config) -> dict[str, float]:
     return found
 
 
+def _config_parts(config) -> list:
+    """The config, and its text config when that is a separate object (multimodal models)."""
+    text = config.get_text_config()
+    return [config] if text is config else [config, text]
+
+
 def _set_config_values(config, values: dict[str, Any]) -> None:
-    for part in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+    for part in _config_parts(config):
         for name, value in values.items():
             if name in vars(part):
                 setattr(part, name, value)
