@@ -174,10 +174,7 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[st
     weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not weights:
         raise RaydpoError(f"model directory {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    digests = {}
-    for weight in weights:
-        with open(weight, "rb") as handle:
-            digests[weight.name] = hashlib.file_digest(handle, "sha256").hexdigest()
+    digests = {weight.name: file_sha256(weight) for weight in weights}
     config_values = json.loads(config.read_text())
     for volatile in ("_name_or_path", "transformers_version"):
         config_values.pop(volatile, None)
@@ -186,6 +183,15 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[st
         "weights_sha256": _hash_json(digests),
         "model_type": config_values.get("model_type"),
     }
+
+
+def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """SHA-256 of a file read in chunks (`hashlib.file_digest` needs Python 3.11)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_key(parts: dict[str, Any]) -> str:

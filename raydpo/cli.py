@@ -13,8 +13,15 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from raydpo.config import PrecomputeConfig, TrainConfig, apply_overrides, from_mapping, load_yaml
-from raydpo.errors import run_command
+from raydpo.config import (
+    PrecomputeConfig,
+    TrainConfig,
+    apply_overrides,
+    from_mapping,
+    load_yaml,
+    missing_required,
+)
+from raydpo.errors import RaydpoError, run_command
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
 TRAIN_SHORT_HELP = "train the policy with DPO on a precompute output (Ray Train + DeepSpeed ZeRO-3)"
@@ -92,6 +99,9 @@ def _config(cls: type, args: argparse.Namespace, section: str):
         value = getattr(args, f.name, None)
         if value is not None:
             values[f.name] = value
+    missing = missing_required(cls, {key.replace("-", "_"): value for key, value in values.items()})
+    if missing:
+        raise RaydpoError(f"--{missing[0].replace('_', '-')} is required")
     return from_mapping(cls, values)
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import yaml
 
 from raydpo.errors import RaydpoError
+from raydpo.numerics import DTYPES
 
 CPU_ALLOCATORS = ("mimalloc", "system")
 TRUNCATION_MODES = ("keep_start",)
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREFIX_SHARING = ("auto", "on", "off")
 
 
@@ -152,10 +152,21 @@ def from_mapping(cls: type, values: dict[str, Any]) -> Any:
         if name not in known:
             raise RaydpoError(f"unknown {cls.__name__} setting {key!r}")
         kwargs[name] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as error:  # a required field is missing
-        raise RaydpoError(f"{cls.__name__}: {error}") from None
+    missing = missing_required(cls, kwargs)
+    if missing:
+        raise RaydpoError(f"{cls.__name__}: {missing[0]} is required")
+    return cls(**kwargs)
+
+
+def missing_required(cls: type, values: dict[str, Any]) -> list[str]:
+    """The settings of a config dataclass that have no default and are absent (or None) in `values`."""
+    return [
+        f.name
+        for f in fields(cls)
+        if f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+        and values.get(f.name) is None
+    ]
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -208,7 +219,7 @@ class TrainConfig:
     num_workers: int = 2
     """Ray Train workers (one GPU each with use_gpu)."""
     use_gpu: bool = False
-    """Train on GPUs (bf16, NCCL) instead of CPUs (fp32, gloo)."""
+    """Train on GPUs (NCCL) instead of CPUs (gloo)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved by each training worker."""
     loss_type: list[str] | str = "sigmoid"
@@ -261,8 +272,17 @@ class TrainConfig:
     """Recompute activations in backward (less memory, about a third more compute)."""
     deepspeed_config: str | None = None
     """A DeepSpeed JSON that replaces the built config."""
+    dtype: str = "auto"
+    """Model dtype: auto (bf16 on GPU, fp32 on CPU, as the precompute decides), float32, bfloat16 or
+    float16. It must be the dtype the cache was scored in; bf16/fp16 train with DeepSpeed's 16-bit path."""
     attn_implementation: str | None = None
-    """Attention kernel (sdpa, flash_attention_2, eager); default: the model's."""
+    """Attention kernel (sdpa, flash_attention_2, eager); default: the model's. In 16-bit dtypes it must
+    be the kernel the cache was scored with."""
+    disable_dropout: bool = True
+    """Set every dropout probability of the policy to 0 (TRL's default): the reference was scored
+    without dropout, so step 1 reproduces it. --no-disable-dropout trains with the model's dropout."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model repository (as in precompute). Only for repositories you trust."""
     lora_r: int | None = None
     """Train a LoRA adapter of this rank instead of all weights."""
     lora_alpha: float = 16.0
@@ -306,7 +326,8 @@ class TrainConfig:
     experiment: str = "raydpo"
     """MLflow experiment name."""
     reference_is_different: bool = False
-    """The reference of the cache is on purpose not the policy's initial weights."""
+    """The reference of the cache is on purpose not the policy as trained (other weights, dtype or
+    attention kernel): these are not compared, and step 1 is not required to reproduce it."""
     sync_ref_model: bool = False
     """TR-DPO; refused: a fixed cache cannot follow a moving reference."""
     ray_address: str | None = None
@@ -340,6 +361,8 @@ class TrainConfig:
                 "sync_ref_model (TR-DPO) needs a reference that moves with the policy; the precomputed "
                 "reference is fixed, so it cannot work here"
             )
+        if self.dtype not in DTYPES:
+            raise RaydpoError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise RaydpoError(f"zero_stage must be 0-3, got {self.zero_stage}")
         if self.cpu_allocator not in CPU_ALLOCATORS:

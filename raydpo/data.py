@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,7 +279,7 @@ def _list_files(source: str):
     if info.type == pafs.FileType.File:
         return [info], filesystem
     if info.type != pafs.FileType.Directory:
-        if "://" in source or source.startswith(("/", ".", "~")) or Path(source).suffix:
+        if not is_hub_id(source):
             raise RaydpoError(f"dataset not found: {source}")
         return None, None  # a name for datasets.load_dataset
     if filesystem.get_file_info(f"{path}/dataset_info.json").type == pafs.FileType.File:
@@ -292,6 +293,24 @@ def _list_files(source: str):
         if entry.type == pafs.FileType.File and not entry.base_name.startswith((".", "_"))
     ]
     return sorted(files, key=lambda entry: entry.path), filesystem
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+DATA_SUFFIXES = (*FILE_FORMATS, ".csv", ".txt", ".arrow", ".gz", ".zst")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a source that is not an existing file or folder reads as a Hugging Face hub dataset id.
+
+    Hub ids are `name` or `org/name` of letters, digits, `-`, `_` and `.` (`org/name-2.5-data` is one);
+    a URI, a path starting with `/`, `.` or `~`, a deeper path, or a name ending in a data file's suffix
+    is a path that does not exist.
+    """
+    return (
+        HUB_ID.fullmatch(source) is not None
+        and ".." not in source
+        and not source.lower().endswith(DATA_SUFFIXES)
+    )
 
 
 def _is_dataset_repo(filesystem, path: str) -> bool:

@@ -32,9 +32,16 @@ class JobResult:
 
 
 def train_config_for(precompute: PrecomputeConfig, values: dict[str, Any] | TrainConfig) -> TrainConfig:
-    """The train stage's config: `model` and `data` default to the precompute's model and output."""
+    """The train stage's config: `model`, `data`, `trust_remote_code` and `attn_implementation` default
+    to the precompute's."""
     values = as_dict(values) if isinstance(values, TrainConfig) else dict(values)
-    return from_mapping(TrainConfig, {"model": precompute.model, "data": precompute.output, **values})
+    defaults = {
+        "model": precompute.model,
+        "data": precompute.output,
+        "trust_remote_code": precompute.trust_remote_code,
+        "attn_implementation": precompute.attn_implementation,
+    }
+    return from_mapping(TrainConfig, {**defaults, **values})
 
 
 def run(

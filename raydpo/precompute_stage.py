@@ -29,6 +29,7 @@ from raydpo.config import PrecomputeConfig, as_dict, from_mapping
 from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError
 from raydpo.faults import fault_point
+from raydpo.numerics import load_causal_lm, resolve_dtype, resolve_numerics
 from raydpo.tokenize import (
     cached_tokenizer,
     load_tokenizer,
@@ -151,8 +152,13 @@ def _precompute_split(
     _check_rows(ds, tokenizer, config)
     settings = {
         **config.tokenization_settings(),
-        "dtype": config.dtype,
-        "attn_implementation": config.attn_implementation,
+        **resolve_numerics(
+            config.model,
+            config.dtype,
+            config.attn_implementation,
+            config.trust_remote_code,
+            on_gpu=config.gpus_per_actor > 0,
+        ),
         "id_column": config.id_column,
         "store_token_logps": config.store_token_logps,
     }
@@ -200,8 +206,8 @@ def _precompute_split(
             runtime_env=runtime_env,
             fn_constructor_kwargs={
                 "model": config.model,
-                "dtype": config.dtype,
-                "attn_implementation": config.attn_implementation,
+                "dtype": settings["dtype"],
+                "attn_implementation": settings["attn_implementation"],
                 "trust_remote_code": config.trust_remote_code,
                 "pad_token_id": pad_token_id(tokenizer),
                 "batch_size": config.batch_size,
@@ -415,7 +421,7 @@ class ReferenceScorer:
     def __init__(
         self,
         model: str,
-        dtype: str = "auto",
+        dtype: str = "float32",
         attn_implementation: str | None = None,
         trust_remote_code: bool = False,
         pad_token_id: int = 0,
@@ -428,23 +434,15 @@ class ReferenceScorer:
         pool_size: int = 1,
     ):
         import torch
-        from transformers import AutoModelForCausalLM
 
         from raydpo.logprobs import check_head_path, use_prefix_sharing
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or cpu_threads(cpus, pool_size))
-        torch_dtype = {
-            "auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-            "float32": torch.float32,
-            "bfloat16": torch.bfloat16,
-            "float16": torch.float16,
-        }[dtype]
-        kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        self.model = AutoModelForCausalLM.from_pretrained(model, **kwargs).to(self.device).eval()
+        dtype = resolve_dtype(dtype, on_gpu=self.device.type == "cuda")
+        loaded = load_causal_lm(model, dtype, attn_implementation, trust_remote_code)
+        self.model = loaded.to(self.device).eval()
         check_head_path(self.model, self.model.config.vocab_size)
         self.shared = use_prefix_sharing(self.model, prefix_sharing)
         self.pad_token_id = pad_token_id

@@ -1,7 +1,8 @@
 """A small causal LM built locally, for the smoke run, tests and benchmarks (no download).
 
 The tokenizer is a byte-level BPE trained on the given preference data with a ChatML chat template;
-the model is a randomly initialised Llama of the requested size, saved with `save_pretrained`.
+the model is a randomly initialised Llama of the requested size (or a GPT-2 with dropout,
+`build_toy_gpt2`), saved with `save_pretrained`.
 
     python -m raydpo.toy /tmp/toy-model --hidden-size 512 --layers 4
 """
@@ -71,29 +72,73 @@ def build_toy_model(
     seed: int = 0,
 ) -> Path:
     """Save a tokenizer and a randomly initialised Llama to `output_dir`; returns the path."""
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(tokenizer):
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size or 2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_position_embeddings,
+            bos_token_id=None,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        return LlamaForCausalLM(config)
+
+    return _build(output_dir, data_files, vocab_size, seed, llama)
+
+
+def build_toy_gpt2(
+    output_dir: str | Path,
+    dropout: float = 0.1,
+    vocab_size: int = 8000,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    max_position_embeddings: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Save the toy tokenizer and a randomly initialised GPT-2 shaped as published: tied embeddings and
+    dropout `resid_pdrop` = `embd_pdrop` = `attn_pdrop` (0.1 in GPT-2's own config)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2(tokenizer):
+        config = GPT2Config(
+            vocab_size=len(tokenizer),
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_positions=max_position_embeddings,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        return GPT2LMHeadModel(config)
+
+    return _build(output_dir, None, vocab_size, seed, gpt2)
+
+
+def _build(
+    output_dir: str | Path, data_files: Sequence[Path] | None, vocab_size: int, seed: int, make_model
+) -> Path:
+    """Train the tokenizer, build `make_model(tokenizer)` with a fixed seed and save both; the directory
+    appears whole. An existing model directory is returned as it is."""
+    import torch
 
     output_dir = Path(output_dir)
     if (output_dir / "config.json").exists():
         return output_dir
-    data_files = data_files or sorted(sample_data_dir().glob("dpo_*_demo.json"))
-    tokenizer = build_tokenizer(data_files, vocab_size)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size or 2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max_position_embeddings,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    tokenizer = build_tokenizer(data_files or sorted(sample_data_dir().glob("dpo_*_demo.json")), vocab_size)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = make_model(tokenizer)
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

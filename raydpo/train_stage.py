@@ -24,10 +24,11 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raydpo import cache
+from raydpo import cache, deepspeed_config
 from raydpo.cluster import check_cpu_headroom, cpu_allocator_env, init_ray, worker_env
 from raydpo.config import TrainConfig, as_dict, from_mapping
 from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.numerics import check_cache_numerics, resolve_numerics
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     config = _as_config(config, overrides)
     fs, run_dir = cache.resolve(config.output)
     splits = _open_splits(config)
-    tokenizer = load_tokenizer(config.model)
+    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     reference = check_cache_matches(config, splits, tokenizer)
     columns = required_columns(config)
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
@@ -84,7 +85,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, run_dir)
-    ds_config = _deepspeed_config(config, plan["world_size"])
+    ds_config = deepspeed_config.for_run(config, plan["world_size"], plan["total_steps"])
     manifests = {name: split.manifest for name, split in splits.items()}
     run_id = start_run(
         tracking_uri,
@@ -111,7 +112,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     worker_plan = {
         **plan,
         "config": as_dict(config),
-        "bf16": config.use_gpu,
+        "dtype": reference["numerics"]["dtype"],
         "deepspeed_config": ds_config,
         "tracking_uri": tracking_uri,
         "run_id": run_id,
@@ -223,10 +224,18 @@ def check_cache_matches(
             f"the reference log-probs in {splits['train'].path} were computed with {train_manifest['model']}, "
             f"whose weights differ from {config.model}; pass --reference-is-different if that is intended"
         )
+    numerics = resolve_numerics(
+        config.model, config.dtype, config.attn_implementation, config.trust_remote_code, config.use_gpu
+    )
+    if not config.reference_is_different:
+        note = check_cache_numerics(train_manifest["settings"], **numerics)
+        if note:
+            logger.info("%s", note)
     return {
         "model": train_manifest["model"],
         "same_as_policy": same,
         "fingerprint": train_manifest["fingerprints"]["model"],
+        "numerics": numerics,
     }
 
 
@@ -310,56 +319,6 @@ def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> dic
         "total_steps": total_steps,
         "epochs_streamed": epochs,
     }
-
-
-def _deepspeed_config(config: TrainConfig, world_size: int) -> dict[str, Any]:
-    from raydpo.train_worker import deepspeed_config
-
-    if config.deepspeed_config:
-        try:
-            with open(config.deepspeed_config) as handle:
-                loaded = json.load(handle)
-        except (OSError, json.JSONDecodeError) as error:
-            raise RaydpoError(
-                f"cannot read the DeepSpeed config {config.deepspeed_config}: {error}"
-            ) from None
-        if not isinstance(loaded, dict):
-            raise RaydpoError(f"{config.deepspeed_config} must hold a JSON object")
-        values = {
-            "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_accumulation_steps": config.grad_accum,
-            "train_batch_size": config.micro_batch_size * config.grad_accum * world_size,
-        }
-        for key, value in values.items():  # "auto" means: take the run's value, as in HF's integration
-            if loaded.get(key, "auto") == "auto":
-                loaded[key] = value
-            elif loaded[key] != value:
-                raise RaydpoError(
-                    f"{config.deepspeed_config}: {key}={loaded[key]} but the run's settings give {value}"
-                )
-        return loaded
-    return deepspeed_config(
-        zero_stage=config.zero_stage,
-        micro_batch_size=config.micro_batch_size,
-        grad_accum=config.grad_accum,
-        world_size=world_size,
-        gradient_clipping=config.gradient_clipping,
-        bf16=config.use_gpu,
-        hidden_size=_hidden_size(config.model),
-        offload_optimizer=config.offload_optimizer,
-        offload_params=config.offload_params,
-    )
-
-
-def _hidden_size(model: str) -> int | None:
-    """The model's hidden size, for bucket sizes; None (DeepSpeed's defaults) when it cannot be read."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError):
-        return None
-    return getattr(config.get_text_config(), "hidden_size", None)
 
 
 # ---- the run directory -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from raydpo.cluster import MIMALLOC_LIBRARY, preloaded
+from raydpo.deepspeed_config import ADAM_BETAS, ADAM_EPS
 from raydpo.faults import fault_point
 from raydpo.logprobs import (
     CompletionLogps,
@@ -32,12 +33,13 @@ from raydpo.logprobs import (
     use_prefix_sharing,
 )
 from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
+from raydpo.numerics import has_dropout, load_causal_lm, restore_saved_config
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_TAG = "deepspeed"
 STATE_KEYS = ("step", "num_tokens", "skipped_batches")
-REFERENCE_TOLERANCE = 1e-3  # relative gap between policy and cached reference at step 1 that warns
+REFERENCE_TOLERANCE = 1e-3  # relative gap between policy and cached reference at step 1 that stops the run
 
 # Per-rank sums, all-reduced together; means are formed after the reduction.
 SUMS = (
@@ -58,53 +60,6 @@ SUMS = (
 )
 PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 PAIR_MEANS += ("logps/chosen", "logps/rejected")
-
-
-def deepspeed_config(
-    *,
-    zero_stage: int,
-    micro_batch_size: int,
-    grad_accum: int,
-    world_size: int,
-    gradient_clipping: float,
-    bf16: bool,
-    hidden_size: int | None = None,
-    offload_optimizer: bool = False,
-    offload_params: bool = False,
-) -> dict[str, Any]:
-    """The DeepSpeed config of a run, built from its settings.
-
-    Bucket sizes follow the model's hidden size as Hugging Face's "auto" values do, instead of
-    DeepSpeed's fixed defaults (5e8 elements), which are sized for billion-parameter models.
-    """
-    zero: dict[str, Any] = {"stage": zero_stage}
-    if hidden_size and zero_stage >= 2:
-        zero["reduce_bucket_size"] = hidden_size * hidden_size
-    if zero_stage == 3:
-        zero.update(
-            stage3_gather_16bit_weights_on_model_save=True,
-            contiguous_gradients=True,
-            overlap_comm=bf16,  # overlapping helps on GPUs; with gloo on CPUs it only adds threads
-        )
-        if hidden_size:
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
-    if offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": bf16}
-    if offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": bf16}
-    return {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "train_batch_size": micro_batch_size * grad_accum * world_size,
-        "gradient_clipping": gradient_clipping,
-        "bf16": {"enabled": bf16},
-        "zero_optimization": zero,
-        # torch's AdamW is the client optimizer, also when its state lives on the CPU
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
 
 
 class PolicyScorer(torch.nn.Module):
@@ -272,12 +227,14 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
     ds_config = plan["deepspeed_config"]
     zero3_loading = _zero3_loading(ds_config)  # alive while the model loads: weights go straight to shards
     memory_at_start = peak_memory_gb(device, reduce=False)
-    policy = load_policy(config, plan["bf16"])
+    policy = load_policy(config, plan["dtype"])
+    # with disable_dropout=False step 1 carries dropout noise (LoRA's own dropout cannot: its B starts at 0)
+    dropout_on = not config.disable_dropout and has_dropout(policy)
     total_steps = plan["total_steps"]
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(
-            param_groups(policy, config.weight_decay), lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8
+            param_groups(policy, config.weight_decay), lr=config.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS
         )
     if "scheduler" not in ds_config and optimizer is not None:
         scheduler = transformers.get_scheduler(
@@ -327,8 +284,9 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             loss, scores, output, inputs, tokens = loss_on_batch(
                 engine, columns, settings, plan["pad_token_id"], device
             )
-            if step == 1 and reference_gap is None:
+            if step == 1 and reference_gap is None:  # before any update, on every rank at once
                 reference_gap = reference_check(inputs, device)
+                enforce_reference_check(reference_gap, config, dropout_on, rank)
             if not all_finite(loss, device):  # every rank skips (or stops) together
                 handle_nonfinite(loss, columns, step, config, rank)
                 state["skipped_batches"] += 1
@@ -344,7 +302,6 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             metrics = window.reduce(device)
             if step == 1 and reference_gap is not None:
                 metrics.update(reference_gap)
-                _warn_if_reference_differs(reference_gap, config, rank)
             state["num_tokens"] += int(metrics.pop("_tokens"))
             if state["skipped_batches"]:
                 metrics["skipped_nonfinite_batches"] = state["skipped_batches"]
@@ -457,15 +414,33 @@ def reference_check(inputs: LossInputs, device) -> dict[str, float]:
     return {"ref_check/max_abs_logratio": gap, "ref_check/max_abs_ref_logps": scale}
 
 
-def _warn_if_reference_differs(check: dict[str, float], config, rank: int) -> None:
+def enforce_reference_check(check: dict[str, float], config, dropout_on: bool, rank: int) -> None:
+    """Stop the run (every rank, with the same message) when step 1 does not reproduce the cache.
+
+    Not enforced when the reference is different on purpose, or when the policy trains with dropout
+    (disable_dropout=False): its step-1 log-probs then carry dropout noise, and only a warning says so.
+    """
     gap, scale = check["ref_check/max_abs_logratio"], check["ref_check/max_abs_ref_logps"]
-    if rank == 0 and not config.reference_is_different and gap > REFERENCE_TOLERANCE * max(scale, 1.0):
-        logger.warning(
-            "at step 1 the policy's log-probs differ from the cached reference by up to %.3g (of %.3g); "
-            "was the cache computed with another dtype or attention kernel?",
-            gap,
-            scale,
-        )
+    tolerance = REFERENCE_TOLERANCE * max(scale, 1.0)
+    if gap <= tolerance or config.reference_is_different:
+        return
+    found = (
+        f"at step 1 the policy's log-probs differ from the cached reference by up to {gap:.4g} "
+        f"(tolerance {tolerance:.3g}, largest |reference log-prob| {scale:.4g})"
+    )
+    if dropout_on:
+        if rank == 0:
+            logger.warning("%s: the policy trains with dropout (disable_dropout=False)", found)
+        return
+    raise ReferenceMismatchError(
+        f"{found}: the cache was scored by another model or other numerics than this policy "
+        "(weights, dtype, attention kernel, model code); precompute again for this policy, or pass "
+        "--reference-is-different if that is intended"
+    )
+
+
+class ReferenceMismatchError(RuntimeError):
+    """Step 1 of training does not reproduce the cached reference log-probs."""
 
 
 def _zero3_loading(ds_config: dict[str, Any]):
@@ -478,13 +453,15 @@ def _zero3_loading(ds_config: dict[str, Any]):
     return HfDeepSpeedConfig(ds_config)
 
 
-def load_policy(config, bf16: bool) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16 if bf16 else torch.float32}
-    if config.attn_implementation:
-        kwargs["attn_implementation"] = config.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
+def load_policy(config, dtype: str) -> torch.nn.Module:
+    """The policy in the cache's numerics (dtype, attention kernel) with dropout off unless kept."""
+    model = load_causal_lm(
+        config.model,
+        dtype,
+        config.attn_implementation,
+        config.trust_remote_code,
+        disable_dropout=config.disable_dropout,
+    )
     model.config.use_cache = False
     if config.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -603,8 +580,12 @@ def save_final_model(engine, config, plan: dict[str, Any], rank: int) -> str | N
         if config.lora_r:
             merge_lora(policy, state_dict, config, Path(directory))
         else:
+            restore_saved_config(policy, config.model, config.trust_remote_code)
             policy.save_pretrained(directory, state_dict=state_dict)
-        AutoTokenizer.from_pretrained(plan["tokenizer"]).save_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(
+            plan["tokenizer"], trust_remote_code=config.trust_remote_code
+        )
+        tokenizer.save_pretrained(directory)
         publish_directory(directory, plan["model_output"])
     return plan["model_output"]
 
@@ -616,7 +597,11 @@ def merge_lora(peft_model, state_dict: dict[str, torch.Tensor], config, director
 
     adapter_dir = directory / "adapter"
     peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
-    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=next(iter(state_dict.values())).dtype)
+    base = AutoModelForCausalLM.from_pretrained(
+        config.model,
+        dtype=next(iter(state_dict.values())).dtype,
+        trust_remote_code=config.trust_remote_code,
+    )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     merged.save_pretrained(directory)
 

@@ -24,7 +24,8 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (PrecomputeConfig, {"model": "m", "dtype": "int8"}, "dtype must be one of"),
         (PrecomputeConfig, {"model": "m", "max_length": 64, "max_prompt_length": 64}, "max_prompt_length"),
         (PrecomputeConfig, {"model": "m", "colour": 1}, "unknown PrecomputeConfig setting"),
-        (PrecomputeConfig, {}, "missing 1 required positional argument"),
+        (PrecomputeConfig, {}, "PrecomputeConfig: model is required"),
+        (TrainConfig, {"model": "m", "dtype": "fp8"}, "dtype must be one of"),
         (TrainConfig, {"model": "m", "beta": 0}, "beta and discopop_tau must be > 0"),
         (TrainConfig, {"model": "m", "loss_type": "dpo++"}, "loss type"),
         (TrainConfig, {"model": "m", "label_smoothing": 0.7, "loss_type": "robust"}, "label_smoothing"),
@@ -73,34 +74,112 @@ def test_train_yaml_mirrors_the_flags(tmp_path):
     assert config.loss_type == ["sigmoid", "bco_pair"] and config.loss_weights == [0.8, 0.2]
 
 
-def test_deepspeed_config_built_and_user_file(tmp_path):
-    from raydpo.train_stage import _deepspeed_config
+@pytest.fixture()
+def model_dir(tmp_path):
+    """A model directory with only a config (hidden size 64): all the DeepSpeed config reads."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_attention_heads=4).save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
+    from raydpo.deepspeed_config import for_run
 
     config = TrainConfig(
-        model="m", micro_batch_size=4, grad_accum=2, offload_optimizer=True, gradient_clipping=0.5
+        model=model_dir, micro_batch_size=4, grad_accum=2, offload_optimizer=True, gradient_clipping=0.5
     )
-    built = _deepspeed_config(config, world_size=3)
+    built = for_run(config, world_size=3, total_steps=10)
     assert built["train_batch_size"] == 24 and built["gradient_clipping"] == 0.5
-    assert (
-        built["zero_optimization"]["stage"] == 3
-        and built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    )
-    assert built["bf16"]["enabled"] is False  # CPU: fp32
+    assert built["zero_optimization"]["stage"] == 3
+    assert built["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert built["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert built["bf16"]["enabled"] is False  # CPU, dtype auto: fp32
+    assert for_run(TrainConfig(model=model_dir, dtype="bfloat16"), 2, 10)["bf16"]["enabled"] is True
 
     user = tmp_path / "ds.json"
     user.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')
-    loaded = _deepspeed_config(
-        TrainConfig(model="m", deepspeed_config=str(user), micro_batch_size=4), world_size=2
-    )
+    loaded = for_run(TrainConfig(model=model_dir, deepspeed_config=str(user), micro_batch_size=4), 2, 10)
     assert loaded["zero_optimization"] == {"stage": 2} and loaded["train_batch_size"] == 8
     user.write_text('{"train_micro_batch_size_per_gpu": 16}')
     with pytest.raises(RaydpoError, match="train_micro_batch_size_per_gpu=16"):
-        _deepspeed_config(
-            TrainConfig(model="m", deepspeed_config=str(user), micro_batch_size=4), world_size=2
-        )
+        for_run(TrainConfig(model=model_dir, deepspeed_config=str(user), micro_batch_size=4), 2, 10)
     user.write_text("{not json")
     with pytest.raises(RaydpoError, match="cannot read the DeepSpeed config"):
-        _deepspeed_config(TrainConfig(model="m", deepspeed_config=str(user)), world_size=2)
+        for_run(TrainConfig(model=model_dir, deepspeed_config=str(user)), 2, 10)
+
+
+def test_deepspeed_auto_values_resolved_as_hugging_face_does(tmp_path, model_dir):
+    """Every "auto" the Trainer integration fills is filled with the run's value; explicit values that
+    contradict the run, and any other "auto", are refused naming the key."""
+    import json
+
+    from raydpo.deepspeed_config import for_run
+
+    auto = "auto"
+    user = {
+        "gradient_clipping": auto,
+        "bf16": {"enabled": auto},
+        "optimizer": {"type": "AdamW", "params": dict.fromkeys(["lr", "betas", "eps", "weight_decay"], auto)},
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": dict.fromkeys(
+                ["warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps"], auto
+            ),
+        },
+        "zero_optimization": {
+            "stage": 3,
+            **dict.fromkeys(
+                ["reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"],
+                auto,
+            ),
+        },
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(user))
+    config = TrainConfig(
+        model=model_dir,
+        deepspeed_config=str(path),
+        dtype="bfloat16",
+        learning_rate=3e-6,
+        weight_decay=0.01,
+        warmup_ratio=0.1,
+        gradient_clipping=0.7,
+    )
+    resolved = for_run(config, world_size=2, total_steps=50)
+    assert resolved["gradient_clipping"] == 0.7 and resolved["bf16"] == {"enabled": True}
+    assert resolved["fp16"] == {"enabled": False} and resolved["train_batch_size"] == 16
+    assert resolved["optimizer"]["params"] == {
+        "lr": 3e-6,
+        "betas": [0.9, 0.999],
+        "eps": 1e-8,
+        "weight_decay": 0.01,
+    }
+    assert resolved["scheduler"]["params"] == {
+        "warmup_min_lr": 0,
+        "warmup_max_lr": 3e-6,
+        "warmup_num_steps": 5,
+        "total_num_steps": 50,
+    }
+    zero = resolved["zero_optimization"]
+    assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (4096, int(0.9 * 4096))
+    assert zero["stage3_param_persistence_threshold"] == 640
+
+    user["optimizer"]["params"]["lr"] = 1e-5
+    path.write_text(json.dumps(user))
+    with pytest.raises(RaydpoError, match=r"optimizer.params.lr=1e-05 but the run's settings give 3e-06"):
+        for_run(config, world_size=2, total_steps=50)
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": auto}}))
+    with pytest.raises(RaydpoError, match='zero_optimization.sub_group_size is "auto"'):
+        for_run(config, world_size=2, total_steps=50)
+
+
+@pytest.mark.parametrize("command", ["train", "precompute"])
+def test_cli_missing_required_setting_names_the_flag(command, capsys):
+    from raydpo.cli import main
+
+    assert main([command, "--beta" if command == "train" else "--batch-size", "2"]) == 2
+    assert capsys.readouterr().err == f"raydpo {command}: error: --model is required\n"
 
 
 def test_readme_configuration_reference_is_generated_from_the_dataclasses():

@@ -121,3 +121,28 @@ def test_bad_rows_raise_a_reason(row, reason):
 def test_missing_id_value_is_a_reject():
     with pytest.raises(RowError, match="id column"):
         canonical_pair({"prompt": "p", "chosen": "a", "rejected": "b"}, id_column="id")
+
+
+@pytest.mark.parametrize(
+    "source, hub",
+    [
+        ("org/name-2.5-data", True),
+        ("trl-lib/ultrafeedback_binarized", True),
+        ("imdb", True),
+        ("HuggingFaceH4/ultrafeedback_binarized", True),
+        ("data/prefs.jsonl", False),
+        ("prefs.json", False),
+        ("org/name.parquet", False),
+        ("./data", False),
+        ("/abs/data", False),
+        ("~/data", False),
+        ("a/b/c", False),
+        ("s3://bucket/prefs", False),
+        ("org/../etc", False),
+    ],
+)
+def test_missing_source_is_a_hub_id_or_a_missing_path(source, hub):
+    """A source that is not on disk is a hub dataset id (dots allowed) or a path that does not exist."""
+    from raydpo.data import is_hub_id
+
+    assert is_hub_id(source) is hub

@@ -241,3 +241,14 @@ def test_cpu_scorer_threads_share_the_machine():
     assert cpu_threads(1, 2 * cores) == 1
     assert cpu_threads(0.5, 1) == cores
     assert cpu_threads(cores + 2, 1) == cores + 2
+
+
+def test_weight_digest_is_chunked_sha256(tmp_path):
+    """Weight files are hashed in chunks (Python 3.10 has no `hashlib.file_digest`), to the same digest."""
+    import hashlib
+
+    from raydpo.cache import file_sha256
+
+    payload = bytes(range(256)) * 1000 + b"tail"
+    (tmp_path / "w.bin").write_bytes(payload)
+    assert file_sha256(tmp_path / "w.bin", chunk_bytes=4096) == hashlib.sha256(payload).hexdigest()

@@ -54,14 +54,20 @@ def run_settings(toy_model, cache_dir, output, **overrides):
 def train_cache(ray_session, toy_model, sample_dir, tmp_path_factory):
     """A precompute output of English sample pairs (eval: Chinese ones), two rows with NaN/inf reference."""
     output = tmp_path_factory.mktemp("train-cache") / "cache"
-    raydpo.precompute(
-        model=str(toy_model),
-        dataset=str(sample_dir / "dpo_en_demo.json"),
-        eval_dataset=str(sample_dir / "dpo_zh_demo.json"),
-        output=str(output),
-        limit=48,
-        max_length=256,
-    )
+    precompute_english(toy_model, output, eval_dataset=str(sample_dir / "dpo_zh_demo.json"))
+    return with_nonfinite_rows(output)
+
+
+def precompute_english(model: Path, output: Path, **overrides) -> None:
+    """Precompute the first 48 English sample pairs (to 256 tokens), as the training tests train on."""
+    from raydpo.toy import sample_data_dir
+
+    settings = {"dataset": str(sample_data_dir() / "dpo_en_demo.json"), "limit": 48, "max_length": 256}
+    raydpo.precompute(model=str(model), output=str(output), **{**settings, **overrides})
+
+
+def with_nonfinite_rows(output: Path) -> Path:
+    """Set the reference values of the first rows of the first part file to NaN and -inf."""
     part = sorted((output / "train" / "data").glob("part-*.parquet"))[0]
     table = pq.read_table(part)
     values = table.column("ref_chosen_logps").to_numpy().copy()
@@ -332,6 +338,107 @@ def test_reference_must_be_the_policy(train_cache, toy_model, tmp_path):
     (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     with pytest.raises(RaydpoError, match="tokenizer"):
         raydpo.train(run_settings(other, train_cache, tmp_path / "run", reference_is_different=True))
+
+
+REMOTE_CONFIG_CODE = """from transformers import LlamaConfig
+
+
+class ToyRemoteConfig(LlamaConfig):
+    model_type = "toy_remote"
+"""
+REMOTE_MODEL_CODE = """from transformers import LlamaForCausalLM
+
+from .configuration_toy_remote import ToyRemoteConfig
+
+
+class ToyRemoteForCausalLM(LlamaForCausalLM):
+    config_class = ToyRemoteConfig
+"""
+
+
+@pytest.fixture(scope="module")
+def remote_code_toy(toy_model, tmp_path_factory) -> Path:
+    """The toy model's weights behind model code shipped in its directory (`auto_map`): a model type
+    transformers does not know, loadable only with trust_remote_code."""
+    model = tmp_path_factory.mktemp("models") / "toy-remote"
+    shutil.copytree(toy_model, model)
+    (model / "configuration_toy_remote.py").write_text(REMOTE_CONFIG_CODE)
+    (model / "modeling_toy_remote.py").write_text(REMOTE_MODEL_CODE)
+    config = json.loads((model / "config.json").read_text())
+    config.update(
+        model_type="toy_remote",
+        architectures=["ToyRemoteForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_toy_remote.ToyRemoteConfig",
+            "AutoModelForCausalLM": "modeling_toy_remote.ToyRemoteForCausalLM",
+        },
+    )
+    (model / "config.json").write_text(json.dumps(config))
+    return model
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bf16 keeps 8 significant bits
+
+
+@pytest.fixture(scope="module")
+def bf16_cache(ray_session, remote_code_toy, tmp_path_factory):
+    """The train split of `train_cache` scored in bf16 (same pairs, same non-finite rows), by the toy
+    model's weights loaded through their shipped code."""
+    output = tmp_path_factory.mktemp("bf16-cache") / "cache"
+    precompute_english(remote_code_toy, output, dtype="bfloat16", trust_remote_code=True)
+    return with_nonfinite_rows(output)
+
+
+def test_bf16_reference_agrees_with_fp32(bf16_cache, train_cache):
+    """Each bf16 log-prob sum is within bf16's unit roundoff u = 2^-8 of the fp32 one, relative: every
+    term of a sum is a fp32 log-softmax of logits that the bf16 model computed to a few roundings, and
+    all terms have one sign, so the sum's relative error is at most its worst term's (measured: ~7e-5).
+    The values are not equal, so the cache really was scored in bf16."""
+    columns = ["pair_id", "ref_chosen_logps", "ref_rejected_logps"]
+    fp32 = raydpo.read_output(str(train_cache)).to_pandas(columns).set_index("pair_id").sort_index()
+    bf16 = raydpo.read_output(str(bf16_cache)).to_pandas(columns).set_index("pair_id").sort_index()
+    manifest = raydpo.read_output(str(bf16_cache)).manifest
+    assert (
+        manifest["settings"]["dtype"] == "bfloat16" and manifest["settings"]["attn_implementation"] == "sdpa"
+    )
+    assert list(bf16.index) == list(fp32.index)
+    finite = np.isfinite(fp32.to_numpy()).all(axis=1)
+    expected = fp32.to_numpy()[finite]
+    gap = np.abs(bf16.to_numpy()[finite] - expected)
+    assert (gap <= BF16_UNIT_ROUNDOFF * np.abs(expected)).all()
+    assert gap.max() > 0
+
+
+def test_bf16_training_with_remote_code_reproduces_its_cache(
+    bf16_cache, remote_code_toy, train_cache, base_run, toy_model, tmp_path
+):
+    """bf16 end to end on CPU: a bf16 cache, a policy in bf16 under DeepSpeed's bf16 ZeRO-3 path (gloo),
+    loaded through model code shipped with it. Step 1 passes the strict reference check (loss ln 2), and
+    its log-probs are those of the fp32 run on the same pairs to u = 2^-8; the saved model is bf16. The
+    wrong dtype, or the model's code without trust_remote_code, is refused before any worker starts."""
+    from transformers import AutoModelForCausalLM
+
+    settings = run_settings(remote_code_toy, bf16_cache, tmp_path / "run", max_steps=2, dtype="bfloat16")
+    settings.update(eval_steps=None, checkpoint_steps=None, trust_remote_code=True)
+    result = raydpo.train(settings)
+    assert metric_history(result, "loss")[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert metric_history(result, "ref_check/max_abs_logratio")[1] < 1e-3
+    for name in ("logps/chosen", "logps/rejected"):
+        fp32 = metric_history(base_run, name)[1]
+        assert metric_history(result, name)[1] == pytest.approx(fp32, rel=BF16_UNIT_ROUNDOFF)
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    ds_config = json.loads(
+        Path(client.download_artifacts(result.run_id, "deepspeed_config.json", str(tmp_path))).read_text()
+    )
+    assert ds_config["bf16"] == {"enabled": True}
+    saved = AutoModelForCausalLM.from_pretrained(result.model_path, trust_remote_code=True, dtype="auto")
+    assert next(saved.parameters()).dtype == torch.bfloat16
+
+    with pytest.raises(RaydpoError, match="computed in float32 but training runs in bfloat16"):
+        raydpo.train(run_settings(toy_model, train_cache, tmp_path / "refused", dtype="bfloat16"))
+    settings.update(trust_remote_code=False, output=str(tmp_path / "refused"))
+    with pytest.raises(RaydpoError, match="pass --trust-remote-code"):
+        raydpo.train(settings)
 
 
 def easy_pairs(count: int) -> list[dict]:
