@@ -178,6 +178,12 @@ def part_name(pair_ids: list[str]) -> str:
     return f"part-{digest}.parquet"
 
 
+def write_part(fs: pafs.FileSystem, directory: str, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
+    """Write TABLE atomically as a part file in DIRECTORY, named by the pair ids it holds."""
+    name = part_name(table.column("pair_id").to_pylist())
+    write_table_atomic(fs, f"{directory}/{name}", table, metadata)
+
+
 # ---- fingerprints ------------------------------------------------------------------------------------
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")

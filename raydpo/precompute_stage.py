@@ -493,7 +493,8 @@ class ReferenceScorer:
 
 
 class CacheSink(Datasink):
-    """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, each file atomically."""
+    """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, in files of at most
+    rows_per_file rows, each written atomically."""
 
     def __init__(self, path: str, key: str, store_token_logps: bool, rows_per_file: int):
         self.path = path  # a path or URI: the workers resolve it, with their own credentials
@@ -522,16 +523,22 @@ class CacheSink(Datasink):
             if accepted.num_rows:
                 self._account(totals, accepted)
                 data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
-                name = cache.part_name(data.column("pair_id").to_pylist())
-                cache.write_table_atomic(fs, f"{root}/{cache.DATA_DIR}/{name}", data, metadata)
-                fault_point("precompute.write")
+                for part in self._files(data):
+                    cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, metadata)
+                    fault_point("precompute.write")
             if rejected.num_rows:
                 totals["rejected"] += rejected.num_rows
                 reasons.update(rejected.column("reason").to_pylist())
                 rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
-                name = cache.part_name(rejects.column("pair_id").to_pylist())
-                cache.write_table_atomic(fs, f"{root}/{cache.REJECTS_DIR}/{name}", rejects, metadata)
+                for part in self._files(rejects):
+                    cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, metadata)
         return {"totals": dict(totals), "reasons": dict(reasons)}
+
+    def _files(self, table: pa.Table) -> list[pa.Table]:
+        """A block's rows in files of at most rows_per_file (Ray Data may hand over larger blocks)."""
+        return [
+            table.slice(start, self.rows_per_file) for start in range(0, table.num_rows, self.rows_per_file)
+        ]
 
     @staticmethod
     def _account(totals: Counter, accepted: pa.Table) -> None:
@@ -683,8 +690,7 @@ def _reject_duplicates(fs: pafs.FileSystem, root: str, key: str) -> None:
         cache.write_table_atomic(fs, f"{root}/{cache.REJECTS_DIR}/dup-{info.base_name}", rejects, metadata)
         kept = table.filter(mask).replace_schema_metadata(None)
         if kept.num_rows:
-            name = cache.part_name(kept.column("pair_id").to_pylist())
-            cache.write_table_atomic(fs, f"{root}/{cache.DATA_DIR}/{name}", kept, metadata)
+            cache.write_part(fs, f"{root}/{cache.DATA_DIR}", kept, metadata)
         fs.delete_file(info.path)
 
 
