@@ -307,20 +307,47 @@ def _prepare_output(path: str, key: str, overwrite: bool) -> set[str] | None:
 
 
 def _written_ids(path: str, key: str) -> set[str]:
+    """The pair ids that part files of this key already hold.
+
+    A part file whose bytes can be read but do not parse is torn, and one written for another key is
+    stale: both are deleted and their rows recomputed. A file that cannot be read at all (on an object
+    store perhaps a passing network error) stops the run and is kept, for the rerun to read."""
     fs, root = cache.resolve(path)
     done: set[str] = set()
     for directory in (cache.DATA_DIR, cache.REJECTS_DIR):
         for info in cache.list_parts(fs, f"{root}/{directory}"):
             try:
-                parquet = pq.ParquetFile(info.path, filesystem=fs)
+                file_key, ids = _part_ids(info.path, fs)
             except (OSError, pa.ArrowInvalid):
-                fs.delete_file(info.path)  # torn file from the crash: recompute its rows
-                continue
-            if (parquet.schema_arrow.metadata or {}).get(cache.KEY_METADATA, b"").decode() != key:
+                file_key, ids = _reread_part(fs, info.path, cache.join(path, directory, info.base_name))
+            if file_key != key:
                 fs.delete_file(info.path)
                 continue
-            done.update(parquet.read(columns=["pair_id"]).column("pair_id").to_pylist())
+            done.update(ids)
     return done
+
+
+def _part_ids(source, fs: pafs.FileSystem | None = None) -> tuple[str, list[str]]:
+    """The cache key a part file was written for, and its pair ids."""
+    parquet = pq.ParquetFile(source, filesystem=fs)
+    key = (parquet.schema_arrow.metadata or {}).get(cache.KEY_METADATA, b"").decode()
+    return key, parquet.read(columns=["pair_id"]).column("pair_id").to_pylist()
+
+
+def _reread_part(fs: pafs.FileSystem, file_path: str, shown: str) -> tuple[str | None, list[str]]:
+    """A part file that failed to open, read again whole and parsed in memory: a parse error now is the
+    file's own (key None: torn); a read error is the storage's, which the run does not act on."""
+    try:
+        with fs.open_input_file(file_path) as handle:
+            payload = handle.read()
+    except OSError as error:
+        raise RaydpoError(
+            f"cannot read {shown} ({_root_cause(error)}); it was kept: rerun the same command to resume"
+        ) from None
+    try:
+        return _part_ids(pa.BufferReader(payload))
+    except (OSError, pa.ArrowInvalid):
+        return None, []
 
 
 def prepare_batch(
