@@ -294,3 +294,14 @@ def test_train_and_job_on_s3_resume_publish_and_report(
         "the plot are on S3 and in MLflow; the downloaded model loads with every tensor trained; nothing "
         "written to the working directory",
     )
+
+
+def test_run_output_on_s3_needs_a_tracking_server(s3_cache, s3, toy_model, workdir, monkeypatch):
+    """The default MLflow store is a SQLite file in the run directory, which a bucket cannot hold: the run
+    stops before it writes anything, in the bucket or here."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RaydpoError, match="--mlflow-tracking-uri"):
+        raydpo.train(
+            model=str(toy_model), data=s3_cache.output, output="s3://raydpo/untracked", micro_batch_size=2
+        )
+    assert keys(s3, "raydpo/untracked") == [] and list(workdir.iterdir()) == []
