@@ -168,8 +168,13 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RaydpoError(
-            f"{path} is corrupt (not valid JSON); remove it or rerun with --overwrite"
+            f"{shown(fs, path)} is corrupt (not valid JSON); remove it or rerun with --overwrite"
         ) from None
+
+
+def shown(fs: pafs.FileSystem, path: str) -> str:
+    """A path on FS as a user would write it: with its scheme (s3://bucket/key) unless it is local."""
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 
 
 def part_name(pair_ids: list[str]) -> str:
