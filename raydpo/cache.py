@@ -83,13 +83,31 @@ def data_schema(store_token_logps: bool) -> pa.Schema:
 
 
 def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and path for a local path or a URI (s3://, gs://, ...)."""
-    if "://" in uri:
+    """A pyarrow filesystem and the path on it for a local path or a URI (s3://, gs://, ...).
+
+    The path has lost the URI's scheme and query: pass it on only together with the filesystem, and
+    pass the URI (`join`) wherever the location travels on, to another function or a Ray worker."""
+    if is_uri(uri):
         try:
             return pafs.FileSystem.from_uri(uri)
         except (pa.ArrowInvalid, ValueError) as error:
             raise RaydpoError(f"cannot open {uri}: {error}") from None
     return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def is_uri(location: str) -> bool:
+    return "://" in location
+
+
+def location(uri: str) -> str:
+    """A path or URI as it is shown and passed on: a local path made absolute, a URI unchanged."""
+    return uri.rstrip("/") if is_uri(uri) else resolve(uri)[1]
+
+
+def join(uri: str, *names: str) -> str:
+    """The location of NAMES under a path or URI; a URI's query (`?endpoint_override=...`) stays last."""
+    base, mark, query = uri.partition("?") if is_uri(uri) else (location(uri), "", "")
+    return "/".join([base.rstrip("/"), *names]) + mark + query
 
 
 def write_bytes_atomic(fs: pafs.FileSystem, path: str, payload: bytes) -> None:
@@ -110,8 +128,9 @@ def write_table_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, metadata
 def publish_directory(local_dir: str, destination: str) -> None:
     """Move a finished local directory to DESTINATION (a path or URI) so that it appears only when whole.
 
-    Locally a rename does it. On object stores, where there is no rename, the files are copied and
-    COMPLETE_MARKER is written last; readers check for it.
+    Locally a rename does it. On object stores, where there is no rename, whatever the destination
+    held is removed (its COMPLETE_MARKER first), the files are copied, and COMPLETE_MARKER is written
+    last; readers check for it (`published`).
     """
     fs, root = resolve(destination)
     if isinstance(fs, pafs.LocalFileSystem):
@@ -123,8 +142,17 @@ def publish_directory(local_dir: str, destination: str) -> None:
             shutil.rmtree(root)
         os.replace(staging, root)
     else:
-        pafs.copy_files(local_dir, root, destination_filesystem=fs)
+        with contextlib.suppress(FileNotFoundError):
+            fs.delete_file(f"{root}/{COMPLETE_MARKER}")
+        fs.delete_dir_contents(root, missing_dir_ok=True)
+        pafs.copy_files(local_dir, root, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         write_bytes_atomic(fs, f"{root}/{COMPLETE_MARKER}", b"{}")
+
+
+def published(uri: str) -> bool:
+    """Whether `publish_directory` finished writing URI."""
+    fs, root = resolve(uri)
+    return fs.get_file_info(f"{root}/{COMPLETE_MARKER}").type == pafs.FileType.File
 
 
 def _tmp_name(path: str) -> str:
@@ -140,14 +168,25 @@ def read_json(fs: pafs.FileSystem, path: str) -> dict[str, Any] | None:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RaydpoError(
-            f"{path} is corrupt (not valid JSON); remove it or rerun with --overwrite"
+            f"{shown(fs, path)} is corrupt (not valid JSON); remove it or rerun with --overwrite"
         ) from None
+
+
+def shown(fs: pafs.FileSystem, path: str) -> str:
+    """A path on FS as a user would write it: with its scheme (s3://bucket/key) unless it is local."""
+    return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 
 
 def part_name(pair_ids: list[str]) -> str:
     """A file name derived from the rows it holds: a retried write produces the same name."""
     digest = hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()[:24]
     return f"part-{digest}.parquet"
+
+
+def write_part(fs: pafs.FileSystem, directory: str, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
+    """Write TABLE atomically as a part file in DIRECTORY, named by the pair ids it holds."""
+    name = part_name(table.column("pair_id").to_pylist())
+    write_table_atomic(fs, f"{directory}/{name}", table, metadata)
 
 
 # ---- fingerprints ------------------------------------------------------------------------------------
@@ -208,7 +247,8 @@ def _hash_json(value: Any) -> str:
 
 @dataclass
 class CacheSplit:
-    """A finished, verified split of a precompute output."""
+    """A finished, verified split of a precompute output: its location (a path or URI) and its data files
+    (paths on `filesystem`)."""
 
     path: str
     manifest: dict[str, Any]
@@ -275,7 +315,7 @@ def open_split(path: str) -> CacheSplit:
             raise RaydpoError(f"{path}: {entry['path']} has {rows} rows, the manifest says {entry['rows']}")
         if entry["path"].startswith(f"{DATA_DIR}/"):
             files.append(file_path)
-    return CacheSplit(path=root, manifest=manifest, files=files, filesystem=fs)
+    return CacheSplit(path=location(path), manifest=manifest, files=files, filesystem=fs)
 
 
 def list_parts(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:

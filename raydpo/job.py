@@ -2,17 +2,20 @@
 
 The report gives the rows and tokens of the cache, the precompute and training throughput, the final
 eval reward accuracy and margin and the model path; it is printed, written as `report.json` and a
-plot of loss, reward accuracy and margins beside the model, and logged to the run's MLflow run.
+plot of loss, reward accuracy and margins beside the model (in the run output, local or on object
+storage), and logged to the run's MLflow run.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from raydpo import cache
 from raydpo.config import PrecomputeConfig, TrainConfig, as_dict, from_mapping
 
 PLOT_NAME = "training_curves.png"
@@ -61,13 +64,16 @@ def run(
     cached = raydpo.precompute(pre_config, dataset=dataset, eval_dataset=eval_dataset)
     trained = raydpo.train(train_config)
     report = build_report(cached, trained)
-    run_dir = os.path.dirname(trained.model_path.rstrip("/"))
-    if "://" not in run_dir:
-        plot = plot_curves(trained, os.path.join(run_dir, PLOT_NAME))
-        report["plot"] = plot
-        path = os.path.join(run_dir, REPORT_NAME)
+    report["plot"] = cache.join(trained.output, PLOT_NAME)
+    with tempfile.TemporaryDirectory(prefix="raydpo-report-") as directory:
+        plot = plot_curves(trained, os.path.join(directory, PLOT_NAME))
+        path = os.path.join(directory, REPORT_NAME)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
+        fs, run_dir = cache.resolve(trained.output)
+        for written in (plot, path):
+            with open(written, "rb") as handle:
+                cache.write_bytes_atomic(fs, f"{run_dir}/{os.path.basename(written)}", handle.read())
         _log_report(trained, report, [plot, path])
     return JobResult(precompute=cached, train=trained, report=report)
 

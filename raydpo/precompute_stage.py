@@ -128,7 +128,7 @@ def precompute(
             "scorer actors",
             "lower --num-actors or --cpus-per-actor",
         )
-    result = PrecomputeResult(output=cache.resolve(config.output)[1])
+    result = PrecomputeResult(output=cache.location(config.output))
     with cache.output_lock(config.output):
         for name, (source, split) in sources.items():
             result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
@@ -165,12 +165,11 @@ def _precompute_split(
     key = cache.cache_key(
         {**fingerprints, "dataset": dataset_fingerprint, "split": split, "limit": config.limit, **settings}
     )
-    path = f"{cache.resolve(config.output)[1]}/{name}"
-    fs, root = cache.resolve(path)
-    done_ids = _prepare_output(fs, root, key, config.overwrite, path)
+    path = cache.join(config.output, name)
+    done_ids = _prepare_output(path, key, config.overwrite)
     if done_ids is None:
         logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", path)
-        return SplitResult(name, root, True, cache.open_split(path).manifest)
+        return SplitResult(name, path, True, cache.open_split(path).manifest)
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     started = time.perf_counter()
@@ -218,12 +217,11 @@ def _precompute_split(
                 or cpu_threads(config.cpus_per_actor, config.num_actors),
             },
         )
-    sink = CacheSink(root, key, config.store_token_logps, config.rows_per_file)
+    sink = CacheSink(path, key, config.store_token_logps, config.rows_per_file)
     scored.write_datasink(sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None)
     wall_time = time.perf_counter() - started
     manifest = _finish(
-        fs,
-        root,
+        path,
         key,
         sink.totals,
         wall_time,
@@ -234,7 +232,7 @@ def _precompute_split(
         dataset_fingerprint,
         settings,
     )
-    return SplitResult(name, root, False, manifest)
+    return SplitResult(name, path, False, manifest)
 
 
 def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
@@ -284,9 +282,10 @@ def _root_cause(error: BaseException) -> str:
     return " ".join(lines[0].split())[:300] if lines else type(error).__name__
 
 
-def _prepare_output(fs: pafs.FileSystem, root: str, key: str, overwrite: bool, path: str) -> set[str] | None:
+def _prepare_output(path: str, key: str, overwrite: bool) -> set[str] | None:
     """Decide what to do with the split directory: None if already finished with this key, else the set of
     pair ids to skip (those a crashed run with the same key already wrote)."""
+    fs, root = cache.resolve(path)
     state = cache.split_state(path)
     if state == "finished":
         manifest = cache.read_json(fs, f"{root}/{cache.MANIFEST}")
@@ -301,7 +300,7 @@ def _prepare_output(fs: pafs.FileSystem, root: str, key: str, overwrite: bool, p
     elif state == "partial":
         pending = cache.read_json(fs, f"{root}/{cache.PENDING}") or {}
         if pending.get("key") == key and not overwrite:
-            done = _written_ids(fs, root, key)
+            done = _written_ids(path, key)
             logger.warning(
                 "%s: resuming an unfinished run; %d pairs already written are kept", path, len(done)
             )
@@ -318,20 +317,48 @@ def _prepare_output(fs: pafs.FileSystem, root: str, key: str, overwrite: bool, p
     return set()
 
 
-def _written_ids(fs: pafs.FileSystem, root: str, key: str) -> set[str]:
+def _written_ids(path: str, key: str) -> set[str]:
+    """The pair ids that part files of this key already hold.
+
+    A part file whose bytes can be read but do not parse is torn, and one written for another key is
+    stale: both are deleted and their rows recomputed. A file that cannot be read at all (on an object
+    store perhaps a passing network error) stops the run and is kept, for the rerun to read."""
+    fs, root = cache.resolve(path)
     done: set[str] = set()
     for directory in (cache.DATA_DIR, cache.REJECTS_DIR):
         for info in cache.list_parts(fs, f"{root}/{directory}"):
             try:
-                parquet = pq.ParquetFile(info.path, filesystem=fs)
+                file_key, ids = _part_ids(info.path, fs)
             except (OSError, pa.ArrowInvalid):
-                fs.delete_file(info.path)  # torn file from the crash: recompute its rows
-                continue
-            if (parquet.schema_arrow.metadata or {}).get(cache.KEY_METADATA, b"").decode() != key:
+                file_key, ids = _reread_part(fs, info.path, cache.join(path, directory, info.base_name))
+            if file_key != key:
                 fs.delete_file(info.path)
                 continue
-            done.update(parquet.read(columns=["pair_id"]).column("pair_id").to_pylist())
+            done.update(ids)
     return done
+
+
+def _part_ids(source, fs: pafs.FileSystem | None = None) -> tuple[str, list[str]]:
+    """The cache key a part file was written for, and its pair ids."""
+    parquet = pq.ParquetFile(source, filesystem=fs)
+    key = (parquet.schema_arrow.metadata or {}).get(cache.KEY_METADATA, b"").decode()
+    return key, parquet.read(columns=["pair_id"]).column("pair_id").to_pylist()
+
+
+def _reread_part(fs: pafs.FileSystem, file_path: str, shown: str) -> tuple[str | None, list[str]]:
+    """A part file that failed to open, read again whole and parsed in memory: a parse error now is the
+    file's own (key None: torn); a read error is the storage's, which the run does not act on."""
+    try:
+        with fs.open_input_file(file_path) as handle:
+            payload = handle.read()
+    except OSError as error:
+        raise RaydpoError(
+            f"cannot read {shown} ({_root_cause(error)}); it was kept: rerun the same command to resume"
+        ) from None
+    try:
+        return _part_ids(pa.BufferReader(payload))
+    except (OSError, pa.ArrowInvalid):
+        return None, []
 
 
 def prepare_batch(
@@ -518,10 +545,11 @@ class ReferenceScorer:
 
 
 class CacheSink(Datasink):
-    """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, each file atomically."""
+    """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, in files of at most
+    rows_per_file rows, each written atomically."""
 
-    def __init__(self, root: str, key: str, store_token_logps: bool, rows_per_file: int):
-        self.root = root
+    def __init__(self, path: str, key: str, store_token_logps: bool, rows_per_file: int):
+        self.path = path  # a path or URI: the workers resolve it, with their own credentials
         self.key = key
         self.schema = cache.data_schema(store_token_logps)
         self.rows_per_file = rows_per_file
@@ -534,7 +562,7 @@ class CacheSink(Datasink):
     def write(self, blocks, ctx) -> dict[str, Any]:
         from ray.data.block import BlockAccessor
 
-        fs, _ = cache.resolve(self.root)
+        fs, root = cache.resolve(self.path)
         totals: Counter = Counter()
         reasons: Counter = Counter()
         metadata = {cache.KEY_METADATA: self.key.encode()}
@@ -547,16 +575,22 @@ class CacheSink(Datasink):
             if accepted.num_rows:
                 self._account(totals, accepted)
                 data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
-                name = cache.part_name(data.column("pair_id").to_pylist())
-                cache.write_table_atomic(fs, f"{self.root}/{cache.DATA_DIR}/{name}", data, metadata)
-                fault_point("precompute.write")
+                for part in self._files(data):
+                    cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, metadata)
+                    fault_point("precompute.write")
             if rejected.num_rows:
                 totals["rejected"] += rejected.num_rows
                 reasons.update(rejected.column("reason").to_pylist())
                 rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
-                name = cache.part_name(rejects.column("pair_id").to_pylist())
-                cache.write_table_atomic(fs, f"{self.root}/{cache.REJECTS_DIR}/{name}", rejects, metadata)
+                for part in self._files(rejects):
+                    cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, metadata)
         return {"totals": dict(totals), "reasons": dict(reasons)}
+
+    def _files(self, table: pa.Table) -> list[pa.Table]:
+        """A block's rows in files of at most rows_per_file (Ray Data may hand over larger blocks)."""
+        return [
+            table.slice(start, self.rows_per_file) for start in range(0, table.num_rows, self.rows_per_file)
+        ]
 
     @staticmethod
     def _account(totals: Counter, accepted: pa.Table) -> None:
@@ -587,8 +621,7 @@ def _with_lengths(table: pa.Table) -> pa.Table:
 
 
 def _finish(
-    fs: pafs.FileSystem,
-    root: str,
+    path: str,
     key: str,
     totals: dict[str, Any],
     wall_time: float,
@@ -602,6 +635,7 @@ def _finish(
     """Verify what is on disk (every pair exactly once), then write the manifest last."""
     from raydpo import __version__
 
+    fs, root = cache.resolve(path)
     _reject_duplicates(fs, root, key)
     files, counts, seen = [], Counter(), set()
     reasons: Counter = Counter()
@@ -613,7 +647,7 @@ def _finish(
             ids = table.column("pair_id").to_pylist()
             if counter == "written":
                 if seen.intersection(ids) or len(set(ids)) != len(ids):  # _reject_duplicates failed us
-                    raise RaydpoError(f"{root}: pair ids are not unique in the written data")
+                    raise RaydpoError(f"{path}: pair ids are not unique in the written data")
                 seen.update(ids)
             else:
                 reasons.update(table.column("reason").to_pylist())
@@ -623,13 +657,13 @@ def _finish(
     if counts["written"] == 0:
         top = reasons.most_common(1)[0][0] if reasons else "none"
         raise RaydpoError(
-            f"no usable rows in {source!r}: all {counts['rejected']} rejected (see {root}/{cache.REJECTS_DIR}); "
+            f"no usable rows in {source!r}: all {counts['rejected']} rejected (see {cache.join(path, cache.REJECTS_DIR)}); "
             f"most common reason: {top}"
         )
     rows_seen = totals.get("written", 0) + totals.get("rejected", 0) + totals.get("done", 0)
     if rows_seen != counts["read"]:
         raise RaydpoError(
-            f"{root}: {rows_seen} rows went through the pipeline but {counts['read']} are on disk; "
+            f"{path}: {rows_seen} rows went through the pipeline but {counts['read']} are on disk; "
             "the output is incomplete, rerun the same command to resume"
         )
     tokens = totals.get("tokens", 0)
@@ -713,17 +747,17 @@ def _reject_duplicates(fs: pafs.FileSystem, root: str, key: str) -> None:
         cache.write_table_atomic(fs, f"{root}/{cache.REJECTS_DIR}/dup-{info.base_name}", rejects, metadata)
         kept = table.filter(mask).replace_schema_metadata(None)
         if kept.num_rows:
-            name = cache.part_name(kept.column("pair_id").to_pylist())
-            cache.write_table_atomic(fs, f"{root}/{cache.DATA_DIR}/{name}", kept, metadata)
+            cache.write_part(fs, f"{root}/{cache.DATA_DIR}", kept, metadata)
         fs.delete_file(info.path)
 
 
 def read_output(path: str, split: str = "train"):
-    """Open a finished precompute output (OUTPUT or OUTPUT/<split>) for inspection or training."""
+    """Open a finished precompute output (OUTPUT or OUTPUT/<split>, a path or URI) for inspection or
+    training."""
     fs, root = cache.resolve(path)
     if (
         fs.get_file_info(f"{root}/{cache.MANIFEST}").type != pafs.FileType.File
         and fs.get_file_info(f"{root}/{split}").type == pafs.FileType.Directory
     ):
-        root = f"{root}/{split}"
-    return cache.open_split(root)
+        path = cache.join(path, split)
+    return cache.open_split(path)

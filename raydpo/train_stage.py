@@ -47,6 +47,7 @@ class TrainResult:
     run_id: str
     tracking_uri: str
     model_path: str
+    output: str  # the run directory (a path or URI): run.json, the model, the job's report
     metrics: dict[str, float] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run took
@@ -66,7 +67,8 @@ class TrainResult:
 def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> TrainResult:
     """Train the policy on a precompute output. Usable from a notebook after `ray.init()`."""
     config = _as_config(config, overrides)
-    fs, run_dir = cache.resolve(config.output)
+    output = cache.location(config.output)
+    fs, run_dir = cache.resolve(output)
     splits = _open_splits(config)
     tokenizer = load_tokenizer(config.model, config.trust_remote_code)
     reference = check_cache_matches(config, splits, tokenizer)
@@ -74,7 +76,10 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
-    storage_path = config.storage_path or f"{run_dir}/checkpoints"
+    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
+
+    tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
+    storage_path = config.storage_path or cache.join(output, "checkpoints")
     state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest["key"])
     init_ray(config.ray_address)
     if not config.use_gpu:
@@ -82,9 +87,6 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
             config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
         )
 
-    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
-
-    tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, run_dir)
     ds_config = deepspeed_config.for_run(config, plan["world_size"], plan["total_steps"])
     manifests = {name: split.manifest for name, split in splits.items()}
     run_id = start_run(
@@ -106,9 +108,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
     _write_state(fs, run_dir, state)
 
-    model_output = (
-        f"{config.output.rstrip('/')}/{MODEL_DIR}" if "://" in config.output else f"{run_dir}/{MODEL_DIR}"
-    )
+    model_output = cache.join(output, MODEL_DIR)  # rank 0 publishes it there
     worker_plan = {
         **plan,
         "config": as_dict(config),
@@ -130,10 +130,10 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         MlflowLogger(tracking_uri, run_id).close("FAILED")
         raise TrainingFailed(
             f"training failed: {worker_error_summary(error)}; rerun with --resume to continue from "
-            f"the latest checkpoint in {storage_path}/{RUN_NAME}"
+            f"the latest checkpoint in {cache.join(storage_path, RUN_NAME)}"
         ) from error
     outcome = result.return_value or {}
-    if fs.get_file_info(f"{run_dir}/{MODEL_DIR}/{cache.COMPLETE_MARKER}").type != pafs.FileType.File:
+    if not cache.published(model_output):
         raise TrainingFailed(f"training ended without a complete model in {model_output}")
     from mlflow import MlflowClient
 
@@ -149,6 +149,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         run_id=run_id,
         tracking_uri=tracking_uri,
         model_path=model_output,
+        output=output,
         metrics=outcome.get("metrics", {}),
         plan=plan,
         step_seconds=outcome.get("step_seconds", []),
@@ -188,9 +189,8 @@ def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
     if config.eval_data is not None:
         splits["eval"] = read_output(config.eval_data, "eval")
     else:
-        fs, root = cache.resolve(config.data)
-        candidate = f"{root}/eval"
-        if fs.get_file_info(f"{candidate}/{cache.MANIFEST}").type == pafs.FileType.File:
+        candidate = cache.join(config.data, "eval")
+        if cache.split_state(candidate) == "finished":
             splits["eval"] = cache.open_split(candidate)
     return splits
 
@@ -408,6 +408,7 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
     if "eval" in splits:
         datasets["eval"] = read(splits["eval"])
     resources = {"CPU": config.cpus_per_worker}
+    storage_filesystem, storage_root = cache.resolve(storage_path)  # keeps a URI's endpoint settings
     return TorchTrainer(
         train_loop,
         train_loop_config=plan,
@@ -416,7 +417,8 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
-            storage_path=storage_path,
+            storage_path=storage_root,
+            storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             worker_runtime_env=worker_env(

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,25 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# s3:// in the tests is a local S3-compatible server (the `s3_server` fixture), never a real store. The
+# settings are made here, before Ray starts, because Ray workers inherit the environment of their node.
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
+os.environ.update(
+    AWS_ENDPOINT_URL=S3_ENDPOINT,
+    AWS_ACCESS_KEY_ID="testing",
+    AWS_SECRET_ACCESS_KEY="testing",
+    AWS_DEFAULT_REGION="us-east-1",
+    AWS_REGION="us-east-1",
+    AWS_EC2_METADATA_DISABLED="true",
+)
 
 from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired  # noqa: E402
 from raydpo.toy import build_toy_model, sample_data_dir  # noqa: E402
@@ -121,6 +143,37 @@ def ray_session():
     ray.data.range(1).materialize()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A local S3-compatible server (moto) at S3_ENDPOINT with an empty bucket `raydpo`, started and stopped
+    by the tests."""
+    import urllib.request
+
+    import pyarrow.fs as pafs
+
+    port = S3_ENDPOINT.rsplit(":", 1)[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", port],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{S3_ENDPOINT}/moto-api/", timeout=2):
+                    break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the S3 server did not start at {S3_ENDPOINT}")
+                time.sleep(0.3)
+        pafs.S3FileSystem(endpoint_override=S3_ENDPOINT, allow_bucket_creation=True).create_dir("raydpo")
+        yield S3_ENDPOINT
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
