@@ -1,10 +1,19 @@
 """Joining Ray, the environment of Ray workers, and checking, before any work starts, that a stage's
-actors leave room for its data tasks."""
+actors leave room for its data tasks.
+
+Ray resolves an unspecified address again in every process that asks: Ray Train's placement-group
+cleaner and Ray Data's detectors query the State API from inside the cluster. With a second Ray
+instance on the host those lookups find the wrong instance or refuse ("Found multiple active Ray
+instances"), and a cleaner that asks the wrong instance takes the controller for dead and removes the
+run's placement group. So the address joined is pinned: RAY_ADDRESS in the job's runtime env, which
+every worker and actor of the job inherits.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 from typing import Any
 
@@ -14,14 +23,107 @@ logger = logging.getLogger(__name__)
 
 MIMALLOC_PACKAGE = "cmeel-mimalloc"
 MIMALLOC_LIBRARY = "libmimalloc.so"
+RAY_ADDRESS = "RAY_ADDRESS"
+GCS_PORT = "RAY_GCS_SERVER_PORT"
+PROBE_SECONDS = 3.0  # a live GCS accepts at once; a dead head's port refuses or stays silent
 
 
-def init_ray(address: str | None) -> None:
-    """Join the given cluster (or start a local instance) unless this process is already connected."""
+def init_ray(address: str | None, **options: Any) -> str:
+    """Join the cluster at `address` (else $RAY_ADDRESS, else the one `ray start` recorded on this
+    host) or start a local instance, unless this process is already connected; returns the GCS address.
+
+    `options` go to `ray.init` when a local instance is started (num_cpus, include_dashboard, ...)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    log_to_driver = options.pop("log_to_driver", True)
+    target = join_address(address)
+    if target is None:
+        return _start_local(log_to_driver, options)
+    if "://" in target:  # Ray Client: the cluster side resolves nothing from this process
+        ray.init(address=target, log_to_driver=log_to_driver)
+        return target
+    from ray._private.services import canonicalize_bootstrap_address
+
+    pinned = canonicalize_bootstrap_address(target)  # "localhost" becomes an address other nodes can use
+    ray.init(address=pinned, log_to_driver=log_to_driver, runtime_env=_pinned_env(pinned))
+    return pinned
+
+
+def join_address(address: str | None) -> str | None:
+    """The address of the cluster to join, or None to start a local instance, decided within seconds.
+
+    An address the user gave (`address`, or $RAY_ADDRESS) that nothing answers at is an error. The
+    address `ray start` recorded in the Ray temp dir is only a default: a head that died without
+    `ray stop` leaves it behind, and Ray would wait for it forever, so a local instance is started."""
+    given, source, cure = address, "--ray-address", "leave --ray-address out"
+    if not given and os.environ.get(RAY_ADDRESS):
+        given, source, cure = os.environ[RAY_ADDRESS], "$RAY_ADDRESS", "unset RAY_ADDRESS"
+    if given == "local":
+        return None
+    if given and given != "auto":
+        if "://" not in given and not answers(given):
+            raise RaydpoError(
+                f"no Ray cluster answers at {given} ({source}): start it (`ray start --head`), "
+                f"or {cure} to run on a local instance"
+            )
+        return given
+    from ray._common.utils import get_ray_address_file
+    from ray._private.utils import read_ray_address
+
+    recorded, where = read_ray_address(), get_ray_address_file(None)
+    if recorded is not None and answers(recorded):
+        return recorded
+    if given == "auto":  # asked for a running cluster: there is none to join
+        state = f"{recorded}, which does not answer" if recorded else "nothing"
+        raise RaydpoError(
+            f"{source} auto: {where} records {state}; start a cluster (`ray start --head`; `ray stop` "
+            "clears a dead record), or pass its address"
+        )
+    if recorded is not None:
+        logger.warning(
+            "the Ray cluster recorded in %s (%s) does not answer (a head stopped without `ray stop`, "
+            "which clears the record): starting a local Ray instance",
+            where,
+            recorded,
+        )
+    return None
+
+
+def answers(address: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether something accepts connections at `address` (host:port) within `timeout` seconds."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RaydpoError(f"{address!r} is not a Ray address (host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _start_local(log_to_driver: bool, options: dict[str, Any]) -> str:
+    """Start a local instance whose GCS port is chosen here, so that its address is known in time to
+    pin it in the job's runtime env (Ray reads RAY_GCS_SERVER_PORT when it starts a head)."""
+    import ray
+
+    chosen = GCS_PORT not in os.environ
+    if chosen:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            os.environ[GCS_PORT] = str(probe.getsockname()[1])
+    address = f"{ray.util.get_node_ip_address()}:{os.environ[GCS_PORT]}"
+    try:
+        ray.init(address="local", log_to_driver=log_to_driver, runtime_env=_pinned_env(address), **options)
+    finally:
+        if chosen:
+            del os.environ[GCS_PORT]
+    return ray.get_runtime_context().gcs_address
+
+
+def _pinned_env(address: str) -> dict[str, Any]:
+    return {"env_vars": {RAY_ADDRESS: address}}
 
 
 def worker_env(env_vars: dict[str, str] | None = None) -> dict[str, Any] | None:

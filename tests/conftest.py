@@ -111,11 +111,13 @@ def tokenizer(toy_model):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one Ray instance of the test session."""
+    """The one Ray instance of the test session, a local one pinned as raydpo pins what it joins."""
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from raydpo.cluster import init_ray
+
+    init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # Ray Data sets up its log handler on its first execution; doing that here, under pytest's
     # session-long capture, keeps it from binding to a test's capsys stream that is closed afterwards
     ray.data.range(1).materialize()
