@@ -1,5 +1,5 @@
-"""Joining Ray, the environment of Ray workers, and checking, before any work starts, that a stage's
-actors leave room for its data tasks.
+"""Joining Ray, the environment of Ray workers, and the checks a cluster needs before any work starts:
+that a stage's actors leave room for its data tasks, and that every node sees the paths a stage uses.
 
 Ray resolves an unspecified address again in every process that asks: Ray Train's placement-group
 cleaner and Ray Data's detectors query the State API from inside the cluster. With a second Ray
@@ -15,6 +15,9 @@ import logging
 import os
 import socket
 import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from raydpo.errors import RaydpoError
@@ -26,6 +29,7 @@ MIMALLOC_LIBRARY = "libmimalloc.so"
 RAY_ADDRESS = "RAY_ADDRESS"
 GCS_PORT = "RAY_GCS_SERVER_PORT"
 PROBE_SECONDS = 3.0  # a live GCS accepts at once; a dead head's port refuses or stays silent
+NODE_SECONDS = 120.0  # for a task on each node to start and answer
 
 
 def init_ray(address: str | None, **options: Any) -> str:
@@ -138,7 +142,8 @@ def cpu_allocator_env(allocator: str) -> dict[str, str]:
     """The environment that makes a worker process allocate with `allocator` from its start.
 
     mimalloc is preloaded (LD_PRELOAD, so torch's and DeepSpeed's C++ allocations use it too) and keeps
-    the memory it frees committed for reuse: a training step allocates the same sizes again."""
+    the memory it frees committed for reuse: a training step allocates the same sizes again. One
+    runtime env serves every node, so each node must have the library where this one has it."""
     if allocator == "system":
         return {}
     if not sys.platform.startswith("linux"):
@@ -146,8 +151,15 @@ def cpu_allocator_env(allocator: str) -> dict[str, str]:
             "cpu_allocator=%s is preloaded with LD_PRELOAD, which needs Linux: not used", allocator
         )
         return {}
+    library = mimalloc_library()
+    for node, found in on_other_nodes(node_mimalloc_library).items():
+        if found != library:
+            raise RaydpoError(
+                f"cpu_allocator=mimalloc: node {node} has {found or f'no {MIMALLOC_PACKAGE}'} where this "
+                f"node has {library}; install the same environment on every node, or set cpu_allocator=system"
+            )
     # Ray expands ${LD_PRELOAD} from the node's environment: what a node already preloads stays loaded
-    return {"LD_PRELOAD": f"{mimalloc_library()} ${{LD_PRELOAD}}", "MIMALLOC_PURGE_DELAY": "-1"}
+    return {"LD_PRELOAD": f"{library} ${{LD_PRELOAD}}", "MIMALLOC_PURGE_DELAY": "-1"}
 
 
 def mimalloc_library() -> str:
@@ -163,6 +175,14 @@ def mimalloc_library() -> str:
         if file.name == MIMALLOC_LIBRARY:
             return str(file.locate())
     raise RaydpoError(f"{hint}: its {MIMALLOC_LIBRARY} is missing")
+
+
+def node_mimalloc_library() -> str | None:
+    """Where the node this runs on has the mimalloc library (None: it has none)."""
+    try:
+        return mimalloc_library()
+    except RaydpoError:
+        return None
 
 
 def preloaded(library: str) -> bool:
@@ -187,3 +207,82 @@ def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str)
             f"{actors} {what} x {cpus_per_actor:g} CPUs take all {cpus:g} CPUs, leaving none to read the data; "
             f"{hint} (fractions are allowed)"
         )
+
+
+# ---- every node sees the same paths -------------------------------------------------------------------
+
+
+def other_nodes() -> list[dict[str, Any]]:
+    """The alive nodes of the cluster other than the one this process runs on."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [node for node in ray.nodes() if node["Alive"] and node["NodeID"] != here]
+
+
+def on_other_nodes(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """`function(*args)` run once on every other alive node: {"ip (node id)": its result}."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(function)
+    pending = {
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:12]})": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(*args)
+        for node in other_nodes()
+    }
+    try:
+        return dict(zip(pending, ray.get(list(pending.values()), timeout=NODE_SECONDS), strict=True))
+    except GetTimeoutError:
+        raise RaydpoError(
+            f"a task on each node ({', '.join(pending)}) did not answer within {NODE_SECONDS:g} s"
+        ) from None
+
+
+def check_shared_paths(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """With more than one node alive, every local path a stage writes or reads must be the same on every
+    node: a model that rank 0 publishes to its own disk never reaches the driver, the SQLite MLflow
+    store rank 0 logs to would be another file, and Ray Train notices a node-local storage_path only
+    when a remote worker uploads its first checkpoint. A task on each other node looks for a marker file
+    the driver writes into each output directory, and for each input path; one that a node cannot see
+    stops the stage before any work, naming the path and the node."""
+    outputs, inputs = _local_paths(outputs), _local_paths(inputs)
+    inputs = {what: path for what, path in inputs.items() if os.path.exists(path)}  # else a hub id
+    if not (outputs or inputs) or not other_nodes():
+        return
+    looked_for = {path: (what, path) for what, path in inputs.items()}
+    markers = []
+    for what, path in outputs.items():
+        os.makedirs(path, exist_ok=True)
+        markers.append(os.path.join(path, f".raydpo-shared-{uuid.uuid4().hex[:12]}"))
+        Path(markers[-1]).touch()
+        looked_for[markers[-1]] = (what, path)
+    try:
+        missing = on_other_nodes(missing_paths, list(looked_for))
+    finally:
+        for marker in markers:
+            os.remove(marker)
+    for node, paths in missing.items():
+        if paths:
+            what, path = looked_for[paths[0]]
+            raise RaydpoError(
+                f"{what} {path} is not visible from node {node}: with more than one node, every node must "
+                "see it: use a filesystem all nodes mount at the same path, or an s3:// URI "
+                "(for MLflow, a tracking server through --mlflow-tracking-uri)"
+            )
+
+
+def missing_paths(paths: list[str]) -> list[str]:
+    """Of `paths`, those that do not exist on the node this runs on."""
+    return [path for path in paths if not os.path.exists(path)]
+
+
+def _local_paths(paths: dict[str, str | None]) -> dict[str, str]:
+    """The entries that are local paths (file:// included), as absolute paths."""
+    return {
+        what: os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+        for what, path in paths.items()
+        if path and ("://" not in path or path.startswith("file://"))
+    }

@@ -25,7 +25,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo import cache
-from raydpo.cluster import check_cpu_headroom, cpu_allocator_env, init_ray, worker_env
+from raydpo.cluster import (
+    check_cpu_headroom,
+    check_shared_paths,
+    cpu_allocator_env,
+    init_ray,
+    worker_env,
+)
 from raydpo.config import TrainConfig, as_dict, from_mapping
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
@@ -80,9 +86,17 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
             config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
         )
 
-    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
+    from raydpo.tracking import MlflowLogger, local_store_dir, resolve_tracking_uri, start_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, run_dir)
+    check_shared_paths(
+        outputs={
+            "the output": run_dir,
+            "the storage path": storage_path,
+            "the MLflow store": local_store_dir(tracking_uri),
+        },
+        inputs={"the model": config.model, "the data": config.data, "the eval data": config.eval_data},
+    )
     ds_config = _deepspeed_config(config, plan["world_size"])
     manifests = {name: split.manifest for name, split in splits.items()}
     run_id = start_run(
