@@ -97,6 +97,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         },
         inputs={"the model": config.model, "the data": config.data, "the eval data": config.eval_data},
     )
+    runtime_env = worker_env(None if config.use_gpu else cpu_allocator_env(config.cpu_allocator))
     ds_config = _deepspeed_config(config, plan["world_size"])
     manifests = {name: split.manifest for name, split in splits.items()}
     run_id = start_run(
@@ -133,7 +134,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         "model_output": model_output,
         "has_eval": "eval" in splits,
     }
-    trainer = _trainer(config, worker_plan, splits, columns, storage_path)
+    trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
     try:
         result = trainer.fit()
     except Exception as error:
@@ -440,7 +441,14 @@ def _manifest_params(manifest: dict[str, Any], counts: dict[str, int]) -> dict[s
 # ---- the trainer -------------------------------------------------------------------------------------
 
 
-def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[str], storage_path: str):
+def _trainer(
+    config: TrainConfig,
+    plan: dict[str, Any],
+    splits,
+    columns: list[str],
+    storage_path: str,
+    runtime_env: dict[str, Any] | None,
+):
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -471,9 +479,7 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
             storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env=worker_env(
-                None if config.use_gpu else cpu_allocator_env(config.cpu_allocator)
-            ),
+            worker_runtime_env=runtime_env,
         ),
         datasets=datasets,
         # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs
