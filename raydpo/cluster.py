@@ -1,11 +1,23 @@
-"""Joining Ray, the environment of Ray workers, and checking, before any work starts, that a stage's
-actors leave room for its data tasks."""
+"""Joining Ray, the environment of Ray workers, and the checks a cluster needs before any work starts:
+that a stage's actors leave room for its data tasks, and that every node sees the paths a stage uses.
+
+Ray resolves an unspecified address again in every process that asks: Ray Train's placement-group
+cleaner and Ray Data's detectors query the State API from inside the cluster. With a second Ray
+instance on the host those lookups find the wrong instance or refuse ("Found multiple active Ray
+instances"), and a cleaner that asks the wrong instance takes the controller for dead and removes the
+run's placement group. So the address joined is pinned: RAY_ADDRESS in the job's runtime env, which
+every worker and actor of the job inherits.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from raydpo.errors import RaydpoError
@@ -14,14 +26,108 @@ logger = logging.getLogger(__name__)
 
 MIMALLOC_PACKAGE = "cmeel-mimalloc"
 MIMALLOC_LIBRARY = "libmimalloc.so"
+RAY_ADDRESS = "RAY_ADDRESS"
+GCS_PORT = "RAY_GCS_SERVER_PORT"
+PROBE_SECONDS = 3.0  # a live GCS accepts at once; a dead head's port refuses or stays silent
+NODE_SECONDS = 120.0  # for a task on each node to start and answer
 
 
-def init_ray(address: str | None) -> None:
-    """Join the given cluster (or start a local instance) unless this process is already connected."""
+def init_ray(address: str | None, **options: Any) -> str:
+    """Join the cluster at `address` (else $RAY_ADDRESS, else the one `ray start` recorded on this
+    host) or start a local instance, unless this process is already connected; returns the GCS address.
+
+    `options` go to `ray.init` when a local instance is started (num_cpus, include_dashboard, ...)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    log_to_driver = options.pop("log_to_driver", True)
+    target = join_address(address)
+    if target is None:
+        return _start_local(log_to_driver, options)
+    if "://" in target:  # Ray Client: the cluster side resolves nothing from this process
+        ray.init(address=target, log_to_driver=log_to_driver)
+        return target
+    from ray._private.services import canonicalize_bootstrap_address
+
+    pinned = canonicalize_bootstrap_address(target)  # "localhost" becomes an address other nodes can use
+    ray.init(address=pinned, log_to_driver=log_to_driver, runtime_env=_pinned_env(pinned))
+    return pinned
+
+
+def join_address(address: str | None) -> str | None:
+    """The address of the cluster to join, or None to start a local instance, decided within seconds.
+
+    An address the user gave (`address`, or $RAY_ADDRESS) that nothing answers at is an error. The
+    address `ray start` recorded in the Ray temp dir is only a default: a head that died without
+    `ray stop` leaves it behind, and Ray would wait for it forever, so a local instance is started."""
+    given, source, cure = address, "--ray-address", "leave --ray-address out"
+    if not given and os.environ.get(RAY_ADDRESS):
+        given, source, cure = os.environ[RAY_ADDRESS], "$RAY_ADDRESS", "unset RAY_ADDRESS"
+    if given == "local":
+        return None
+    if given and given != "auto":
+        if "://" not in given and not answers(given):
+            raise RaydpoError(
+                f"no Ray cluster answers at {given} ({source}): start it (`ray start --head`), "
+                f"or {cure} to run on a local instance"
+            )
+        return given
+    from ray._common.utils import get_ray_address_file
+    from ray._private.utils import read_ray_address
+
+    recorded, where = read_ray_address(), get_ray_address_file(None)
+    if recorded is not None and answers(recorded):
+        return recorded
+    if given == "auto":  # asked for a running cluster: there is none to join
+        state = f"{recorded}, which does not answer" if recorded else "nothing"
+        raise RaydpoError(
+            f"{source} auto: {where} records {state}; start a cluster (`ray start --head`; `ray stop` "
+            "clears a dead record), or pass its address"
+        )
+    if recorded is not None:
+        logger.warning(
+            "the Ray cluster recorded in %s (%s) does not answer (a head stopped without `ray stop`, "
+            "which clears the record): starting a local Ray instance",
+            where,
+            recorded,
+        )
+    return None
+
+
+def answers(address: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether something accepts connections at `address` (host:port) within `timeout` seconds."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RaydpoError(f"{address!r} is not a Ray address (host:port)")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _start_local(log_to_driver: bool, options: dict[str, Any]) -> str:
+    """Start a local instance whose GCS port is chosen here, so that its address is known in time to
+    pin it in the job's runtime env (Ray reads RAY_GCS_SERVER_PORT when it starts a head)."""
+    import ray
+
+    chosen = GCS_PORT not in os.environ
+    if chosen:
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            os.environ[GCS_PORT] = str(probe.getsockname()[1])
+    address = f"{ray.util.get_node_ip_address()}:{os.environ[GCS_PORT]}"
+    try:
+        ray.init(address="local", log_to_driver=log_to_driver, runtime_env=_pinned_env(address), **options)
+    finally:
+        if chosen:
+            del os.environ[GCS_PORT]
+    return ray.get_runtime_context().gcs_address
+
+
+def _pinned_env(address: str) -> dict[str, Any]:
+    return {"env_vars": {RAY_ADDRESS: address}}
 
 
 def worker_env(env_vars: dict[str, str] | None = None) -> dict[str, Any] | None:
@@ -36,7 +142,8 @@ def cpu_allocator_env(allocator: str) -> dict[str, str]:
     """The environment that makes a worker process allocate with `allocator` from its start.
 
     mimalloc is preloaded (LD_PRELOAD, so torch's and DeepSpeed's C++ allocations use it too) and keeps
-    the memory it frees committed for reuse: a training step allocates the same sizes again."""
+    the memory it frees committed for reuse: a training step allocates the same sizes again. One
+    runtime env serves every node, so each node must have the library where this one has it."""
     if allocator == "system":
         return {}
     if not sys.platform.startswith("linux"):
@@ -44,8 +151,15 @@ def cpu_allocator_env(allocator: str) -> dict[str, str]:
             "cpu_allocator=%s is preloaded with LD_PRELOAD, which needs Linux: not used", allocator
         )
         return {}
+    library = mimalloc_library()
+    for node, found in on_other_nodes(node_mimalloc_library).items():
+        if found != library:
+            raise RaydpoError(
+                f"cpu_allocator=mimalloc: node {node} has {found or f'no {MIMALLOC_PACKAGE}'} where this "
+                f"node has {library}; install the same environment on every node, or set cpu_allocator=system"
+            )
     # Ray expands ${LD_PRELOAD} from the node's environment: what a node already preloads stays loaded
-    return {"LD_PRELOAD": f"{mimalloc_library()} ${{LD_PRELOAD}}", "MIMALLOC_PURGE_DELAY": "-1"}
+    return {"LD_PRELOAD": f"{library} ${{LD_PRELOAD}}", "MIMALLOC_PURGE_DELAY": "-1"}
 
 
 def mimalloc_library() -> str:
@@ -61,6 +175,14 @@ def mimalloc_library() -> str:
         if file.name == MIMALLOC_LIBRARY:
             return str(file.locate())
     raise RaydpoError(f"{hint}: its {MIMALLOC_LIBRARY} is missing")
+
+
+def node_mimalloc_library() -> str | None:
+    """Where the node this runs on has the mimalloc library (None: it has none)."""
+    try:
+        return mimalloc_library()
+    except RaydpoError:
+        return None
 
 
 def preloaded(library: str) -> bool:
@@ -85,3 +207,82 @@ def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str)
             f"{actors} {what} x {cpus_per_actor:g} CPUs take all {cpus:g} CPUs, leaving none to read the data; "
             f"{hint} (fractions are allowed)"
         )
+
+
+# ---- every node sees the same paths -------------------------------------------------------------------
+
+
+def other_nodes() -> list[dict[str, Any]]:
+    """The alive nodes of the cluster other than the one this process runs on."""
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    return [node for node in ray.nodes() if node["Alive"] and node["NodeID"] != here]
+
+
+def on_other_nodes(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
+    """`function(*args)` run once on every other alive node: {"ip (node id)": its result}."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    task = ray.remote(num_cpus=0, max_retries=0)(function)
+    pending = {
+        f"{node['NodeManagerAddress']} ({node['NodeID'][:12]})": task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ).remote(*args)
+        for node in other_nodes()
+    }
+    try:
+        return dict(zip(pending, ray.get(list(pending.values()), timeout=NODE_SECONDS), strict=True))
+    except GetTimeoutError:
+        raise RaydpoError(
+            f"a task on each node ({', '.join(pending)}) did not answer within {NODE_SECONDS:g} s"
+        ) from None
+
+
+def check_shared_paths(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
+    """With more than one node alive, every local path a stage writes or reads must be the same on every
+    node: a model that rank 0 publishes to its own disk never reaches the driver, the SQLite MLflow
+    store rank 0 logs to would be another file, and Ray Train notices a node-local storage_path only
+    when a remote worker uploads its first checkpoint. A task on each other node looks for a marker file
+    the driver writes into each output directory, and for each input path; one that a node cannot see
+    stops the stage before any work, naming the path and the node."""
+    outputs, inputs = _local_paths(outputs), _local_paths(inputs)
+    inputs = {what: path for what, path in inputs.items() if os.path.exists(path)}  # else a hub id
+    if not (outputs or inputs) or not other_nodes():
+        return
+    looked_for = {path: (what, path) for what, path in inputs.items()}
+    markers = []
+    for what, path in outputs.items():
+        os.makedirs(path, exist_ok=True)
+        markers.append(os.path.join(path, f".raydpo-shared-{uuid.uuid4().hex[:12]}"))
+        Path(markers[-1]).touch()
+        looked_for[markers[-1]] = (what, path)
+    try:
+        missing = on_other_nodes(missing_paths, list(looked_for))
+    finally:
+        for marker in markers:
+            os.remove(marker)
+    for node, paths in missing.items():
+        if paths:
+            what, path = looked_for[paths[0]]
+            raise RaydpoError(
+                f"{what} {path} is not visible from node {node}: with more than one node, every node must "
+                "see it: use a filesystem all nodes mount at the same path, or an s3:// URI "
+                "(for MLflow, a tracking server through --mlflow-tracking-uri)"
+            )
+
+
+def missing_paths(paths: list[str]) -> list[str]:
+    """Of `paths`, those that do not exist on the node this runs on."""
+    return [path for path in paths if not os.path.exists(path)]
+
+
+def _local_paths(paths: dict[str, str | None]) -> dict[str, str]:
+    """The entries that are local paths (file:// included), as absolute paths."""
+    return {
+        what: os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
+        for what, path in paths.items()
+        if path and ("://" not in path or path.startswith("file://"))
+    }

@@ -85,7 +85,9 @@ class PrecomputeConfig:
     overwrite: bool = False
     """Replace an existing output computed from different inputs."""
     ray_address: str | None = None
-    """Ray cluster to connect to; None: the current one, or a new local instance."""
+    """Ray cluster to join: host:port of its head, or "local"; default: $RAY_ADDRESS, else the cluster
+    `ray start` recorded on this machine if it answers, else a new local instance (a process already
+    connected to Ray stays on its cluster)."""
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = local_path_or_id(self.model), local_path_or_id(self.tokenizer)
@@ -331,7 +333,9 @@ class TrainConfig:
     sync_ref_model: bool = False
     """TR-DPO; refused: a fixed cache cannot follow a moving reference."""
     ray_address: str | None = None
-    """Ray cluster to join (default: the current job's cluster, or a local instance)."""
+    """Ray cluster to join: host:port of its head, or "local"; default: $RAY_ADDRESS, else the cluster
+    `ray start` recorded on this machine if it answers, else a new local instance (a process already
+    connected to Ray stays on its cluster)."""
 
     def __post_init__(self) -> None:
         self.model = local_path_or_id(self.model)

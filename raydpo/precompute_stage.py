@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 
 from raydpo import cache
-from raydpo.cluster import check_cpu_headroom, init_ray, worker_env
+from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
 from raydpo.config import PrecomputeConfig, as_dict, from_mapping
 from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError
@@ -121,6 +121,14 @@ def precompute(
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
     init_ray(config.ray_address)
+    check_shared_paths(
+        outputs={"the output": config.output},
+        inputs={
+            "the model": config.model,
+            "the dataset": config.dataset if dataset is None else None,
+            "the eval dataset": config.eval_dataset if eval_dataset is None else None,
+        },
+    )
     if not config.gpus_per_actor:
         check_cpu_headroom(
             config.num_actors,

@@ -5,8 +5,9 @@ restarts) and logs the settings, the DeepSpeed config and the precompute manifes
 metrics into that run through an `MlflowClient`; no module-level MLflow state is touched.
 
 The default tracking URI is a SQLite file in the run directory, which needs no server on one machine.
-On a multi-node cluster rank 0 may run on another node than the driver, where that file does not
-exist: point `--mlflow-tracking-uri` (or MLFLOW_TRACKING_URI) at a tracking server there.
+On a multi-node cluster rank 0 may run on another node than the driver, so a local store must be on a
+filesystem every node shares (the train stage checks that before any work); otherwise point
+`--mlflow-tracking-uri` (or MLFLOW_TRACKING_URI) at a tracking server.
 """
 
 from __future__ import annotations
@@ -75,6 +76,16 @@ def resolve_tracking_uri(configured: str | None, run_dir: str) -> str:
     path = Path(run_dir.removeprefix("file://")).resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def local_store_dir(tracking_uri: str) -> str | None:
+    """The local directory a file-based store keeps its data in (SQLite, or MLflow's file store);
+    None for a tracking server or a remote store."""
+    if tracking_uri.startswith("sqlite:///"):
+        return os.path.dirname(tracking_uri.removeprefix("sqlite:///"))
+    if tracking_uri.startswith("file://"):
+        return tracking_uri.removeprefix("file://")
+    return tracking_uri if os.path.isabs(tracking_uri) else None
 
 
 def start_run(

@@ -25,7 +25,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo import cache, deepspeed_config
-from raydpo.cluster import check_cpu_headroom, cpu_allocator_env, init_ray, worker_env
+from raydpo.cluster import (
+    check_cpu_headroom,
+    check_shared_paths,
+    cpu_allocator_env,
+    init_ray,
+    worker_env,
+)
 from raydpo.config import TrainConfig, as_dict, from_mapping
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.numerics import check_cache_numerics, resolve_numerics
@@ -76,7 +82,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
-    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
+    from raydpo.tracking import MlflowLogger, local_store_dir, resolve_tracking_uri, start_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
@@ -87,6 +93,15 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
             config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
         )
 
+    check_shared_paths(
+        outputs={
+            "the output": output,
+            "the storage path": storage_path,
+            "the MLflow store": local_store_dir(tracking_uri),
+        },
+        inputs={"the model": config.model, "the data": config.data, "the eval data": config.eval_data},
+    )
+    runtime_env = worker_env(None if config.use_gpu else cpu_allocator_env(config.cpu_allocator))
     ds_config = deepspeed_config.for_run(config, plan["world_size"], plan["total_steps"])
     manifests = {name: split.manifest for name, split in splits.items()}
     run_id = start_run(
@@ -121,7 +136,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         "model_output": model_output,
         "has_eval": "eval" in splits,
     }
-    trainer = _trainer(config, worker_plan, splits, columns, storage_path)
+    trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
     try:
         result = trainer.fit()
     except Exception as error:
@@ -388,7 +403,14 @@ def _manifest_params(manifest: dict[str, Any], counts: dict[str, int]) -> dict[s
 # ---- the trainer -------------------------------------------------------------------------------------
 
 
-def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[str], storage_path: str):
+def _trainer(
+    config: TrainConfig,
+    plan: dict[str, Any],
+    splits,
+    columns: list[str],
+    storage_path: str,
+    runtime_env: dict[str, Any] | None,
+):
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -421,9 +443,7 @@ def _trainer(config: TrainConfig, plan: dict[str, Any], splits, columns: list[st
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
-            worker_runtime_env=worker_env(
-                None if config.use_gpu else cpu_allocator_env(config.cpu_allocator)
-            ),
+            worker_runtime_env=runtime_env,
         ),
         datasets=datasets,
         # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs

@@ -133,11 +133,13 @@ def tokenizer(toy_model):
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """The one Ray instance of the test session."""
+    """The one Ray instance of the test session, a local one pinned as raydpo pins what it joins."""
     import ray
     import ray.data
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from raydpo.cluster import init_ray
+
+    init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     # Ray Data sets up its log handler on its first execution; doing that here, under pytest's
     # session-long capture, keeps it from binding to a test's capsys stream that is closed afterwards
     ray.data.range(1).materialize()
@@ -174,6 +176,68 @@ def s3_server():
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """`raydpo ...` in a fresh process, as a user types it: without RAY_ADDRESS (so on its own local Ray
+    instance unless told otherwise), with `env` added to this process's environment."""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    command = [sys.executable, "-m", "raydpo.cli", *args]
+    return subprocess.run(
+        command, env={**environment, **(env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# the ports a Ray node's agents take; each node of a test gets its own (the session's instance holds
+# the defaults)
+AGENT_PORTS = (
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "metrics-export-port",
+    "runtime-env-agent-port",
+    "ray-client-server-port",
+)
+
+
+def start_ray_node(
+    temp_dir: Path, *args: str, env: dict[str, str], wrapper: tuple[str, ...] = (), timeout: float = 300
+) -> subprocess.Popen:
+    """`ray start --block ARGS` on 127.0.0.1 with a temp dir and ports of its own (its output goes to
+    TEMP_DIR.log), returned once the node runs; the caller stops it with `stop_ray_nodes`. `wrapper` is
+    a command prefix the node runs under."""
+    log = temp_dir.with_suffix(".log")
+    command = [*wrapper, "ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}"]
+    command += ["--disable-usage-stats", f"--node-manager-port={free_port()}"]
+    command += [f"--object-manager-port={free_port()}", *[f"--{name}={free_port()}" for name in AGENT_PORTS]]
+    with open(log, "w") as output:
+        node = subprocess.Popen([*command, *args], env=env, stdout=output, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in log.read_text():
+        if node.poll() is not None or time.monotonic() > deadline:
+            stop_ray_nodes(node)
+            pytest.fail(f"the Ray node did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    return node
+
+
+def stop_ray_nodes(*nodes: subprocess.Popen) -> None:
+    """Stop nodes `start_ray_node` started (`ray start --block` stops its node's processes on SIGTERM)."""
+    for node in nodes:
+        node.terminate()
+    for node in nodes:
+        try:
+            node.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

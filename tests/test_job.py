@@ -8,7 +8,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,15 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import AGENT_PORTS, free_port, run_cli
 from mlflow import MlflowClient
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_cluster_file_passes_rays_schema():
@@ -40,15 +34,6 @@ def test_cluster_file_passes_rays_schema():
     config["available_node_types"]["gpu_worker"]["node_confg"] = {}  # a typo must not pass
     with pytest.raises(Exception, match="node_confg"):
         validate_config(prepare_config(config))
-
-
-AGENT_PORTS = (
-    "dashboard-agent-listen-port",
-    "dashboard-agent-grpc-port",
-    "metrics-export-port",
-    "runtime-env-agent-port",
-    "ray-client-server-port",
-)
 
 
 @pytest.fixture()
@@ -145,13 +130,6 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 4]
     assert "report/precompute_pairs_per_second" in run.data.metrics
     assert {"training_curves.png", "report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """`raydpo ...` in a fresh process (its own local Ray instance), as a user types it."""
-    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    command = [sys.executable, "-m", "raydpo.cli", *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):

@@ -1,0 +1,221 @@
+"""raydpo on several Ray nodes, beside a second Ray instance, and with a dead cluster recorded on the host.
+
+The clusters are real `ray start` processes on this machine, joined by raydpo drivers run in
+subprocesses. All nodes here share one disk, so the node that must not see a run's output runs in a
+private mount namespace with an empty tmpfs over the output's parent directory: for that node's
+processes the directory is a disk of their own, as a node-local disk is on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import free_port, run_cli, start_ray_node, stop_ray_nodes
+
+import raydpo
+
+PAIRS = 16
+TRAIN = ["--micro-batch-size", "1", "--max-steps", "2", "--eval-steps", "none", "--checkpoint-steps", "none"]
+PRIVATE_MOUNT = ("unshare", "--mount", "--propagation", "private")
+
+
+@dataclass
+class RayCluster:
+    address: str
+    temp_dir: Path  # the nodes' temp dirs are head/, second/ and third/ in it
+    node_local: Path  # an empty directory of its own for the third node
+
+
+def ray_env() -> dict[str, str]:
+    return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+
+
+def short_temp_dir(prefix: str) -> Path:
+    """A temp dir under /tmp with a short name: Ray's socket paths inside it are length-limited."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+@pytest.fixture(scope="module")
+def cache(ray_session, toy_model, sample_dir, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("cluster") / "cache"
+    dataset = str(sample_dir / "dpo_en_demo.json")
+    raydpo.precompute(model=str(toy_model), dataset=dataset, output=str(output), limit=PAIRS, max_length=256)
+    return output
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Three nodes: a head with 3 CPUs and a second node with 2, both seeing every path, and a third
+    without CPUs (so no training worker or data task runs there) for which `node_local` is a tmpfs."""
+    if subprocess.run([*PRIVATE_MOUNT, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no private mount namespaces here (unshare needs CAP_SYS_ADMIN)")
+    base = short_temp_dir("rc")
+    node_local = tmp_path_factory.mktemp("node_local")
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    env = ray_env()
+    nodes = []
+    try:
+        head = ["--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false"]
+        nodes.append(start_ray_node(base / "head", *head, env=env))
+        joined = ("--address", address)  # one after another: joins at once can overload a busy head
+        nodes.append(start_ray_node(base / "second", *joined, "--num-cpus=2", env=env))
+        mount_then_run = ("sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(node_local))
+        private = (*PRIVATE_MOUNT, *mount_then_run)
+        nodes.append(start_ray_node(base / "third", *joined, "--num-cpus=0", env=env, wrapper=private))
+        yield RayCluster(address, base, node_local)
+    finally:
+        stop_ray_nodes(*reversed(nodes))
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_node_training_publishes_the_model_to_the_driver(cluster, cache, toy_model, tmp_path):
+    """Two workers of 2 CPUs cannot share the 3-CPU head, so one trains on the second node; rank 0's model
+    and the run state reach the driver through the shared output."""
+    output = tmp_path / "run"
+    ran = run_cli(
+        "train", "--model", str(toy_model), "--data", str(cache), "--output", str(output), *TRAIN,
+        "--num-workers", "2", "--cpus-per-worker", "2", "--ray-address", cluster.address,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "trained 2 steps" in ran.stdout and "(2 workers)" in ran.stdout
+    assert (output / "model" / "model.safetensors").exists() and (output / "model" / "_COMPLETE").exists()
+    assert json.loads((output / "run.json").read_text())["status"] == "finished"
+    assert not list(output.glob(".raydpo-shared-*"))  # the check's markers are gone
+    second_node_logs = (cluster.temp_dir / "second").glob("session_*/logs/worker-*.out")
+    assert any("RayTrainWorker" in log.read_text(errors="replace") for log in second_node_logs)
+
+
+def test_node_local_output_is_refused_before_any_work(cluster, cache, toy_model, reliability):
+    """The output is a directory the third node has on a disk of its own: the driver stops before any
+    work with one line naming the path and that node, instead of training and then finding no model."""
+    output = cluster.node_local / "run"
+    started = time.monotonic()
+    refused = run_cli(
+        "train", "--model", str(toy_model), "--data", str(cache), "--output", str(output), *TRAIN,
+        "--num-workers", "2", "--cpus-per-worker", "2", "--ray-address", cluster.address, timeout=300,
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    raylet_log = next((cluster.temp_dir / "third").glob("session_*/logs/raylet.out")).read_text()
+    third = re.search(r"Setting node ID node_id=([0-9a-f]+)", raylet_log).group(1)
+    named = rf"raydpo train: error: the output {re.escape(str(output))} is not visible from node \S+ \({third[:12]}\): "
+    assert re.match(named, line), line
+    assert "a filesystem all nodes mount at the same path, or an s3:// URI" in line
+    assert not (output / "run.json").exists() and not (output / "mlflow.db").exists()
+    assert not list(output.glob(".raydpo-shared-*"))
+    reliability.record(
+        "cluster-1-node-local-output",
+        "cluster",
+        "the output is on a disk of the driver's node only, with three nodes alive",
+        "a third Ray node runs in a private mount namespace with an empty tmpfs over the output's parent",
+        f"refused in {seconds:.0f} s before the MLflow run or any worker started, naming the path and the "
+        "node that cannot see it",
+    )
+
+
+def test_training_beside_another_instance_with_a_dead_cluster_recorded(
+    cluster, cache, toy_model, tmp_path, reliability
+):
+    """With the three-node cluster up as another Ray instance on the host (recorded in its own temp dir
+    only), and the address of a head that died without `ray stop` left in <ray temp dir>/ray_current_cluster
+    (where `ray.init()` would wait for it forever), `raydpo train` given no address says so in one line,
+    starts its own local instance and trains there. Given that dead address, it stops at once with one
+    line."""
+    ray_tmp = short_temp_dir("rd")
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(dead)
+    train = [
+        "train",
+        "--model",
+        str(toy_model),
+        "--data",
+        str(cache),
+        "--output",
+        str(tmp_path / "run"),
+        *TRAIN,
+    ]
+    train += ["--num-workers", "1", "--cpus-per-worker", "0.5"]
+    try:
+        started = time.monotonic()
+        ran = run_cli(*train, env={"RAY_TMPDIR": str(ray_tmp)}, timeout=400)
+        seconds = time.monotonic() - started
+        assert ran.returncode == 0, ran.stderr[-3000:]
+        assert "trained 2 steps" in ran.stdout and (tmp_path / "run" / "model" / "_COMPLETE").exists()
+        said = [line for line in ran.stderr.splitlines() if dead in line]
+        assert len(said) == 1 and "does not answer" in said[0] and "starting a local Ray instance" in said[0]
+        assert "Started a local Ray instance" in ran.stderr and cluster.address not in ran.stderr
+        assert "Found multiple active Ray instances" not in ran.stderr
+
+        started = time.monotonic()
+        again = [*train, "--output", str(tmp_path / "again"), "--ray-address", dead]
+        refused = run_cli(*again, env={"RAY_TMPDIR": str(ray_tmp)}, timeout=60)
+        refused_in = time.monotonic() - started
+        assert refused.returncode == 2
+        assert refused.stderr.strip().splitlines()[-1] == (
+            f"raydpo train: error: no Ray cluster answers at {dead} (--ray-address): start it "
+            "(`ray start --head`), or leave --ray-address out to run on a local instance"
+        )
+        assert refused_in < 45  # the CLI's imports, the cache checks and a 3 s probe; no Ray start
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    reliability.record(
+        "cluster-2-dead-recorded-head",
+        "cluster",
+        "a Ray head died without `ray stop` (its address stays in ray_current_cluster), another Ray "
+        "instance runs on the host",
+        "`raydpo train` with a RAY_TMPDIR whose ray_current_cluster names a port nothing listens on, while "
+        "a three-node cluster runs beside it",
+        f"one log line naming the dead address; its own local instance started and the run finished in "
+        f"{seconds:.0f} s (Ray itself would wait forever); with that address as --ray-address: exit 2 with "
+        f"one line in {refused_in:.0f} s",
+    )
+
+
+LOOKUP = """
+import json
+import ray
+from raydpo.cluster import init_ray
+
+address = init_ray(None, num_cpus=1, include_dashboard=False)
+
+@ray.remote(num_cpus=0)
+def lookup():  # how Ray's State API (Train's placement-group cleaner) finds the cluster in a worker
+    from ray._private.services import canonicalize_bootstrap_address_or_die
+    return canonicalize_bootstrap_address_or_die(None)
+
+print(json.dumps({"address": address, "lookup": ray.get(lookup.remote())}))
+"""
+
+
+def test_address_lookups_inside_the_job_find_the_instance_joined(cluster):
+    """With another Ray instance on the host, Ray's lookup of an unspecified address (what the State API
+    does in Ray Train's placement-group cleaner) fails in a worker ("Found multiple active Ray
+    instances") unless the address joined is pinned in the job's runtime env."""
+    ray_tmp = short_temp_dir("rs")
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-c", LOOKUP],
+            env={**ray_env(), "RAY_TMPDIR": str(ray_tmp)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    found = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert found["address"].rpartition(":")[2] != cluster.address.rpartition(":")[2]
+    assert found["lookup"] == found["address"]
