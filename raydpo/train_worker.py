@@ -284,13 +284,13 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             loss, scores, output, inputs, tokens = loss_on_batch(
                 engine, columns, settings, plan["pad_token_id"], device
             )
-            if step == 1 and reference_gap is None:  # before any update, on every rank at once
-                reference_gap = reference_check(inputs, device)
-                enforce_reference_check(reference_gap, config, dropout_on, rank)
             if not all_finite(loss, device):  # every rank skips (or stops) together
                 handle_nonfinite(loss, columns, step, config, rank)
                 state["skipped_batches"] += 1
                 continue  # a replacement micro-batch keeps the accumulation aligned with the steps
+            if step == 1 and reference_gap is None:  # before any update, on every rank at once; on
+                reference_gap = reference_check(inputs, device)  # the first batch with a finite loss
+                enforce_reference_check(reference_gap, config, dropout_on, rank)
             engine.backward(loss)
             engine.step()
             window.add(loss, scores, output, inputs.chosen_logps, inputs.rejected_logps)
