@@ -305,7 +305,7 @@ def run_stages(args, workdir: Path) -> dict:
     print(trained.summary())
     shown = ("tokens_per_second", "samples_per_second", "peak_memory_gb", "peak_memory_above_start_gb")
     stages = {
-        "precompute": cached.train.manifest["throughput"],
+        "precompute": cached.train.manifest.to_dict()["throughput"],
         "train": {name: trained.metrics.get(name) for name in shown},
     }
     print(json.dumps(stages, indent=2))

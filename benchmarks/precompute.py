@@ -112,8 +112,8 @@ def run_raydpo(
     )
     seconds = time.perf_counter() - started
     frame = raydpo.read_output(output).to_pandas()
-    stats = result.train.manifest["throughput"]
-    return seconds, len(frame), stats["tokens"], stats["padding_fraction"], frame
+    stats = result.train.manifest.throughput
+    return seconds, len(frame), stats.tokens, stats.padding_fraction, frame
 
 
 def main() -> None:

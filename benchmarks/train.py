@@ -234,7 +234,7 @@ def main() -> None:
     precompute_s = time.perf_counter() - started
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; model: Llama {args.hidden_size}x{args.layers}; "
-        f"{precomputed.train.counts['written']} pairs, max_length {args.max_length}; {args.workers} processes x "
+        f"{precomputed.train.counts.written} pairs, max_length {args.max_length}; {args.workers} processes x "
         f"micro batch {args.micro_batch}; {args.steps} steps, median over steps {WARMUP_STEPS + 1}-{args.steps}"
     )
     print(f"raydpo precompute (once, reusable by every run): {precompute_s:.1f}s")

@@ -19,7 +19,7 @@ _EXPORTS = {
     "RaydpoError": "raydpo.errors",
     "precompute": "raydpo.precompute_stage",
     "PrecomputeResult": "raydpo.precompute_stage",
-    "read_output": "raydpo.precompute_stage",
+    "read_output": "raydpo.cache",
     "TrainConfig": "raydpo.config",
     "TrainResult": "raydpo.train_stage",
     "TrainingFailed": "raydpo.errors",
@@ -29,10 +29,11 @@ _EXPORTS = {
 }
 
 if TYPE_CHECKING:
+    from raydpo.cache import read_output
     from raydpo.config import PrecomputeConfig, TrainConfig
     from raydpo.errors import RaydpoError, TrainingFailed
     from raydpo.job import JobResult, run
-    from raydpo.precompute_stage import PrecomputeResult, precompute, read_output
+    from raydpo.precompute_stage import PrecomputeResult, precompute
     from raydpo.train_stage import TrainResult, train
 
 

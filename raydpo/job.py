@@ -80,16 +80,16 @@ def run(
 
 def build_report(cached, trained) -> dict[str, Any]:
     train_split = cached.train
-    stats = train_split.manifest["throughput"]
+    stats = train_split.manifest.throughput
     metrics = trained.metrics
     return {
-        "pairs_written": train_split.counts["written"],
-        "pairs_rejected": train_split.counts["rejected"],
-        "eval_pairs": cached.eval.counts["written"] if cached.eval else 0,
-        "cache_tokens": stats["tokens"],
+        "pairs_written": train_split.counts.written,
+        "pairs_rejected": train_split.counts.rejected,
+        "eval_pairs": cached.eval.counts.written if cached.eval else 0,
+        "cache_tokens": stats.tokens,
         "precompute_reused": train_split.cached,
-        "precompute_pairs_per_second": stats["pairs_per_s"],
-        "precompute_tokens_per_second": stats["tokens_per_s"],
+        "precompute_pairs_per_second": stats.pairs_per_s,
+        "precompute_tokens_per_second": stats.tokens_per_s,
         "train_steps": trained.plan["total_steps"],
         "train_samples_per_second": metrics.get("samples_per_second"),
         "train_tokens_per_second": metrics.get("tokens_per_second"),

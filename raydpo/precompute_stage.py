@@ -63,21 +63,21 @@ class SplitResult:
     name: str
     path: str
     cached: bool
-    manifest: dict[str, Any]
+    manifest: cache.Manifest
 
     @property
-    def counts(self) -> dict[str, Any]:
-        return self.manifest["counts"]
+    def counts(self) -> cache.Counts:
+        return self.manifest.counts
 
     def summary(self) -> str:
-        counts, stats = self.counts, self.manifest["throughput"]
-        head = "cached, nothing to do" if self.cached else f"{stats['wall_time_s']:.1f}s"
-        saved = stats.get("tokens_saved_by_prefix_sharing", 0)
-        sharing = f", prompts computed once ({saved / stats['tokens']:.1%} fewer tokens)" if saved else ""
+        counts, stats = self.counts, self.manifest.throughput
+        head = "cached, nothing to do" if self.cached else f"{stats.wall_time_s:.1f}s"
+        saved = stats.tokens_saved_by_prefix_sharing
+        sharing = f", prompts computed once ({saved / stats.tokens:.1%} fewer tokens)" if saved else ""
         return (
-            f"{self.name}: {counts['read']} rows read, {counts['written']} written, "
-            f"{counts['rejected']} rejected; {stats['tokens']} tokens, {stats['tokens_per_s']:.0f} tokens/s, "
-            f"{stats['padding_fraction']:.1%} padding{sharing} ({head}) -> {self.path}"
+            f"{self.name}: {counts.read} rows read, {counts.written} written, "
+            f"{counts.rejected} rejected; {stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, "
+            f"{stats.padding_fraction:.1%} padding{sharing} ({head}) -> {self.path}"
         )
 
 
@@ -296,8 +296,7 @@ def _prepare_output(path: str, key: str, overwrite: bool) -> set[str] | None:
     fs, root = cache.resolve(path)
     state = cache.split_state(path)
     if state == "finished":
-        manifest = cache.read_json(fs, f"{root}/{cache.MANIFEST}")
-        if manifest.get("key") == key:
+        if cache.read_manifest(path).key == key:
             cache.open_split(path)  # verify the files before calling it a hit
             return None
         if not overwrite:
@@ -660,7 +659,7 @@ def _finish(
             else:
                 reasons.update(table.column("reason").to_pylist())
             counts[counter] += len(ids)
-            files.append({"path": f"{directory}/{info.base_name}", "rows": len(ids)})
+            files.append(cache.PartFile(f"{directory}/{info.base_name}", len(ids)))
     counts["read"] = counts["written"] + counts["rejected"]
     if counts["written"] == 0:
         top = reasons.most_common(1)[0][0] if reasons else "none"
@@ -677,42 +676,40 @@ def _finish(
     tokens = totals.get("tokens", 0)
     forward_tokens = totals.get("forward_tokens", 0)
     computed_tokens = totals.get("computed_tokens", 0)
-    manifest = {
-        "format": cache.FORMAT,
-        "schema_version": cache.SCHEMA_VERSION,
-        "raydpo_version": __version__,
-        "key": key,
-        "split": name,
-        "source": source if isinstance(source, str) else type(source).__name__,
-        "fingerprints": {**fingerprints, "dataset": dataset_fingerprint},
-        "model": config.model,
-        "tokenizer": config.tokenizer or config.model,
-        "settings": settings,
-        "counts": {
-            "read": counts["read"],
-            "written": counts["written"],
-            "rejected": counts["rejected"],
-            "truncated_this_run": totals.get("truncated", 0),
-            "resumed": totals.get("done", 0),
-            "reject_reasons": dict(reasons.most_common()),
-        },
-        "throughput": {
-            "wall_time_s": round(wall_time, 3),
-            "tokens": tokens,
-            "tokens_per_s": tokens / wall_time if wall_time > 0 else 0.0,
-            "pairs_per_s": totals.get("written", 0) / wall_time if wall_time > 0 else 0.0,
-            "padding_fraction": 1 - computed_tokens / forward_tokens if forward_tokens else 0.0,
-            "prefix_sharing": "on" if computed_tokens < tokens else "off",  # as the scorers decided
-            "tokens_computed": computed_tokens,
-            "tokens_saved_by_prefix_sharing": tokens - computed_tokens,
-            "num_actors": config.num_actors,
-            "batch_size": config.batch_size,
-        },
-        "schema": cache.data_schema(config.store_token_logps).names,
-        "files": files,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    payload = json.dumps(manifest, indent=2, sort_keys=False).encode()
+    manifest = cache.Manifest(
+        raydpo_version=__version__,
+        key=key,
+        split=name,
+        source=source if isinstance(source, str) else type(source).__name__,
+        fingerprints=cache.Fingerprints(**fingerprints, dataset=dataset_fingerprint),
+        model=config.model,
+        tokenizer=config.tokenizer or config.model,
+        settings=settings,
+        counts=cache.Counts(
+            read=counts["read"],
+            written=counts["written"],
+            rejected=counts["rejected"],
+            truncated_this_run=totals.get("truncated", 0),
+            resumed=totals.get("done", 0),
+            reject_reasons=dict(reasons.most_common()),
+        ),
+        throughput=cache.Throughput(
+            wall_time_s=round(wall_time, 3),
+            tokens=tokens,
+            tokens_per_s=tokens / wall_time if wall_time > 0 else 0.0,
+            pairs_per_s=totals.get("written", 0) / wall_time if wall_time > 0 else 0.0,
+            padding_fraction=1 - computed_tokens / forward_tokens if forward_tokens else 0.0,
+            prefix_sharing="on" if computed_tokens < tokens else "off",  # as the scorers decided
+            tokens_computed=computed_tokens,
+            tokens_saved_by_prefix_sharing=tokens - computed_tokens,
+            num_actors=config.num_actors,
+            batch_size=config.batch_size,
+        ),
+        schema=tuple(cache.data_schema(config.store_token_logps).names),
+        files=tuple(files),
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    payload = manifest.to_json()
     common = cache.data_schema(config.store_token_logps).with_metadata(
         {cache.KEY_METADATA: key.encode(), cache.MANIFEST_METADATA: payload}
     )
@@ -757,15 +754,3 @@ def _reject_duplicates(fs: pafs.FileSystem, root: str, key: str) -> None:
         if kept.num_rows:
             cache.write_part(fs, f"{root}/{cache.DATA_DIR}", kept, metadata)
         fs.delete_file(info.path)
-
-
-def read_output(path: str, split: str = "train"):
-    """Open a finished precompute output (OUTPUT or OUTPUT/<split>, a path or URI) for inspection or
-    training."""
-    fs, root = cache.resolve(path)
-    if (
-        fs.get_file_info(f"{root}/{cache.MANIFEST}").type != pafs.FileType.File
-        and fs.get_file_info(f"{root}/{split}").type == pafs.FileType.Directory
-    ):
-        path = cache.join(path, split)
-    return cache.open_split(path)

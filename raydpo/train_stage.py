@@ -86,7 +86,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
-    state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest["key"])
+    state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest.key)
     init_ray(config.ray_address)
     if not config.use_gpu:
         check_cpu_headroom(
@@ -115,7 +115,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         },
         artifacts={
             "deepspeed_config.json": ds_config,
-            **{f"manifest_{name}.json": m for name, m in manifests.items()},
+            **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
         },
         run_id=state.get("run_id"),
         artifact_root=_artifact_root(tracking_uri),
@@ -198,11 +198,9 @@ def _as_config(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> 
 
 
 def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
-    from raydpo.precompute_stage import read_output
-
-    splits = {"train": read_output(config.data, "train")}
+    splits = {"train": cache.read_output(config.data, "train")}
     if config.eval_data is not None:
-        splits["eval"] = read_output(config.eval_data, "eval")
+        splits["eval"] = cache.read_output(config.eval_data, "eval")
     else:
         candidate = cache.join(config.data, "eval")
         if cache.split_state(candidate) == "finished":
@@ -218,38 +216,38 @@ def check_cache_matches(
     for name, split in splits.items():
         manifest = split.manifest
         for what in ("model", "tokenizer"):
-            if manifest["fingerprints"][what] != train_manifest["fingerprints"][what]:
+            if getattr(manifest.fingerprints, what) != getattr(train_manifest.fingerprints, what):
                 raise RaydpoError(
                     f"the {name} split was precomputed with a different {what} than the train split"
                 )
-        if manifest["settings"] != train_manifest["settings"]:
+        if manifest.settings != train_manifest.settings:
             raise RaydpoError(
                 f"the {name} split was tokenized with other settings than the train split: "
-                f"{manifest['settings']} vs {train_manifest['settings']}"
+                f"{manifest.settings} vs {train_manifest.settings}"
             )
-    if tokenizer_fingerprint(tokenizer) != train_manifest["fingerprints"]["tokenizer"]:
+    if tokenizer_fingerprint(tokenizer) != train_manifest.fingerprints.tokenizer:
         raise RaydpoError(
             f"the tokenizer of {config.model} is not the one {splits['train'].path} was tokenized with "
-            f"({train_manifest['tokenizer']}); precompute again with this model's tokenizer"
+            f"({train_manifest.tokenizer}); precompute again with this model's tokenizer"
         )
     policy = cache.model_fingerprint(config.model)
-    same = policy == train_manifest["fingerprints"]["model"]
+    same = policy == train_manifest.fingerprints.model
     if not same and not config.reference_is_different:
         raise RaydpoError(
-            f"the reference log-probs in {splits['train'].path} were computed with {train_manifest['model']}, "
+            f"the reference log-probs in {splits['train'].path} were computed with {train_manifest.model}, "
             f"whose weights differ from {config.model}; pass --reference-is-different if that is intended"
         )
     numerics = resolve_numerics(
         config.model, config.dtype, config.attn_implementation, config.trust_remote_code, config.use_gpu
     )
     if not config.reference_is_different:
-        note = check_cache_numerics(train_manifest["settings"], **numerics)
+        note = check_cache_numerics(train_manifest.settings, **numerics)
         if note:
             logger.info("%s", note)
     return {
-        "model": train_manifest["model"],
+        "model": train_manifest.model,
         "same_as_policy": same,
-        "fingerprint": train_manifest["fingerprints"]["model"],
+        "fingerprint": train_manifest.fingerprints.model,
         "numerics": numerics,
     }
 
@@ -388,13 +386,13 @@ def _loggable_settings(config: TrainConfig) -> dict[str, Any]:
     return values
 
 
-def _manifest_params(manifest: dict[str, Any], counts: dict[str, int]) -> dict[str, Any]:
+def _manifest_params(manifest: cache.Manifest, counts: dict[str, int]) -> dict[str, Any]:
     return {
-        "key": manifest["key"],
-        "path": manifest.get("source"),
-        "model": manifest["model"],
-        "fingerprints": {k: v for k, v in manifest["fingerprints"].items() if k != "dataset"},
-        "settings": manifest["settings"],
+        "key": manifest.key,
+        "path": manifest.source,
+        "model": manifest.model,
+        "fingerprints": {"model": manifest.fingerprints.model, "tokenizer": manifest.fingerprints.tokenizer},
+        "settings": manifest.settings,
         "rows": counts["rows"],
         "nonfinite_reference": counts["nonfinite_reference"],
     }

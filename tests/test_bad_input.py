@@ -265,13 +265,13 @@ def write_dataset(folder: Path, kind: str, rows: list[Row]) -> Path:
 # ---- the property ----------------------------------------------------------------------------------------
 
 
-def check_output(output: Path, rows: list[Row], counts: dict) -> dict[str, Counter]:
+def check_output(output: Path, rows: list[Row], counts: cache.Counts) -> dict[str, Counter]:
     """Every row where its kind says, once; returns the reject reasons seen per category."""
     split = output / "train"
     written = pq.read_table(split / "data", columns=["pair_id"]).column("pair_id").to_pylist()
     rejects = pq.read_table(split / "rejects").to_pylist()
-    assert counts["read"] == len(rows) == counts["written"] + counts["rejected"]
-    assert (len(written), len(rejects)) == (counts["written"], counts["rejected"])
+    assert counts.read == len(rows) == counts.written + counts.rejected
+    assert (len(written), len(rejects)) == (counts.written, counts.rejected)
     assert len(set(written)) == len(written), "a pair id was written twice"
     for reject in rejects:
         assert reject["reason"] and "\n" not in reject["reason"], reject
@@ -496,3 +496,56 @@ def test_paths_from_ids_and_manifests_stay_inside_the_output(tmp_path, reliabili
         "part files are named `part-<24 hex>.parquet` whatever the ids; `open_split` refuses every such "
         "manifest entry with one line ('... which is not a part file here') before reading it",
     )
+
+
+def test_manifest_round_trips_and_refuses_missing_or_unknown_fields(tmp_path):
+    """The manifest is a typed contract: what is written reads back equal, and a manifest with a field
+    missing, an unknown field or a nested field of the wrong kind is refused with one line naming it."""
+    manifest = cache.Manifest(
+        raydpo_version="0",
+        key="k",
+        split="train",
+        source="pairs.jsonl",
+        fingerprints=cache.Fingerprints(
+            model={"weights_sha256": "w"}, tokenizer={"t": 1}, dataset={"kind": "files"}
+        ),
+        model="m",
+        tokenizer="m",
+        settings={"max_length": 8},
+        counts=cache.Counts(
+            read=2, written=1, rejected=1, truncated_this_run=0, resumed=0, reject_reasons={"r": 1}
+        ),
+        throughput=cache.Throughput(
+            wall_time_s=1.0,
+            tokens=10,
+            tokens_per_s=10.0,
+            pairs_per_s=1.0,
+            padding_fraction=0.0,
+            prefix_sharing="off",
+            tokens_computed=10,
+            tokens_saved_by_prefix_sharing=0,
+            num_actors=1,
+            batch_size=1,
+        ),
+        schema=("pair_id",),
+        files=(cache.PartFile("data/part-0.parquet", 1), cache.PartFile("rejects/part-1.parquet", 1)),
+        created_at="2026-01-01T00:00:00Z",
+    )
+    assert cache.Manifest.from_json(manifest.to_json(), "here") == manifest
+    assert manifest.data_files == ["data/part-0.parquet"]
+    values = manifest.to_dict()
+    assert json.loads(manifest.to_json()) == values and values["files"][0] == {
+        "path": "data/part-0.parquet",
+        "rows": 1,
+    }
+    for broken, problem in (
+        ({k: v for k, v in values.items() if k != "key"}, r"manifest lacks \['key'\]"),
+        ({**values, "extra": 1}, r"manifest has unknown fields \['extra'\]"),
+        ({**values, "counts": {**values["counts"], "lost": 0}}, r"counts has unknown fields \['lost'\]"),
+        ({**values, "throughput": 3}, "'throughput' is not an object"),
+        ({**values, "schema_version": 99}, "unsupported cache format"),
+    ):
+        with pytest.raises(RaydpoError, match=problem):
+            cache.Manifest.from_json(json.dumps(broken), "here")
+    with pytest.raises(RaydpoError, match="not valid JSON"):
+        cache.Manifest.from_json(b"{", "here")

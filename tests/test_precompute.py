@@ -68,16 +68,16 @@ def first_run(ray_session, toy_model, mixed_file, sample_dir, tmp_path_factory):
 def test_row_count_invariant_and_rejects(first_run):
     result, output = first_run
     counts = result.train.counts
-    assert counts["read"] == 10 + 7 + 7 == counts["written"] + counts["rejected"]
+    assert counts.read == 10 + 7 + 7 == counts.written + counts.rejected
     rejects = pq.read_table(output / "train" / "rejects").to_pylist()
     reasons = " | ".join(r["reason"] for r in rejects)
     assert "empty chosen completion" in reasons and "unknown role" in reasons
     assert "prompt fills max_length" in reasons
     assert all(json.loads(r["row_json"]) for r in rejects)
     data = pq.read_table(output / "train" / "data")
-    assert data.num_rows == counts["written"]
+    assert data.num_rows == counts.written
     assert len(set(data.column("pair_id").to_pylist())) == data.num_rows
-    assert result.eval.counts["read"] == 300
+    assert result.eval.counts.read == 300
 
 
 def test_values_equal_a_plain_transformers_forward(first_run, toy_model):
@@ -103,7 +103,7 @@ def test_values_equal_a_plain_transformers_forward(first_run, toy_model):
 def test_manifest_fingerprints_and_parquet_metadata(first_run):
     result, output = first_run
     manifest = json.loads((output / "train" / "manifest.json").read_text())
-    assert manifest == result.train.manifest
+    assert manifest == result.train.manifest.to_dict()
     assert manifest["fingerprints"]["model"]["weights_sha256"]
     assert manifest["fingerprints"]["tokenizer"]["chat_template_sha256"]
     assert manifest["fingerprints"]["dataset"]["kind"] == "files"
@@ -165,14 +165,14 @@ def test_values_do_not_depend_on_batch_size_padding_actor_count_or_prefix_sharin
         torch.testing.assert_close(
             torch.tensor(frame_a[column].values), torch.tensor(frame_b[column].values), rtol=1e-5, atol=1e-3
         )
-    assert b.train.manifest["throughput"]["padding_fraction"] > 0  # unsorted batches of 5 pad
+    assert b.train.manifest.throughput.padding_fraction > 0  # unsorted batches of 5 pad
     # the same values: the same cache key, whichever layout computed them
-    assert a.train.manifest["key"] == b.train.manifest["key"]
-    shared, unshared = a.train.manifest["throughput"], b.train.manifest["throughput"]
+    assert a.train.manifest.key == b.train.manifest.key
+    shared, unshared = a.train.manifest.throughput, b.train.manifest.throughput
     prompt_tokens = int(frame_a["prompt_length"].sum())
-    assert shared["prefix_sharing"] == "on" and shared["tokens_saved_by_prefix_sharing"] == prompt_tokens
-    assert shared["tokens_computed"] == shared["tokens"] - prompt_tokens
-    assert unshared["prefix_sharing"] == "off" and unshared["tokens_saved_by_prefix_sharing"] == 0
+    assert shared.prefix_sharing == "on" and shared.tokens_saved_by_prefix_sharing == prompt_tokens
+    assert shared.tokens_computed == shared.tokens - prompt_tokens
+    assert unshared.prefix_sharing == "off" and unshared.tokens_saved_by_prefix_sharing == 0
 
 
 def test_in_memory_ray_dataset_is_cached_by_content(ray_session, toy_model, en_rows, tmp_path):
@@ -187,7 +187,7 @@ def test_in_memory_ray_dataset_is_cached_by_content(ray_session, toy_model, en_r
         model=str(toy_model), output=output, max_length=512, dataset=ray.data.from_items(list(reversed(rows)))
     )
     assert not first.train.cached and second.train.cached
-    assert first.train.manifest["fingerprints"]["dataset"]["kind"] == "ray_dataset"
+    assert first.train.manifest.fingerprints.dataset["kind"] == "ray_dataset"
 
 
 def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, capsys, sample_dir):

@@ -66,15 +66,15 @@ def test_scorer_actor_killed_mid_run(
     watcher.join(timeout=5)
     assert fired(tmp_path, "precompute.score") is not None
     counts = result.train.counts
-    assert counts["read"] == counts["written"] + counts["rejected"] == PAIRS
+    assert counts.read == counts.written + counts.rejected == PAIRS
     outcome = compare(tmp_path / "out", clean)
     reliability.record(
         "precompute-1-scorer-killed",
         "precompute",
         "a scorer actor dies mid-run",
         "the actor stalls in its 2nd batch (of 6) and is killed with SIGKILL from outside",
-        f"Ray restarted the actor and retried the batch; {counts['read']} pairs in, {counts['written']} "
-        f"written + {counts['rejected']} rejected; lost {outcome['lost']}, duplicated {outcome['duplicated']}; "
+        f"Ray restarted the actor and retried the batch; {counts.read} pairs in, {counts.written} "
+        f"written + {counts.rejected} rejected; lost {outcome['lost']}, duplicated {outcome['duplicated']}; "
         "tokens identical and values within 1e-4 of a clean run",
     )
 

@@ -79,18 +79,18 @@ def test_precompute_writes_to_s3_and_a_rerun_reads_it_back(s3_cache, s3, toy_mod
     manifest; `read_output` opens the URI."""
     assert s3_cache.output == "s3://raydpo/cache" and s3_cache.train.path == "s3://raydpo/cache/train"
     counts = s3_cache.train.counts
-    assert counts["read"] == counts["written"] + counts["rejected"] == PAIRS and not s3_cache.train.cached
+    assert counts.read == counts.written + counts.rejected == PAIRS and not s3_cache.train.cached
     stored = keys(s3, "raydpo/cache/train")
     parts = [key for key in stored if key.startswith("data/part-")]
     assert "manifest.json" in stored and "_pending.json" not in stored
-    assert len(parts) == -(-counts["written"] // SETTINGS["rows_per_file"])
+    assert len(parts) == -(-counts.written // SETTINGS["rows_per_file"])
     assert not any(Path(key).name.startswith(".") for key in stored)  # no temporary file left behind
 
     again = raydpo.precompute(precompute_settings(toy_model, sample_dir, "s3://raydpo/cache"))
     assert again.train.cached and again.train.manifest == s3_cache.train.manifest
     split = raydpo.read_output("s3://raydpo/cache")
-    assert split.path == "s3://raydpo/cache/train" and split.num_rows == counts["written"]
-    assert len(split.to_pandas()) == counts["written"]
+    assert split.path == "s3://raydpo/cache/train" and split.num_rows == counts.written
+    assert len(split.to_pandas()) == counts.written
     assert list(workdir.iterdir()) == []
 
 
@@ -182,9 +182,9 @@ def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors
 
     resumed = raydpo.precompute(settings)
     counts = resumed.train.counts
-    assert counts["read"] == counts["written"] + counts["rejected"] == PAIRS
+    assert counts.read == counts.written + counts.rejected == PAIRS
     kept = sum(pq_rows(s3, f"{prefix}/{part}") for part in parts if f"{prefix}/{part}" != torn)
-    assert counts["resumed"] == kept and 0 < kept < PAIRS  # the torn file's pairs were recomputed
+    assert counts.resumed == kept and 0 < kept < PAIRS  # the torn file's pairs were recomputed
     got, clean = frame(output), frame(s3_cache.output)
     assert list(got.index) == list(clean.index)
     for column in VALUE_COLUMNS:

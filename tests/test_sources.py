@@ -62,7 +62,7 @@ def test_huggingface_saved_to_disk_and_load_dataset(toy_model, rows, reference, 
         "  - split: train\n    path: data/train.jsonl\n---\n# prefs\n"
     )
     result = run(toy_model, str(repo), tmp_path / "out2")
-    assert result.train.manifest["fingerprints"]["dataset"]["kind"] == "huggingface"
+    assert result.train.manifest.fingerprints.dataset["kind"] == "huggingface"
     same_values(result, reference)
 
 
@@ -99,8 +99,8 @@ def test_rerun_after_a_crash_resumes_and_matches(toy_model, en_rows, tmp_path, r
         raydpo.read_output(str(crashed))
 
     resumed = run(toy_model, data, crashed, batch_size=2, sort_window=1)
-    assert resumed.train.counts["resumed"] == 12 - lost
-    assert resumed.train.counts["read"] == clean.train.counts["read"]
+    assert resumed.train.counts.resumed == 12 - lost
+    assert resumed.train.counts.read == clean.train.counts.read
     frame = raydpo.read_output(resumed.output).to_pandas().set_index("pair_id").sort_index()
     assert list(frame.index) == list(expected.index)
     assert frame["ref_chosen_logps"].tolist() == pytest.approx(

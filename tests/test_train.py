@@ -398,9 +398,7 @@ def test_bf16_reference_agrees_with_fp32(bf16_cache, train_cache):
     fp32 = raydpo.read_output(str(train_cache)).to_pandas(columns).set_index("pair_id").sort_index()
     bf16 = raydpo.read_output(str(bf16_cache)).to_pandas(columns).set_index("pair_id").sort_index()
     manifest = raydpo.read_output(str(bf16_cache)).manifest
-    assert (
-        manifest["settings"]["dtype"] == "bfloat16" and manifest["settings"]["attn_implementation"] == "sdpa"
-    )
+    assert manifest.settings["dtype"] == "bfloat16" and manifest.settings["attn_implementation"] == "sdpa"
     assert list(bf16.index) == list(fp32.index)
     finite = np.isfinite(fp32.to_numpy()).all(axis=1)
     expected = fp32.to_numpy()[finite]

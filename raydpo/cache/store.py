@@ -1,29 +1,16 @@
-"""The precompute output: Parquet schema, manifest, fingerprints, atomic writes and the lock.
-
-Layout of one split (OUTPUT/train, OUTPUT/eval):
-
-    _pending.json            the run's cache key, while a run is writing (removed when finished)
-    data/part-<digest>.parquet      scored pairs, one file per written block, written atomically
-    rejects/part-<digest>.parquet   rows that could not be used, with the reason
-    data/_common_metadata    Parquet schema + the manifest in its key-value metadata
-    manifest.json            written last: a split without it is not a finished cache
-
-Part files are named by a digest of the pair ids they hold, so a retried write task rewrites the same
-file instead of adding a duplicate, and a rerun after a crash skips the pairs already written.
-"""
+"""Where a precompute output lives: local paths and URIs (s3://, gs://), atomic writes, publishing a
+finished directory, listing part files, and the lock that keeps two runs out of one output."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import shutil
 import socket
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,53 +18,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from raydpo.cache.schema import COMPLETE_MARKER, LOCK, MANIFEST, PART_PREFIXES, part_name
 from raydpo.errors import RaydpoError
-
-SCHEMA_VERSION = 1
-FORMAT = "raydpo.preference-cache"
-MANIFEST = "manifest.json"
-PENDING = "_pending.json"
-LOCK = ".lock"
-COMPLETE_MARKER = "_COMPLETE"
-DATA_DIR = "data"
-REJECTS_DIR = "rejects"
-PART_PREFIXES = ("part-", "dup-part-")  # file names this module writes; nothing else is read back
-KEY_METADATA = b"raydpo.cache_key"
-MANIFEST_METADATA = b"raydpo.manifest"
-
-TOKEN_LIST = pa.list_(pa.int32())
-DATA_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("prompt_input_ids", TOKEN_LIST),
-        ("chosen_input_ids", TOKEN_LIST),
-        ("rejected_input_ids", TOKEN_LIST),
-        ("prompt_length", pa.int32()),
-        ("chosen_length", pa.int32()),
-        ("rejected_length", pa.int32()),
-        ("truncated", pa.bool_()),
-        ("ref_chosen_logps", pa.float32()),
-        ("ref_rejected_logps", pa.float32()),
-        ("ref_chosen_logps_shared", pa.float32()),
-        ("ref_chosen_logps_tail", pa.float32()),
-        ("ref_rejected_logps_shared", pa.float32()),
-        ("ref_rejected_logps_tail", pa.float32()),
-    ]
-)
-TOKEN_LOGPS_FIELDS = [
-    pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
-    pa.field("ref_rejected_token_logps", pa.list_(pa.float32())),
-]
-REJECT_SCHEMA = pa.schema([("pair_id", pa.string()), ("reason", pa.string()), ("row_json", pa.string())])
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-
-
-def data_schema(store_token_logps: bool) -> pa.Schema:
-    schema = DATA_SCHEMA
-    for extra in TOKEN_LOGPS_FIELDS if store_token_logps else ():
-        schema = schema.append(extra)
-    return schema
-
 
 # ---- file systems and atomic writes ------------------------------------------------------------------
 
@@ -177,99 +119,10 @@ def shown(fs: pafs.FileSystem, path: str) -> str:
     return path if isinstance(fs, pafs.LocalFileSystem) else f"{fs.type_name}://{path}"
 
 
-def part_name(pair_ids: list[str]) -> str:
-    """A file name derived from the rows it holds: a retried write produces the same name."""
-    digest = hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()[:24]
-    return f"part-{digest}.parquet"
-
-
 def write_part(fs: pafs.FileSystem, directory: str, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
     """Write TABLE atomically as a part file in DIRECTORY, named by the pair ids it holds."""
     name = part_name(table.column("pair_id").to_pylist())
     write_table_atomic(fs, f"{directory}/{name}", table, metadata)
-
-
-# ---- fingerprints ------------------------------------------------------------------------------------
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
-    """Content hashes of a model's config and weight files (the cache must change when they do)."""
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(name_or_path, revision=revision))
-        except Exception as error:  # hub errors come in many classes; all mean "not found here"
-            raise RaydpoError(
-                f"model {name_or_path!r} is neither a local directory nor a reachable hub id: "
-                f"{' '.join(str(error).split())[:200]}"
-            ) from None
-    config = path / "config.json"
-    if not config.is_file():
-        raise RaydpoError(f"model directory {path} has no config.json")
-    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
-    if not weights:
-        raise RaydpoError(f"model directory {path} has no weight files ({', '.join(WEIGHT_SUFFIXES)})")
-    digests = {weight.name: file_sha256(weight) for weight in weights}
-    config_values = json.loads(config.read_text())
-    for volatile in ("_name_or_path", "transformers_version"):
-        config_values.pop(volatile, None)
-    return {
-        "config_sha256": _hash_json(config_values),
-        "weights_sha256": _hash_json(digests),
-        "model_type": config_values.get("model_type"),
-    }
-
-
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """SHA-256 of a file read in chunks (`hashlib.file_digest` needs Python 3.11)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def cache_key(parts: dict[str, Any]) -> str:
-    """The digest of everything that determines the cached values."""
-    return _hash_json({"schema_version": SCHEMA_VERSION, **parts})
-
-
-def _hash_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
-
-
-# ---- reading a finished split ------------------------------------------------------------------------
-
-
-@dataclass
-class CacheSplit:
-    """A finished, verified split of a precompute output: its location (a path or URI) and its data files
-    (paths on `filesystem`)."""
-
-    path: str
-    manifest: dict[str, Any]
-    files: list[str] = field(default_factory=list)
-    filesystem: pafs.FileSystem | None = None
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.manifest["counts"]["written"])
-
-    def read_table(self, columns: list[str] | None = None) -> pa.Table:
-        tables = [pq.read_table(path, filesystem=self.filesystem, columns=columns) for path in self.files]
-        return pa.concat_tables(tables) if tables else data_schema(False).empty_table()
-
-    def to_ray_dataset(self):
-        import ray.data
-
-        return ray.data.read_parquet(self.files, filesystem=self.filesystem)
-
-    def to_pandas(self, columns: list[str] | None = None):
-        return self.read_table(columns).to_pandas()
 
 
 def split_state(path: str) -> str:
@@ -281,41 +134,6 @@ def split_state(path: str) -> str:
         return "missing"
     listing = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
     return "partial" if any(info.type == pafs.FileType.File for info in listing) else "missing"
-
-
-def open_split(path: str) -> CacheSplit:
-    """Open a finished split and verify it against its manifest: every listed file present and whole."""
-    fs, root = resolve(path)
-    manifest = read_json(fs, f"{root}/{MANIFEST}")
-    if manifest is None:
-        state = split_state(path)
-        what = (
-            "an unfinished precompute output (no manifest)"
-            if state == "partial"
-            else "not a precompute output"
-        )
-        raise RaydpoError(f"{path} is {what}; run `raydpo precompute` to (re)build it")
-    if manifest.get("format") != FORMAT or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise RaydpoError(
-            f"{path}: unsupported cache format {manifest.get('format')!r} v{manifest.get('schema_version')}"
-        )
-    files = []
-    for entry in manifest["files"]:
-        directory, _, name = str(entry["path"]).partition("/")
-        if directory not in (DATA_DIR, REJECTS_DIR) or not name.startswith(PART_PREFIXES) or "/" in name:
-            raise RaydpoError(f"{path}: the manifest lists {entry['path']!r}, which is not a part file here")
-        file_path = f"{root}/{entry['path']}"
-        try:
-            rows = pq.ParquetFile(file_path, filesystem=fs).metadata.num_rows
-        except (OSError, pa.ArrowInvalid) as error:
-            raise RaydpoError(
-                f"{path}: {entry['path']} is missing or corrupt ({error}); recompute it"
-            ) from None
-        if rows != entry["rows"]:
-            raise RaydpoError(f"{path}: {entry['path']} has {rows} rows, the manifest says {entry['rows']}")
-        if entry["path"].startswith(f"{DATA_DIR}/"):
-            files.append(file_path)
-    return CacheSplit(path=location(path), manifest=manifest, files=files, filesystem=fs)
 
 
 def list_parts(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:

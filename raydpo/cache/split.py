@@ -1,0 +1,89 @@
+"""Reading a finished split: the manifest validated, every listed part file present and whole.
+
+Training and inspection read a precompute output only through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from raydpo.cache.manifest import Manifest
+from raydpo.cache.schema import MANIFEST, data_schema
+from raydpo.cache.store import join, location, resolve, split_state
+from raydpo.errors import RaydpoError
+
+
+@dataclass
+class CacheSplit:
+    """A finished, verified split of a precompute output: its location (a path or URI), its manifest and
+    its data files (paths on `filesystem`)."""
+
+    path: str
+    manifest: Manifest
+    files: list[str] = field(default_factory=list)
+    filesystem: pafs.FileSystem | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.counts.written
+
+    def read_table(self, columns: list[str] | None = None) -> pa.Table:
+        tables = [pq.read_table(path, filesystem=self.filesystem, columns=columns) for path in self.files]
+        return pa.concat_tables(tables) if tables else data_schema(False).empty_table()
+
+    def to_ray_dataset(self):
+        import ray.data
+
+        return ray.data.read_parquet(self.files, filesystem=self.filesystem)
+
+    def to_pandas(self, columns: list[str] | None = None):
+        return self.read_table(columns).to_pandas()
+
+
+def read_manifest(path: str) -> Manifest | None:
+    """The validated manifest of the split at PATH, or None if it has none (missing or unfinished)."""
+    fs, root = resolve(path)
+    try:
+        with fs.open_input_stream(f"{root}/{MANIFEST}") as stream:
+            payload = stream.read()
+    except FileNotFoundError:
+        return None
+    return Manifest.from_json(payload, location(path))
+
+
+def open_split(path: str) -> CacheSplit:
+    """Open a finished split and verify it against its manifest: every listed file present and whole."""
+    fs, root = resolve(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        state = split_state(path)
+        what = (
+            "an unfinished precompute output (no manifest)"
+            if state == "partial"
+            else "not a precompute output"
+        )
+        raise RaydpoError(f"{path} is {what}; run `raydpo precompute` to (re)build it")
+    for entry in manifest.files:
+        try:
+            rows = pq.ParquetFile(f"{root}/{entry.path}", filesystem=fs).metadata.num_rows
+        except (OSError, pa.ArrowInvalid) as error:
+            raise RaydpoError(f"{path}: {entry.path} is missing or corrupt ({error}); recompute it") from None
+        if rows != entry.rows:
+            raise RaydpoError(f"{path}: {entry.path} has {rows} rows, the manifest says {entry.rows}")
+    files = [f"{root}/{name}" for name in manifest.data_files]
+    return CacheSplit(path=location(path), manifest=manifest, files=files, filesystem=fs)
+
+
+def read_output(path: str, split: str = "train") -> CacheSplit:
+    """Open a finished precompute output (OUTPUT or OUTPUT/<split>, a path or URI) for inspection or
+    training."""
+    fs, root = resolve(path)
+    if (
+        fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File
+        and fs.get_file_info(f"{root}/{split}").type == pafs.FileType.Directory
+    ):
+        path = join(path, split)
+    return open_split(path)
