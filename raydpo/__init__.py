@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PrecomputeConfig": "raydpo.config",
     "RaydpoError": "raydpo.errors",
-    "precompute": "raydpo.precompute_stage",
-    "PrecomputeResult": "raydpo.precompute_stage",
-    "read_output": "raydpo.precompute_stage",
+    "precompute": "raydpo.precompute_stage.pipeline",
+    "PrecomputeResult": "raydpo.precompute_stage.pipeline",
+    "read_output": "raydpo.precompute_stage.output",
     "TrainConfig": "raydpo.config",
     "TrainResult": "raydpo.train_stage",
     "TrainingFailed": "raydpo.errors",
@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from raydpo.config import PrecomputeConfig, TrainConfig
     from raydpo.errors import RaydpoError, TrainingFailed
     from raydpo.job import JobResult, run
-    from raydpo.precompute_stage import PrecomputeResult, precompute, read_output
+    from raydpo.precompute_stage.output import read_output
+    from raydpo.precompute_stage.pipeline import PrecomputeResult, precompute
     from raydpo.train_stage import TrainResult, train
 
 
