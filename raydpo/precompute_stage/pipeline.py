@@ -148,8 +148,6 @@ def _precompute_split(
 ) -> SplitResult:
     """One split: check its first rows, key it by what determines the values, then reuse, resume or
     compute its output directory."""
-    import ray.data
-
     ds, dataset_fingerprint = open_source(source, split)
     if config.limit is not None:
         ds = ds.limit(config.limit)
@@ -171,14 +169,15 @@ def _precompute_split(
         logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", inputs.path)
         return SplitResult(name, inputs.path, True, cache.open_split(inputs.path).manifest)
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
     started = time.perf_counter()
     runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the tasks and actors
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
     prepared = _prepared(ds, config, tokenizer_digest, done_ids, runtime_env)
     scored = _scored(prepared, config, tokenizer, settings, runtime_env)
     sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file)
-    scored.write_datasink(sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None)
+    _in_order(scored).write_datasink(
+        sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
+    )
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
 
@@ -256,6 +255,18 @@ def _scored(
                 or cpu_threads(config.cpus_per_actor, config.num_actors),
             },
         )
+
+
+def _in_order(ds):
+    """DS set to keep its blocks in order, on its own copy of the Data context.
+
+    A dataset shares its context with the datasets it derives from (a caller's `ray.data.Dataset`
+    among them), and some share the process-wide `DataContext`; a copy changes neither."""
+    import ray.data
+
+    ordered = ray.data.Dataset.copy(ds, _deep_copy=True)
+    ordered.context.execution_options.preserve_order = True
+    return ordered
 
 
 def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
