@@ -1,7 +1,7 @@
 """The reference scorer: a plain callable class that adds the reference model's log-probs to a batch.
 
-Ray Data runs it on an actor pool (`map_batches(ReferenceScorer, ...)`); a test calls it on a prepared
-batch directly.
+Ray Data runs it on an actor pool (`map_batches(ReferenceScorer, ...)`); called on a batch of
+`PREPARED_SCHEMA` directly, it needs no actor pool.
 """
 
 from __future__ import annotations
