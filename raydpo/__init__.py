@@ -17,8 +17,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PrecomputeConfig": "raydpo.config",
     "RaydpoError": "raydpo.errors",
-    "precompute": "raydpo.precompute_stage",
-    "PrecomputeResult": "raydpo.precompute_stage",
+    "precompute": "raydpo.precompute_stage.pipeline",
+    "PrecomputeResult": "raydpo.precompute_stage.pipeline",
     "read_output": "raydpo.cache",
     "TrainConfig": "raydpo.config",
     "TrainResult": "raydpo.train_stage",
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from raydpo.config import PrecomputeConfig, TrainConfig
     from raydpo.errors import RaydpoError, TrainingFailed
     from raydpo.job import JobResult, run
-    from raydpo.precompute_stage import PrecomputeResult, precompute
+    from raydpo.precompute_stage.pipeline import PrecomputeResult, precompute
     from raydpo.train_stage import TrainResult, train
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -50,7 +51,15 @@ def mixed_file(tmp_path_factory, en_rows):
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_session, toy_model, mixed_file, sample_dir, tmp_path_factory):
+def execution_options_before(ray_session):
+    """The process-wide Ray Data execution options as they were before this module's first precompute."""
+    import ray.data
+
+    return copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, execution_options_before, toy_model, mixed_file, sample_dir, tmp_path_factory):
     output = tmp_path_factory.mktemp("cache") / "out"
     result = raydpo.precompute(
         model=str(toy_model),
@@ -117,6 +126,13 @@ def test_manifest_fingerprints_and_parquet_metadata(first_run):
     assert not (output / "train" / "_pending.json").exists()
 
 
+def test_process_wide_data_context_is_left_as_found(first_run, execution_options_before):
+    """The pipeline keeps its blocks in order through a context of its own, not the process-wide one."""
+    import ray.data
+
+    assert ray.data.DataContext.get_current().execution_options == execution_options_before
+
+
 def test_rerun_is_a_cached_no_op_and_changed_inputs_need_overwrite(
     first_run, toy_model, mixed_file, sample_dir
 ):
@@ -180,14 +196,15 @@ def test_in_memory_ray_dataset_is_cached_by_content(ray_session, toy_model, en_r
 
     rows = [to_conversational(r) for r in en_rows[:6]]
     output = str(tmp_path / "mem")
-    first = raydpo.precompute(
-        model=str(toy_model), output=output, max_length=512, dataset=ray.data.from_items(rows)
-    )
+    dataset = ray.data.from_items(rows)
+    preserve_order = dataset.context.execution_options.preserve_order
+    first = raydpo.precompute(model=str(toy_model), output=output, max_length=512, dataset=dataset)
     second = raydpo.precompute(
         model=str(toy_model), output=output, max_length=512, dataset=ray.data.from_items(list(reversed(rows)))
     )
     assert not first.train.cached and second.train.cached
     assert first.train.manifest.fingerprints.dataset["kind"] == "ray_dataset"
+    assert dataset.context.execution_options.preserve_order == preserve_order  # the caller's, as given
 
 
 def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, capsys, sample_dir):

@@ -1,0 +1,28 @@
+"""Stage 1, precompute: the reference model's log-probs for every preference pair, cached as Parquet.
+
+pipeline.py   precompute(): the per-split Ray Data plan, the row checks, batch preparation
+scorer.py     ReferenceScorer: the reference model as a plain callable class for map_batches
+sink.py       CacheSink: part files and their accounting; finish(): verify, then the manifest last
+output.py     the split directory as a run finds it (up to date, resumable, other inputs)
+"""
+
+from raydpo.precompute_stage.pipeline import (
+    PREPARED_SCHEMA,
+    PrecomputeResult,
+    SplitResult,
+    precompute,
+    prepare_batch,
+)
+from raydpo.precompute_stage.scorer import ReferenceScorer, cpu_threads
+from raydpo.precompute_stage.sink import CacheSink
+
+__all__ = [
+    "PREPARED_SCHEMA",
+    "CacheSink",
+    "PrecomputeResult",
+    "ReferenceScorer",
+    "SplitResult",
+    "cpu_threads",
+    "precompute",
+    "prepare_batch",
+]

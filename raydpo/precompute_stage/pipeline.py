@@ -1,0 +1,367 @@
+"""Stage 1: reference log-probs for every preference pair, computed once and cached as Parquet.
+
+The Ray Data plan, streaming end to end: read -> validate and tokenize (CPU tasks, `prepare_batch`) ->
+score on an actor pool (`ReferenceScorer`, one reference model per actor, batches sorted by length) ->
+write Parquet part files (`CacheSink`) -> verify and write the manifest (`finish`).
+
+    raydpo precompute --model MODEL --dataset data.json --output cache/
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from raydpo import cache
+from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
+from raydpo.config import PrecomputeConfig, as_dict, from_mapping
+from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
+from raydpo.errors import RaydpoError
+from raydpo.numerics import resolve_numerics
+from raydpo.precompute_stage.output import prepare_output, root_cause
+from raydpo.precompute_stage.scorer import ReferenceScorer, cpu_threads
+from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
+from raydpo.tokenize import (
+    cached_tokenizer,
+    load_tokenizer,
+    pad_token_id,
+    tokenize_pair,
+    tokenizer_fingerprint,
+)
+
+logger = logging.getLogger(__name__)
+
+PREPARED_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("status", pa.string()),  # "ok", "rejected" or "done" (already in the output: resumed run)
+        ("reason", pa.string()),
+        ("row_json", pa.string()),
+        ("prompt_input_ids", cache.TOKEN_LIST),
+        ("chosen_input_ids", cache.TOKEN_LIST),
+        ("rejected_input_ids", cache.TOKEN_LIST),
+        ("truncated", pa.bool_()),
+    ]
+)
+
+
+@dataclass
+class SplitResult:
+    """What one split's precompute produced (or found already cached)."""
+
+    name: str
+    path: str
+    cached: bool
+    manifest: cache.Manifest
+
+    @property
+    def counts(self) -> cache.Counts:
+        return self.manifest.counts
+
+    def summary(self) -> str:
+        counts, stats = self.counts, self.manifest.throughput
+        head = "cached, nothing to do" if self.cached else f"{stats.wall_time_s:.1f}s"
+        saved = stats.tokens_saved_by_prefix_sharing
+        sharing = f", prompts computed once ({saved / stats.tokens:.1%} fewer tokens)" if saved else ""
+        return (
+            f"{self.name}: {counts.read} rows read, {counts.written} written, "
+            f"{counts.rejected} rejected; {stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, "
+            f"{stats.padding_fraction:.1%} padding{sharing} ({head}) -> {self.path}"
+        )
+
+
+@dataclass
+class PrecomputeResult:
+    """The output directory and, per split, its counts and manifest."""
+
+    output: str
+    splits: dict[str, SplitResult] = field(default_factory=dict)
+
+    @property
+    def train(self) -> SplitResult:
+        return self.splits["train"]
+
+    @property
+    def eval(self) -> SplitResult | None:
+        return self.splits.get("eval")
+
+    def summary(self) -> str:
+        return "\n".join(split.summary() for split in self.splits.values())
+
+
+def precompute(
+    config: PrecomputeConfig | dict | None = None, /, *, dataset=None, eval_dataset=None, **overrides: Any
+) -> PrecomputeResult:
+    """Compute (or reuse) the reference log-prob cache. Usable from a notebook after `ray.init()`.
+
+    `dataset` / `eval_dataset` may be `ray.data.Dataset` objects instead of paths in the config.
+    """
+    config = _as_config(config, overrides)
+    sources = {"train": (dataset if dataset is not None else config.dataset, config.split)}
+    if eval_dataset is not None or config.eval_dataset is not None:
+        eval_source = eval_dataset if eval_dataset is not None else config.eval_dataset
+        sources["eval"] = (eval_source, config.eval_split or config.split)
+    if sources["train"][0] is None:
+        raise RaydpoError("no dataset given (--dataset)")
+
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
+    fingerprints = {
+        "model": cache.model_fingerprint(config.model),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
+    init_ray(config.ray_address)
+    check_shared_paths(
+        outputs={"the output": config.output},
+        inputs={
+            "the model": config.model,
+            "the dataset": config.dataset if dataset is None else None,
+            "the eval dataset": config.eval_dataset if eval_dataset is None else None,
+        },
+    )
+    if not config.gpus_per_actor:
+        check_cpu_headroom(
+            config.num_actors,
+            config.cpus_per_actor,
+            "scorer actors",
+            "lower --num-actors or --cpus-per-actor",
+        )
+    result = PrecomputeResult(output=cache.location(config.output))
+    with cache.output_lock(config.output):
+        for name, (source, split) in sources.items():
+            result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
+    return result
+
+
+def _as_config(config: PrecomputeConfig | dict | None, overrides: dict[str, Any]) -> PrecomputeConfig:
+    if isinstance(config, PrecomputeConfig):
+        return from_mapping(PrecomputeConfig, {**as_dict(config), **overrides}) if overrides else config
+    return from_mapping(PrecomputeConfig, {**(config or {}), **overrides})
+
+
+def _precompute_split(
+    config: PrecomputeConfig, name: str, source: Any, split: str, tokenizer, fingerprints: dict[str, Any]
+) -> SplitResult:
+    """One split: check its first rows, key it by what determines the values, then reuse, resume or
+    compute its output directory."""
+    ds, dataset_fingerprint = open_source(source, split)
+    if config.limit is not None:
+        ds = ds.limit(config.limit)
+    _check_rows(ds, tokenizer, config)
+    settings = _settings(config)
+    key = cache.cache_key(
+        {**fingerprints, "dataset": dataset_fingerprint, "split": split, "limit": config.limit, **settings}
+    )
+    inputs = SplitInputs(
+        name=name,
+        path=cache.join(config.output, name),
+        source=source,
+        key=key,
+        fingerprints={**fingerprints, "dataset": dataset_fingerprint},
+        settings=settings,
+    )
+    done_ids = prepare_output(inputs.path, key, config.overwrite)
+    if done_ids is None:
+        logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", inputs.path)
+        return SplitResult(name, inputs.path, True, cache.open_split(inputs.path).manifest)
+
+    started = time.perf_counter()
+    runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the tasks and actors
+    tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
+    prepared = _prepared(ds, config, tokenizer_digest, done_ids, runtime_env)
+    scored = _scored(prepared, config, tokenizer, settings, runtime_env)
+    sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file)
+    _in_order(scored).write_datasink(
+        sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
+    )
+    manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
+    return SplitResult(name, inputs.path, False, manifest)
+
+
+def _settings(config: PrecomputeConfig) -> dict[str, Any]:
+    """The settings that determine the values: tokenization, numerics as resolved, id column, layout."""
+    return {
+        **config.tokenization_settings(),
+        **resolve_numerics(
+            config.model,
+            config.dtype,
+            config.attn_implementation,
+            config.trust_remote_code,
+            on_gpu=config.gpus_per_actor > 0,
+        ),
+        "id_column": config.id_column,
+        "store_token_logps": config.store_token_logps,
+    }
+
+
+def _prepared(
+    ds, config: PrecomputeConfig, tokenizer_digest: str, done_ids: set[str], runtime_env: dict | None
+):
+    """DS validated and tokenized by CPU tasks into PREPARED_SCHEMA; DONE_IDS come out as "done"."""
+    import ray
+
+    return ds.map_batches(
+        prepare_batch,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "tokenizer_path": config.tokenizer or config.model,
+            "trust_remote_code": config.trust_remote_code,
+            "tokenizer_digest": tokenizer_digest,
+            "id_column": config.id_column,
+            "max_length": config.max_length,
+            "max_prompt_length": config.max_prompt_length,
+            "done_ids": ray.put(done_ids) if done_ids else None,
+        },
+        runtime_env=runtime_env,
+    )
+
+
+def _scored(
+    prepared, config: PrecomputeConfig, tokenizer, settings: dict[str, Any], runtime_env: dict | None
+):
+    """PREPARED scored on an actor pool of reference models, `batch_size * sort_window` rows a call."""
+    import ray.data
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        return prepared.map_batches(
+            ReferenceScorer,
+            batch_format="pyarrow",
+            batch_size=config.batch_size * config.sort_window,
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            num_gpus=config.gpus_per_actor or None,
+            num_cpus=config.cpus_per_actor,
+            # a dead actor is restarted and its unfinished batches retried; a model that kills every actor
+            # that loads it (out of memory) fails the run after this many restarts instead of looping.
+            # (Ray 2.60 has no named parameter for these and warns about the generic route.)
+            max_restarts=config.max_actor_restarts,
+            max_task_retries=-1,
+            runtime_env=runtime_env,
+            fn_constructor_kwargs={
+                "model": config.model,
+                "dtype": settings["dtype"],
+                "attn_implementation": settings["attn_implementation"],
+                "trust_remote_code": config.trust_remote_code,
+                "pad_token_id": pad_token_id(tokenizer),
+                "batch_size": config.batch_size,
+                "chunk_tokens": config.logits_chunk_tokens,
+                "store_token_logps": config.store_token_logps,
+                "prefix_sharing": config.prefix_sharing,
+                "num_threads": config.cpu_threads_per_actor
+                or cpu_threads(config.cpus_per_actor, config.num_actors),
+            },
+        )
+
+
+def _in_order(ds):
+    """DS set to keep its blocks in order, on its own copy of the Data context.
+
+    A dataset shares its context with the datasets it derives from (a caller's `ray.data.Dataset`
+    among them), and some share the process-wide `DataContext`; a copy changes neither."""
+    import ray.data
+
+    ordered = ray.data.Dataset.copy(ds, _deep_copy=True)
+    ordered.context.execution_options.preserve_order = True
+    return ordered
+
+
+def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
+    """Fail fast on the first rows: a missing column or a missing chat template stops before any scoring."""
+    try:
+        head = ds.take(8)
+    except Exception as error:  # reader errors (bad Parquet, unreadable files) surface here
+        raise RaydpoError(f"could not read the dataset: {root_cause(error)}") from None
+    if not head:
+        raise RaydpoError("the dataset is empty")
+    rows, errors = [], []
+    for row in head:
+        try:
+            rows.append(parse_row(row))
+        except RowError as error:
+            errors.append(str(error))
+    if not rows:
+        raise RaydpoError(
+            f"could not read the dataset: none of its first {len(head)} records is usable ({errors[0]})"
+        )
+    columns = set().union(*rows)
+    if not {"chosen", "rejected"} <= columns:
+        raise RaydpoError(
+            f"the dataset needs 'chosen' and 'rejected' columns (with 'prompt' or 'conversations', or neither "
+            f"for an implicit prompt); it has: {', '.join(sorted(columns)) or 'none'}"
+        )
+    if config.id_column and config.id_column not in columns:
+        raise RaydpoError(f"id column {config.id_column!r} is not in the dataset")
+    pairs = []
+    for row in rows:
+        try:
+            pairs.append(canonical_pair(row, config.id_column))
+        except RowError:
+            continue
+    if any(pair.conversational for pair in pairs) and tokenizer.chat_template is None:
+        raise RaydpoError("the data is conversational but the tokenizer has no chat template")
+
+
+def prepare_batch(
+    batch: pa.Table,
+    *,
+    tokenizer_path: str,
+    trust_remote_code: bool,
+    tokenizer_digest: str,
+    id_column: str | None,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    done_ids=None,
+) -> pa.Table:
+    """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject."""
+    import ray
+
+    tokenizer = cached_tokenizer(tokenizer_path, trust_remote_code, tokenizer_digest)
+    skip = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else (done_ids or set())
+    out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
+    for raw in batch.to_pylist():
+        row = raw
+        try:
+            row = parse_row(raw)
+            pair = canonical_pair(row, id_column)
+            if pair.pair_id in skip:
+                _append(out, pair.pair_id, "done")
+                continue
+            tokens = tokenize_pair(tokenizer, pair, max_length, max_prompt_length)
+        except RowError as error:
+            pair_id = reject_id(row, id_column)
+            status = "done" if pair_id in skip else "rejected"
+            _append(out, pair_id, status, str(error), row_text(raw))
+            continue
+        _append(
+            out,
+            pair.pair_id,
+            "ok",
+            prompt=tokens.prompt_ids,
+            chosen=tokens.chosen_ids,
+            rejected=tokens.rejected_ids,
+            truncated=tokens.truncated,
+        )
+    return pa.table(out, schema=PREPARED_SCHEMA)
+
+
+def _append(
+    out: dict[str, list],
+    pair_id: str,
+    status: str,
+    reason: str | None = None,
+    row_json: str | None = None,
+    prompt=None,
+    chosen=None,
+    rejected=None,
+    truncated=None,
+) -> None:
+    for column, value in zip(
+        PREPARED_SCHEMA.names,
+        (pair_id, status, reason, row_json, prompt, chosen, rejected, truncated),
+        strict=True,
+    ):
+        out[column].append(value)

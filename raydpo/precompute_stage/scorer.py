@@ -1,0 +1,139 @@
+"""The reference scorer: a plain callable class that adds the reference model's log-probs to a batch.
+
+Ray Data runs it on an actor pool (`map_batches(ReferenceScorer, ...)`); called on a batch of
+`PREPARED_SCHEMA` directly, it needs no actor pool.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raydpo import cache
+from raydpo.faults import fault_point
+from raydpo.numerics import load_causal_lm, resolve_dtype
+
+FORWARD_TOKENS = "_forward_tokens"  # padded tokens each pair took in its forward (for the padding figure)
+COMPUTED_TOKENS = "_computed_tokens"  # tokens of each pair the model computed (the prompt once if shared)
+
+
+def cpu_threads(cpus_per_actor: float, num_actors: int) -> int:
+    """Torch threads of a CPU scorer: this machine's cores shared among the pool, at least its CPUs.
+
+    A forward is matrix work that scales with threads, and the tokenize tasks beside it are light, so
+    a single scorer on a 2-core machine runs 2 threads rather than the 1 CPU Ray reserved for it."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, int(cpus_per_actor), cores // num_actors)
+
+
+class ReferenceScorer:
+    """Scores prepared batches with the reference model: a plain callable class for `map_batches`.
+
+    It loads the model once; each call sorts its pairs by length, runs forwards of `batch_size` pairs
+    (chosen and rejected together: one row per pair with prefix sharing, else two), and returns the
+    batch with the reference log-prob columns added.
+    Ray restarts a dead scorer actor (up to `max_actor_restarts` times) and retries its unfinished
+    batches, and part files are named by content, so a retried batch rewrites its own file rather than
+    adding a second copy.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "float32",
+        attn_implementation: str | None = None,
+        trust_remote_code: bool = False,
+        pad_token_id: int = 0,
+        batch_size: int = 8,
+        chunk_tokens: int = 2048,
+        store_token_logps: bool = False,
+        prefix_sharing: str = "auto",
+        num_threads: int | None = None,
+        cpus: float = 1.0,
+        pool_size: int = 1,
+    ):
+        import torch
+
+        from raydpo.logprobs import check_head_path, use_prefix_sharing
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(num_threads or cpu_threads(cpus, pool_size))
+        dtype = resolve_dtype(dtype, on_gpu=self.device.type == "cuda")
+        loaded = load_causal_lm(model, dtype, attn_implementation, trust_remote_code)
+        self.model = loaded.to(self.device).eval()
+        check_head_path(self.model, self.model.config.vocab_size)
+        self.shared = use_prefix_sharing(self.model, prefix_sharing)
+        self.pad_token_id = pad_token_id
+        self.batch_size = batch_size
+        self.chunk_tokens = chunk_tokens
+        self.store_token_logps = store_token_logps
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        import torch
+
+        from raydpo.logprobs import completion_logps, pack_batch, pair_width
+
+        fault_point("precompute.score")
+
+        ok = np.flatnonzero(pc.equal(batch.column("status"), "ok").to_numpy(zero_copy_only=False))
+        prompts = batch.column("prompt_input_ids").to_pylist()
+        chosens = batch.column("chosen_input_ids").to_pylist()
+        rejecteds = batch.column("rejected_input_ids").to_pylist()
+        columns = {name: [None] * batch.num_rows for name in self._output_names()}
+        columns[FORWARD_TOKENS] = [0] * batch.num_rows
+        columns[COMPUTED_TOKENS] = [0] * batch.num_rows
+        width = {i: pair_width(len(prompts[i]), len(chosens[i]), len(rejecteds[i]), self.shared) for i in ok}
+        order = sorted(ok, key=lambda i: width[i], reverse=True)  # longest first: memory peaks early
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            packed = pack_batch(
+                [prompts[i] for i in rows],
+                [chosens[i] for i in rows],
+                [rejecteds[i] for i in rows],
+                self.pad_token_id,
+                self.shared,
+            ).to(self.device)
+            with torch.inference_mode():
+                scores = completion_logps(self.model, packed, self.chunk_tokens)
+            self._collect(columns, rows, scores, packed.input_ids.shape[1])
+            for i in rows:
+                columns[COMPUTED_TOKENS][i] = (
+                    width[i] if self.shared else 2 * len(prompts[i]) + len(chosens[i]) + len(rejecteds[i])
+                )
+        out = batch
+        for name, values in columns.items():
+            dtype = (
+                pa.list_(pa.float32())
+                if name.endswith("token_logps")
+                else (pa.int64() if name in (FORWARD_TOKENS, COMPUTED_TOKENS) else pa.float32())
+            )
+            out = out.append_column(name, pa.array(values, type=dtype))
+        return out
+
+    def _output_names(self) -> list[str]:
+        names = [name for name in cache.DATA_SCHEMA.names if name.startswith("ref_")]
+        if self.store_token_logps:
+            names += ["ref_chosen_token_logps", "ref_rejected_token_logps"]
+        return names
+
+    def _collect(self, columns: dict[str, list], rows: list[int], scores, width: int) -> None:
+        sums = [t.float().cpu().numpy() for t in (scores.sums, scores.shared_sums, scores.tail_sums)]
+        pairs = len(rows)
+        for k, i in enumerate(rows):
+            columns["ref_chosen_logps"][i] = float(sums[0][k])
+            columns["ref_rejected_logps"][i] = float(sums[0][pairs + k])
+            columns["ref_chosen_logps_shared"][i] = float(sums[1][k])
+            columns["ref_chosen_logps_tail"][i] = float(sums[2][k])
+            columns["ref_rejected_logps_shared"][i] = float(sums[1][pairs + k])
+            columns["ref_rejected_logps_tail"][i] = float(sums[2][pairs + k])
+            columns[FORWARD_TOKENS][i] = width if self.shared else 2 * width
+        if self.store_token_logps:
+            token_logps = scores.token_logps.cpu()
+            mask = scores.target_mask.cpu()
+            for k, i in enumerate(rows):
+                columns["ref_chosen_token_logps"][i] = token_logps[k][mask[k]].tolist()
+                columns["ref_rejected_token_logps"][i] = token_logps[pairs + k][mask[pairs + k]].tolist()
