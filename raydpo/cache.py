@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 SCHEMA_VERSION = 1
 FORMAT = "raydpo.preference-cache"
@@ -205,7 +205,7 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[st
         except Exception as error:  # hub errors come in many classes; all mean "not found here"
             raise RaydpoError(
                 f"model {name_or_path!r} is neither a local directory nor a reachable hub id: "
-                f"{' '.join(str(error).split())[:200]}"
+                f"{one_line(error, limit=200)}"
             ) from None
     config = path / "config.json"
     if not config.is_file():

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 from raydpo.numerics import DTYPES
 
 CPU_ALLOCATORS = ("mimalloc", "system")
@@ -179,7 +179,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RaydpoError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
-        raise RaydpoError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
+        raise RaydpoError(f"config file {path} is not valid YAML: {one_line(error)}") from None
     if not isinstance(data, dict):
         raise RaydpoError(f"config file {path} must hold a mapping at the top level")
     return data

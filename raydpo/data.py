@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 if TYPE_CHECKING:
     import ray.data
@@ -335,7 +335,7 @@ def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
         except FileNotFoundError:
             loaded = datasets.load_dataset(source)
     except Exception as error:  # datasets raises many kinds; all mean "could not open"
-        raise RaydpoError(f"could not open dataset {source!r}: {_one_line(error)}") from None
+        raise RaydpoError(f"could not open dataset {source!r}: {one_line(error)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise RaydpoError(f"dataset {source!r} has no split {split!r} (has: {', '.join(loaded)})")
@@ -372,7 +372,3 @@ def dataset_content_digest(dataset: ray.data.Dataset) -> str:
 
     sums = dataset.map_batches(row_digests, batch_format="pandas").sum(["high", "low", "one"]) or {}
     return "{}:{:x}:{:x}".format(*(int(sums.get(f"sum({key})", 0) or 0) for key in ("one", "high", "low")))
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__

@@ -27,7 +27,7 @@ from raydpo import cache
 from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
 from raydpo.config import PrecomputeConfig, as_dict, from_mapping
 from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 from raydpo.faults import fault_point
 from raydpo.numerics import load_causal_lm, resolve_dtype, resolve_numerics
 from raydpo.tokenize import (
@@ -248,7 +248,7 @@ def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
     try:
         head = ds.take(8)
     except Exception as error:  # reader errors (bad Parquet, unreadable files) surface here
-        raise RaydpoError(f"could not read the dataset: {_root_cause(error)}") from None
+        raise RaydpoError(f"could not read the dataset: {one_line(error)}") from None
     if not head:
         raise RaydpoError("the dataset is empty")
     rows, errors = [], []
@@ -277,17 +277,6 @@ def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
             continue
     if any(pair.conversational for pair in pairs) and tokenizer.chat_template is None:
         raise RaydpoError("the data is conversational but the tokenizer has no chat template")
-
-
-def _root_cause(error: BaseException) -> str:
-    """The first line of the innermost error: Ray wraps a reader's error in its task's traceback."""
-    for _ in range(8):  # a bounded walk down the chain of causes
-        inner = getattr(error, "cause", None) or error.__cause__
-        if inner is None:
-            break
-        error = inner
-    lines = str(error).strip().splitlines()
-    return " ".join(lines[0].split())[:300] if lines else type(error).__name__
 
 
 def _prepare_output(path: str, key: str, overwrite: bool) -> set[str] | None:
@@ -361,7 +350,7 @@ def _reread_part(fs: pafs.FileSystem, file_path: str, shown: str) -> tuple[str |
             payload = handle.read()
     except OSError as error:
         raise RaydpoError(
-            f"cannot read {shown} ({_root_cause(error)}); it was kept: rerun the same command to resume"
+            f"cannot read {shown} ({one_line(error)}); it was kept: rerun the same command to resume"
         ) from None
     try:
         return _part_ids(pa.BufferReader(payload))

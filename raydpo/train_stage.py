@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +32,7 @@ from raydpo.cluster import (
     worker_env,
 )
 from raydpo.config import TrainConfig, as_dict, from_mapping
-from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.errors import RaydpoError, TrainingFailed, one_line
 from raydpo.numerics import check_cache_numerics, resolve_numerics
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
 
@@ -144,7 +143,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         _write_state(fs, run_dir, state)
         MlflowLogger(tracking_uri, run_id).close("FAILED")
         raise TrainingFailed(
-            f"training failed: {worker_error_summary(error)}; rerun with --resume to continue from "
+            f"training failed: {one_line(error, limit=1000)}; rerun with --resume to continue from "
             f"the latest checkpoint in {cache.join(storage_path, RUN_NAME)}"
         ) from error
     outcome = result.return_value or {}
@@ -171,14 +170,6 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         cpu_allocator=outcome.get("cpu_allocator"),
         prefix_sharing=outcome.get("prefix_sharing"),
     )
-
-
-def worker_error_summary(error: BaseException) -> str:
-    """The last exception line of a worker's traceback (Ray Train wraps it in a long report)."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ", line)]
-    text = raised[-1] if raised else " ".join(" ".join(lines).split())
-    return text[:1000]
 
 
 def _artifact_root(tracking_uri: str) -> str | None:
