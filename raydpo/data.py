@@ -89,15 +89,8 @@ def row_text(row: dict[str, Any]) -> str:
 def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> CanonicalPair:
     """Turn one input row of any accepted format into a `CanonicalPair`, or raise `RowError`."""
     if "conversations" in row and row.get("conversations") is not None:
-        prompt = _sharegpt_messages(row["conversations"], "conversations")
-        system = row.get("system")
-        if system is not None:
-            if not isinstance(system, str):
-                raise RowError("system is not a string")
-            if system.strip():
-                prompt = [{"role": "system", "content": system}, *prompt]
-        chosen = _sharegpt_messages(_require(row, "chosen"), "chosen")
-        rejected = _sharegpt_messages(_require(row, "rejected"), "rejected")
+        conversation = sharegpt_to_conversational(row)
+        prompt, chosen, rejected = (conversation[key] for key in ("prompt", "chosen", "rejected"))
     elif row.get("prompt") is not None:
         prompt = _text_or_messages(row["prompt"], "prompt")
         chosen = _text_or_messages(_require(row, "chosen"), "chosen")
@@ -118,6 +111,26 @@ def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> Canonic
     if isinstance(prompt, list) and not prompt:
         raise RowError("empty prompt (no messages)")
     return CanonicalPair(_pair_id(row, id_column, prompt, chosen, rejected), prompt, chosen, rejected)
+
+
+def sharegpt_to_conversational(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """A ShareGPT row in TRL's conversational format: `prompt`, `chosen` and `rejected` message lists.
+
+    The `conversations` turns (after the `system` column, if any) make the prompt; `from` names map to
+    roles by `SHAREGPT_ROLES`. Raises `RowError` for a row that is not ShareGPT.
+    """
+    prompt = _sharegpt_messages(_require(row, "conversations"), "conversations")
+    system = row.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise RowError("system is not a string")
+        if system.strip():
+            prompt = [{"role": "system", "content": system}, *prompt]
+    return {
+        "prompt": prompt,
+        "chosen": _sharegpt_messages(_require(row, "chosen"), "chosen"),
+        "rejected": _sharegpt_messages(_require(row, "rejected"), "rejected"),
+    }
 
 
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
