@@ -17,6 +17,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
+
 from raydpo.data import CanonicalPair, RowError
 from raydpo.errors import RaydpoError, one_line
 
@@ -118,7 +120,7 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
         result = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
         )
-    except Exception as error:  # jinja templates raise their own errors for conversations they refuse
+    except jinja2.TemplateError as error:  # a template's raise_exception(), or one it cannot render
         raise RowError(f"chat template refused the conversation: {one_line(error, limit=200)}") from None
     return list(result["input_ids"])
 
