@@ -13,14 +13,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from raydpo.config import (
-    PrecomputeConfig,
-    TrainConfig,
-    apply_overrides,
-    from_mapping,
-    load_yaml,
-    missing_required,
-)
+from raydpo.config import PrecomputeConfig, TrainConfig, from_mapping, load, missing_required
 from raydpo.errors import RaydpoError, run_command
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
@@ -90,16 +83,10 @@ def _field_docs(cls: type) -> dict[str, str]:
 
 def _config(cls: type, args: argparse.Namespace, section: str):
     """YAML (a `section:` mapping or flat) < --set overrides (`section.key=v` or `key=v`) < flags."""
-    loaded = load_yaml(args.config) if args.config else {}
-    values = dict(loaded[section]) if isinstance(loaded.get(section), dict) else dict(loaded)
-    prefix = f"{section}."
-    overrides = [item.removeprefix(prefix) for item in args.set or []]
-    apply_overrides(values, overrides)
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    missing = missing_required(cls, {key.replace("-", "_"): value for key, value in values.items()})
+    values = load(args.config, args.set or [], section)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    values.update({name: value for name, value in flags.items() if value is not None})
+    missing = missing_required(cls, values)
     if missing:
         raise RaydpoError(f"--{missing[0].replace('_', '-')} is required")
     return from_mapping(cls, values)

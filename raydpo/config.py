@@ -7,9 +7,10 @@ overrides such as ``precompute.batch_size=16``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -199,6 +200,40 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
                 raise RaydpoError(f"override {item!r}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(raw) if raw else None
     return values
+
+
+def load(
+    path: str | Path | None, overrides: Sequence[str] = (), section: str | None = None
+) -> dict[str, Any]:
+    """The settings of a YAML file (none: empty) with dotted overrides applied.
+
+    Without `section`, the whole mapping (a job's `precompute:` and `train:` sections). With it, that
+    stage's settings, keys spelled with `_`: the file's `section:` mapping, or the file itself when it
+    is flat; overrides may leave out the `section.` prefix.
+    """
+    values = load_yaml(path) if path else {}
+    if section is None:
+        return apply_overrides(values, list(overrides))
+    nested = values.get(section)
+    stage = {
+        key.replace("-", "_"): value
+        for key, value in (nested if isinstance(nested, dict) else values).items()
+    }
+    return apply_overrides(stage, [item.removeprefix(f"{section}.") for item in overrides])
+
+
+Config = TypeVar("Config")
+
+
+def coerce(
+    cls: type[Config], config: Config | Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """A stage's config from what its function was given: a config, a mapping or nothing, with keyword
+    overrides on top (validated again when there are any)."""
+    overrides = overrides or {}
+    if isinstance(config, cls):
+        return from_mapping(cls, {**as_dict(config), **overrides}) if overrides else config
+    return from_mapping(cls, {**(config or {}), **overrides})
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -404,6 +439,8 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "as_dict",
+    "coerce",
     "from_mapping",
+    "load",
     "load_yaml",
 ]

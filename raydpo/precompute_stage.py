@@ -25,7 +25,7 @@ from ray.data import Datasink
 
 from raydpo import cache
 from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
-from raydpo.config import PrecomputeConfig, as_dict, from_mapping
+from raydpo.config import PrecomputeConfig, coerce
 from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError, one_line
 from raydpo.faults import fault_point
@@ -107,7 +107,7 @@ def precompute(
 
     `dataset` / `eval_dataset` may be `ray.data.Dataset` objects instead of paths in the config.
     """
-    config = _as_config(config, overrides)
+    config = coerce(PrecomputeConfig, config, overrides)
     sources = {"train": (dataset if dataset is not None else config.dataset, config.split)}
     if eval_dataset is not None or config.eval_dataset is not None:
         eval_source = eval_dataset if eval_dataset is not None else config.eval_dataset
@@ -141,12 +141,6 @@ def precompute(
         for name, (source, split) in sources.items():
             result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
     return result
-
-
-def _as_config(config: PrecomputeConfig | dict | None, overrides: dict[str, Any]) -> PrecomputeConfig:
-    if isinstance(config, PrecomputeConfig):
-        return from_mapping(PrecomputeConfig, {**as_dict(config), **overrides}) if overrides else config
-    return from_mapping(PrecomputeConfig, {**(config or {}), **overrides})
 
 
 def _precompute_split(

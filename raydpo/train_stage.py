@@ -31,7 +31,7 @@ from raydpo.cluster import (
     init_ray,
     worker_env,
 )
-from raydpo.config import TrainConfig, as_dict, from_mapping
+from raydpo.config import TrainConfig, as_dict, coerce
 from raydpo.errors import RaydpoError, TrainingFailed, one_line
 from raydpo.numerics import check_cache_numerics, resolve_numerics
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
@@ -71,7 +71,7 @@ class TrainResult:
 
 def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> TrainResult:
     """Train the policy on a precompute output. Usable from a notebook after `ray.init()`."""
-    config = _as_config(config, overrides)
+    config = coerce(TrainConfig, config, overrides)
     output = cache.location(config.output)
     fs, run_dir = cache.resolve(output)
     splits = _open_splits(config)
@@ -177,12 +177,6 @@ def _artifact_root(tracking_uri: str) -> str | None:
     if not tracking_uri.startswith("sqlite:///"):
         return None  # a tracking server or other store decides
     return os.path.join(os.path.dirname(tracking_uri.removeprefix("sqlite:///")), "mlflow-artifacts")
-
-
-def _as_config(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        return from_mapping(TrainConfig, {**as_dict(config), **overrides}) if overrides else config
-    return from_mapping(TrainConfig, {**(config or {}), **overrides})
 
 
 # ---- checks on the cache -----------------------------------------------------------------------------
