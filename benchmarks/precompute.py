@@ -26,16 +26,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
-
-
-def conversational(row: dict) -> dict:
-    return {
-        "prompt": [{"role": ROLE[turn["from"]], "content": turn["value"]} for turn in row["conversations"]],
-        "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
-        "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}],
-    }
-
 
 def run_trl(model_dir: Path, rows: list[dict], max_length: int, batch_size: int, threads: int):
     """TRL's precompute: tokenization + reference forwards, all inside DPOTrainer's constructor."""
@@ -131,7 +121,7 @@ def main() -> None:
     import ray
     import torch
 
-    from raydpo.data import canonical_pair
+    from raydpo.data import canonical_pair, sharegpt_to_conversational
     from raydpo.toy import build_toy_model, sample_data_dir
 
     threads = os.cpu_count() or 1
@@ -149,7 +139,7 @@ def main() -> None:
         .values()
     )
     source = json.loads((sample_data_dir() / f"dpo_{args.data}_demo.json").read_text(encoding="utf-8"))
-    rows = [conversational(row) for row in source[: args.pairs]]
+    rows = [sharegpt_to_conversational(row) for row in source[: args.pairs]]
     ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)  # +1: the tokenize tasks
 
     print(

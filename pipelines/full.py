@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from raydpo.config import PrecomputeConfig, apply_overrides, from_mapping, load_yaml
+from raydpo.config import PrecomputeConfig, from_mapping, load
 from raydpo.errors import run_command
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def command() -> None:
-        values = apply_overrides(load_yaml(args.config), args.set)
+        values = load(args.config, args.set)
         config = precompute_config(values)
         train_section = values.get("train")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full import SMOKE_CONFIG, precompute_config  # noqa: E402
 
-from raydpo.config import apply_overrides, load_yaml  # noqa: E402
+from raydpo.config import apply_overrides, load  # noqa: E402
 from raydpo.errors import RaydpoError, run_command  # noqa: E402
 from raydpo.tracking import resolve_tracking_uri  # noqa: E402
 
@@ -47,9 +47,9 @@ def main(argv: list[str] | None = None) -> int:
     def command() -> None:
         import raydpo
 
-        values = apply_overrides(load_yaml(args.config), args.set)
+        combinations = grid(args.sweep)  # a malformed --sweep stops before the smoke model is built
+        values = load(args.config, args.set)
         config = precompute_config(values)
-        combinations = grid(args.sweep)
         base = dict(values.get("train") or {})
         base_output = base.get("output", "raydpo-sweep")
         # one MLflow store for the whole sweep (default: SQLite in the sweep's directory)

@@ -13,38 +13,37 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from raydpo.config import (
-    PrecomputeConfig,
-    TrainConfig,
-    apply_overrides,
-    from_mapping,
-    load_yaml,
-    missing_required,
-)
+from raydpo.config import PrecomputeConfig, TrainConfig, from_mapping, load, missing_required
 from raydpo.errors import RaydpoError, run_command
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
 TRAIN_SHORT_HELP = "train the policy with DPO on a precompute output (Ray Train + DeepSpeed ZeRO-3)"
 
 
-def _add_config_flags(
-    parser: argparse.ArgumentParser, cls: type, renames: dict[str, str] | None = None
-) -> None:
-    """One flag per config field, typed from its annotation, with its docstring-style help."""
-    renames = renames or {}
+def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field, typed from its annotation, with the help and choices of its metadata
+    (the config checks the choices, so a wrong value gets the same one-line error from flags and YAML)."""
     hints = typing.get_type_hints(cls)
-    docs = _field_docs(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + renames.get(f.name, f.name).replace("_", "-")
-        hint = hints[f.name]
-        kind = _base_type(hint)
-        help_text = docs.get(f.name, "")
+        flag, kind, help_text = _flag(f.name), _base_type(hints[f.name]), f.metadata["help"]
         if kind is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
-        else:
-            parser.add_argument(flag, dest=f.name, type=_parser_for(kind), default=None, help=help_text)
+            continue
+        choices, metavar = f.metadata.get("choices"), None
+        if typing.get_origin(kind) is list:  # comma-separated values
+            metavar = f"{f.name.upper()}[,...]"
+            help_text += f" One or more of: {', '.join(choices)}." if choices else ""
+        elif choices:
+            metavar = "{" + ",".join(map(str, choices)) + "}"
+        parser.add_argument(
+            flag, dest=f.name, type=_parser_for(kind), default=None, metavar=metavar, help=help_text
+        )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _base_type(hint: Any) -> type:
@@ -71,37 +70,14 @@ def _parser_for(kind: Any):
     return str
 
 
-def _field_docs(cls: type) -> dict[str, str]:
-    """The string literal written under each field (the same text the configuration reference shows)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(cls))
-    docs, body = {}, tree.body[0].body
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(following, ast.Expr)
-            and isinstance(getattr(following, "value", None), ast.Constant)
-        ):
-            docs[node.target.id] = " ".join(str(following.value.value).split())
-    return docs
-
-
 def _config(cls: type, args: argparse.Namespace, section: str):
     """YAML (a `section:` mapping or flat) < --set overrides (`section.key=v` or `key=v`) < flags."""
-    loaded = load_yaml(args.config) if args.config else {}
-    values = dict(loaded[section]) if isinstance(loaded.get(section), dict) else dict(loaded)
-    prefix = f"{section}."
-    overrides = [item.removeprefix(prefix) for item in args.set or []]
-    apply_overrides(values, overrides)
-    for f in dataclasses.fields(cls):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            values[f.name] = value
-    missing = missing_required(cls, {key.replace("-", "_"): value for key, value in values.items()})
+    values = load(args.config, args.set or [], section)
+    flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    values.update({name: value for name, value in flags.items() if value is not None})
+    missing = missing_required(cls, values)
     if missing:
-        raise RaydpoError(f"--{missing[0].replace('_', '-')} is required")
+        raise RaydpoError(f"{_flag(missing[0])} is required")
     return from_mapping(cls, values)
 
 
@@ -109,7 +85,6 @@ def config_reference() -> str:
     """The configuration reference in the README: one table per stage, generated from the dataclasses."""
     blocks = []
     for name, cls in (("precompute", PrecomputeConfig), ("train", TrainConfig)):
-        docs = _field_docs(cls)
         rows = [
             f"### `raydpo {name}` / `{cls.__name__}`",
             "",
@@ -118,8 +93,10 @@ def config_reference() -> str:
         ]
         for f in dataclasses.fields(cls):
             default = "required" if f.default is dataclasses.MISSING else repr(f.default)
-            meaning = docs.get(f.name, "").replace("|", "\\|")
-            rows.append(f"| `{f.name}` / `--{f.name.replace('_', '-')}` | `{default}` | {meaning} |")
+            meaning = f.metadata["help"].replace("|", "\\|")
+            if "choices" in f.metadata:
+                meaning += " Choices: " + ", ".join(f"`{choice}`" for choice in f.metadata["choices"]) + "."
+            rows.append(f"| `{f.name}` / `{_flag(f.name)}` | `{default}` | {meaning} |")
         blocks.append("\n".join(rows))
     return "\n\n".join(blocks) + "\n"
 

@@ -1,5 +1,8 @@
 """Stage configurations: one small dataclass per stage, validated on construction.
 
+Each setting is declared once, as a field whose metadata holds its help and, where its values are a
+fixed set, its choices: the CLI's flags and the README's configuration reference are generated from
+them, and construction checks the choices. The train config's loss settings are `LossSettings`' fields.
 Configs load from YAML (keys mirror the CLI flags, with ``-`` or ``_``) and take dotted
 overrides such as ``precompute.batch_size=16``.
 """
@@ -7,87 +10,134 @@ overrides such as ``precompute.batch_size=16``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
+from raydpo.loss_settings import LossSettings
 from raydpo.numerics import DTYPES
 
 CPU_ALLOCATORS = ("mimalloc", "system")
 TRUNCATION_MODES = ("keep_start",)
 PREFIX_SHARING = ("auto", "on", "off")
+LR_SCHEDULERS = ("linear", "cosine")
+ZERO_STAGES = (0, 1, 2, 3)
+RAY_ADDRESS_HELP = (  # both stages join a cluster the same way
+    'Ray cluster to join: host:port of its head, or "local"; default: $RAY_ADDRESS, else the cluster '
+    "`ray start` recorded on this machine if it answers, else a new local instance (a process already "
+    "connected to Ray stays on its cluster)."
+)
+
+
+def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None) -> Any:
+    """A config field with its help (the flag's and the README's) and, for a fixed set of values, its
+    choices (checked on construction); no default: a required setting."""
+    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def loss_setting(name: str) -> Any:
+    """A train config field declared by the `LossSettings` field `name`: its default, help and choices."""
+    declared = {f.name: f for f in fields(LossSettings)}[name]
+    return dataclasses.field(default=declared.default, metadata={**declared.metadata, "loss_setting": name})
 
 
 @dataclass
 class PrecomputeConfig:
     """Settings of the reference log-prob precompute stage (`raydpo precompute`)."""
 
-    model: str
-    """Reference model: a local directory or a Hugging Face hub id."""
-    dataset: str | None = None
-    """Preference data: JSON/JSONL/Parquet file or folder (local or pyarrow URI such as s3://),
-    a dataset saved with `datasets.save_to_disk`, or a name `datasets.load_dataset` accepts."""
-    output: str = "raydpo-cache"
-    """Output directory; the train split goes to OUTPUT/train, the eval split to OUTPUT/eval."""
-    split: str = "train"
-    """Split to read from a Hugging Face dataset."""
-    eval_dataset: str | None = None
-    """Optional eval data, same kinds of source as `dataset`."""
-    eval_split: str | None = None
-    """Split of `eval_dataset` (defaults to `split`)."""
-    tokenizer: str | None = None
-    """Tokenizer to use; defaults to the model's."""
-    id_column: str | None = None
-    """Column holding a stable row id; without it, pair ids are a content hash."""
-    limit: int | None = None
-    """Read only the first N rows of each source (smoke runs, benchmarks)."""
-    max_length: int | None = 1024
-    """Maximum prompt+completion tokens per sequence (TRL's default is 1024). None: no truncation."""
-    max_prompt_length: int | None = None
-    """If set, prompts are cut to their last N tokens before `max_length` applies."""
-    truncation_mode: str = "keep_start"
-    """How sequences longer than `max_length` are cut: `keep_start` (TRL's only supported mode)."""
-    batch_size: int = 8
-    """Pairs per reference forward (chosen and rejected go through together: 2x sequences)."""
-    sort_window: int = 8
-    """Batches the scorer receives at once and sorts by length, so little of each forward is padding."""
-    num_actors: int = 1
-    """Size of the scorer actor pool."""
-    gpus_per_actor: float = 0.0
-    """GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU)."""
-    cpus_per_actor: float = 1.0
-    """CPUs per scorer actor (what Ray reserves for it)."""
-    cpu_threads_per_actor: int | None = None
-    """Torch threads of a CPU scorer; None: the cores of its machine shared among the pool's actors
-    (at least `cpus_per_actor`), so one actor on a small machine uses all of its cores."""
-    max_actor_restarts: int = 3
-    """Times Ray restarts a dead scorer actor (its unfinished batches are retried on the new one)."""
-    rows_per_file: int = 2048
-    """Pairs per Parquet part file; each file is written atomically, and a rerun after a crash
-    recomputes only the pairs of files that were not written."""
-    dtype: str = "auto"
-    """Model dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16 or float16."""
-    attn_implementation: str | None = None
-    """Attention kernel passed to transformers (e.g. sdpa, flash_attention_2); None: its default."""
-    logits_chunk_tokens: int = 2048
-    """Completion tokens per chunk of the LM head and log-softmax; bounds the [tokens, vocab] buffer."""
-    store_token_logps: bool = False
-    """Also store per-token reference log-probs of each completion."""
-    prefix_sharing: str = "auto"
-    """One forward per pair, `prompt | chosen | rejected`, so the prompt is computed once: auto (on where
-    the model's attention passes a load-time check that shared equals unshared), on, or off. The values
-    are the same either way, so the setting is not part of the cache key."""
-    trust_remote_code: bool = False
-    """Run code shipped with the model repository. Off unless asked for: it executes arbitrary Python."""
-    overwrite: bool = False
-    """Replace an existing output computed from different inputs."""
-    ray_address: str | None = None
-    """Ray cluster to join: host:port of its head, or "local"; default: $RAY_ADDRESS, else the cluster
-    `ray start` recorded on this machine if it answers, else a new local instance (a process already
-    connected to Ray stays on its cluster)."""
+    model: str = setting(help="Reference model: a local directory or a Hugging Face hub id.")
+    dataset: str | None = setting(
+        None,
+        help=(
+            "Preference data: JSON/JSONL/Parquet file or folder (local or pyarrow URI such as s3://), a "
+            "dataset saved with `datasets.save_to_disk`, or a name `datasets.load_dataset` accepts."
+        ),
+    )
+    output: str = setting(
+        "raydpo-cache",
+        help="Output directory; the train split goes to OUTPUT/train, the eval split to OUTPUT/eval.",
+    )
+    split: str = setting("train", help="Split to read from a Hugging Face dataset.")
+    eval_dataset: str | None = setting(None, help="Optional eval data, same kinds of source as `dataset`.")
+    eval_split: str | None = setting(None, help="Split of `eval_dataset` (defaults to `split`).")
+    tokenizer: str | None = setting(None, help="Tokenizer to use; defaults to the model's.")
+    id_column: str | None = setting(
+        None, help="Column holding a stable row id; without it, pair ids are a content hash."
+    )
+    limit: int | None = setting(
+        None, help="Read only the first N rows of each source (smoke runs, benchmarks)."
+    )
+    max_length: int | None = setting(
+        1024,
+        help="Maximum prompt+completion tokens per sequence (TRL's default is 1024). None: no truncation.",
+    )
+    max_prompt_length: int | None = setting(
+        None, help="If set, prompts are cut to their last N tokens before `max_length` applies."
+    )
+    truncation_mode: str = setting(
+        "keep_start",
+        help="How sequences longer than `max_length` are cut (TRL supports only `keep_start`).",
+        choices=TRUNCATION_MODES,
+    )
+    batch_size: int = setting(
+        8, help="Pairs per reference forward (chosen and rejected go through together: 2x sequences)."
+    )
+    sort_window: int = setting(
+        8,
+        help="Batches the scorer receives at once and sorts by length, so little of each forward is padding.",
+    )
+    num_actors: int = setting(1, help="Size of the scorer actor pool.")
+    gpus_per_actor: float = setting(0.0, help="GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU).")
+    cpus_per_actor: float = setting(1.0, help="CPUs per scorer actor (what Ray reserves for it).")
+    cpu_threads_per_actor: int | None = setting(
+        None,
+        help=(
+            "Torch threads of a CPU scorer; None: the cores of its machine shared among the pool's actors (at "
+            "least `cpus_per_actor`), so one actor on a small machine uses all of its cores."
+        ),
+    )
+    max_actor_restarts: int = setting(
+        3, help="Times Ray restarts a dead scorer actor (its unfinished batches are retried on the new one)."
+    )
+    rows_per_file: int = setting(
+        2048,
+        help=(
+            "Pairs per Parquet part file; each file is written atomically, and a rerun after a crash "
+            "recomputes only the pairs of files that were not written."
+        ),
+    )
+    dtype: str = setting("auto", help="Model dtype; auto: bf16 on GPU, fp32 on CPU.", choices=DTYPES)
+    attn_implementation: str | None = setting(
+        None,
+        help="Attention kernel passed to transformers (e.g. sdpa, flash_attention_2); None: its default.",
+    )
+    logits_chunk_tokens: int = setting(
+        2048,
+        help="Completion tokens per chunk of the LM head and log-softmax; bounds the [tokens, vocab] buffer.",
+    )
+    store_token_logps: bool = setting(
+        False, help="Also store per-token reference log-probs of each completion."
+    )
+    prefix_sharing: str = setting(
+        "auto",
+        help=(
+            "One forward per pair, `prompt | chosen | rejected`, so the prompt is computed once: auto (on "
+            "where the model's attention passes a load-time check that shared equals unshared), on, or off. "
+            "The values are the same either way, so the setting is not part of the cache key."
+        ),
+        choices=PREFIX_SHARING,
+    )
+    trust_remote_code: bool = setting(
+        False,
+        help="Run code shipped with the model repository. Off unless asked for: it executes arbitrary Python.",
+    )
+    overwrite: bool = setting(False, help="Replace an existing output computed from different inputs.")
+    ray_address: str | None = setting(None, help=RAY_ADDRESS_HELP)
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = local_path_or_id(self.model), local_path_or_id(self.tokenizer)
@@ -99,14 +149,12 @@ class PrecomputeConfig:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise RaydpoError("gpus_per_actor and cpus_per_actor must be >= 0")
-        if self.truncation_mode not in TRUNCATION_MODES:
+        if self.truncation_mode == "keep_end":
             raise RaydpoError(
-                f"truncation_mode={self.truncation_mode!r} is not supported: use 'keep_start' "
+                "truncation_mode='keep_end' is not supported: use 'keep_start' "
                 "('keep_end' is deprecated in TRL and would give chosen and rejected different prompts)"
             )
-        if self.dtype not in DTYPES:
-            raise RaydpoError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        _choice(self, "prefix_sharing", PREFIX_SHARING)
+        _check_choices(self)
         if (
             self.max_length is not None
             and self.max_prompt_length is not None
@@ -131,9 +179,16 @@ def local_path_or_id(value: str | None) -> str | None:
     return str(Path(value).expanduser().resolve())
 
 
-def _choice(config: Any, name: str, choices: tuple[str, ...]) -> None:
-    if getattr(config, name) not in choices:
-        raise RaydpoError(f"{name} must be one of {', '.join(choices)}, got {getattr(config, name)!r}")
+def _check_choices(config: Any) -> None:
+    """Each setting declared with choices holds one of them (loss settings are checked by LossSettings)."""
+    for f in fields(config):
+        choices, value = f.metadata.get("choices"), getattr(config, f.name)
+        if choices is None or "loss_setting" in f.metadata or value in choices:
+            continue
+        allowed = (
+            " or ".join(map(str, choices)) if len(choices) <= 2 else f"one of {', '.join(map(str, choices))}"
+        )
+        raise RaydpoError(f"{f.name} must be {allowed}, got {value!r}")
 
 
 def _positive(config: Any, *names: str, allow_none: bool = False) -> None:
@@ -179,7 +234,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise RaydpoError(f"config file not found: {path}") from None
     except yaml.YAMLError as error:
-        raise RaydpoError(f"config file {path} is not valid YAML: {error}".replace("\n", " ")) from None
+        raise RaydpoError(f"config file {path} is not valid YAML: {one_line(error)}") from None
     if not isinstance(data, dict):
         raise RaydpoError(f"config file {path} must hold a mapping at the top level")
     return data
@@ -201,6 +256,40 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
+def load(
+    path: str | Path | None, overrides: Sequence[str] = (), section: str | None = None
+) -> dict[str, Any]:
+    """The settings of a YAML file (none: empty) with dotted overrides applied.
+
+    Without `section`, the whole mapping (a job's `precompute:` and `train:` sections). With it, that
+    stage's settings, keys spelled with `_`: the file's `section:` mapping, or the file itself when it
+    is flat; overrides may leave out the `section.` prefix.
+    """
+    values = load_yaml(path) if path else {}
+    if section is None:
+        return apply_overrides(values, list(overrides))
+    nested = values.get(section)
+    stage = {
+        key.replace("-", "_"): value
+        for key, value in (nested if isinstance(nested, dict) else values).items()
+    }
+    return apply_overrides(stage, [item.removeprefix(f"{section}.") for item in overrides])
+
+
+Config = TypeVar("Config")
+
+
+def coerce(
+    cls: type[Config], config: Config | Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
+) -> Config:
+    """A stage's config from what its function was given: a config, a mapping or nothing, with keyword
+    overrides on top (validated again when there are any)."""
+    overrides = overrides or {}
+    if isinstance(config, cls):
+        return from_mapping(cls, {**as_dict(config), **overrides}) if overrides else config
+    return from_mapping(cls, {**(config or {}), **overrides})
+
+
 def as_dict(config: Any) -> dict[str, Any]:
     """A config as a plain dict (for manifests, MLflow params and printing)."""
     return dataclasses.asdict(config)
@@ -210,132 +299,135 @@ def as_dict(config: Any) -> dict[str, Any]:
 class TrainConfig:
     """Settings of the DPO training stage (`raydpo train`)."""
 
-    model: str
-    """Policy to train: its initial weights must be the precompute's reference model."""
-    data: str = "raydpo-cache"
-    """Precompute output (OUTPUT or OUTPUT/train)."""
-    eval_data: str | None = None
-    """Precomputed eval split; defaults to DATA/eval when it exists."""
-    output: str = "raydpo-run"
-    """Run directory: final model, MLflow store (by default), Ray Train results."""
-    num_workers: int = 2
-    """Ray Train workers (one GPU each with use_gpu)."""
-    use_gpu: bool = False
-    """Train on GPUs (NCCL) instead of CPUs (gloo)."""
-    cpus_per_worker: float = 1.0
-    """CPUs reserved by each training worker."""
-    loss_type: list[str] | str = "sigmoid"
-    """Loss type(s), as in TRL; several at once with loss_weights."""
-    loss_weights: list[float] | None = None
-    """One weight per loss type (default 1 each), e.g. MPO: sigmoid,bco_pair,sft with 0.8,0.2,1.0."""
-    beta: float = 0.1
-    """Strength of the KL penalty towards the reference (TRL default)."""
-    label_smoothing: float = 0.0
-    """robust: label flip probability; exo_pair: epsilon; aot/aot_unpaired: smoothing; in [0, 0.5)."""
-    f_divergence_type: str = "reverse_kl"
-    """reverse_kl (standard DPO), forward_kl, js_divergence or alpha_divergence (f-DPO)."""
-    f_alpha_divergence_coef: float = 0.5
-    """alpha of alpha_divergence."""
-    discopop_tau: float = 0.05
-    """Temperature of the discopop loss."""
-    rpo_alpha: float | None = None
-    """RPO: add rpo_alpha x the NLL of the chosen completions."""
-    use_weighting: bool = False
-    """WPO: weight each pair by the policy probability of its completions."""
-    ld_alpha: float | None = None
-    """LD-DPO: tokens past the shorter completion count with this weight, in [0, 1]."""
-    reference_free: bool = False
-    """Take reference log-probs as zero."""
-    learning_rate: float = 1e-6
-    """Peak learning rate (TRL's DPO default)."""
-    lr_scheduler: str = "linear"
-    """linear or cosine decay after warmup."""
-    warmup_ratio: float = 0.0
-    """Share of the steps with a linear warmup."""
-    weight_decay: float = 0.0
-    """AdamW weight decay, on weight matrices only."""
-    epochs: int = 1
-    """Passes over the training pairs (each with its own seeded shuffle)."""
-    max_steps: int | None = None
-    """Optimizer steps; overrides epochs."""
-    micro_batch_size: int = 8
-    """Pairs per worker per forward."""
-    grad_accum: int = 1
-    """Micro-batches accumulated per optimizer step."""
-    gradient_clipping: float = 1.0
-    """Clip the global gradient norm to this value (TRL default 1.0)."""
-    zero_stage: int = 3
-    """DeepSpeed ZeRO stage (0-3)."""
-    offload_optimizer: bool = False
-    """ZeRO: keep optimizer state in CPU memory."""
-    offload_params: bool = False
-    """ZeRO-3: keep parameters in CPU memory."""
-    activation_checkpointing: bool = False
-    """Recompute activations in backward (less memory, about a third more compute)."""
-    deepspeed_config: str | None = None
-    """A DeepSpeed JSON that replaces the built config."""
-    dtype: str = "auto"
-    """Model dtype: auto (bf16 on GPU, fp32 on CPU, as the precompute decides), float32, bfloat16 or
-    float16. It must be the dtype the cache was scored in; bf16/fp16 train with DeepSpeed's 16-bit path."""
-    attn_implementation: str | None = None
-    """Attention kernel (sdpa, flash_attention_2, eager); default: the model's. In 16-bit dtypes it must
-    be the kernel the cache was scored with."""
-    disable_dropout: bool = True
-    """Set every dropout probability of the policy to 0 (TRL's default): the reference was scored
-    without dropout, so step 1 reproduces it. --no-disable-dropout trains with the model's dropout."""
-    trust_remote_code: bool = False
-    """Run code shipped with the model repository (as in precompute). Only for repositories you trust."""
-    lora_r: int | None = None
-    """Train a LoRA adapter of this rank instead of all weights."""
-    lora_alpha: float = 16.0
-    """LoRA scaling numerator."""
-    lora_dropout: float = 0.0
-    """Dropout on the LoRA path."""
-    lora_target_modules: list[str] | str = "all-linear"
-    """Modules that get LoRA adapters (peft's `target_modules`)."""
-    logging_steps: int = 10
-    """Log metrics every N optimizer steps (and at step 1)."""
-    eval_steps: int | None = None
-    """Evaluate every N steps; the eval split is always evaluated at the end."""
-    checkpoint_steps: int | None = 500
-    """Save a Ray Train checkpoint (the full DeepSpeed state) every N steps."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept in storage."""
-    max_failures: int = 1
-    """Worker failures survived by restarting from the latest checkpoint."""
-    storage_path: str | None = None
-    """Ray Train storage for checkpoints (local path or URI); default OUTPUT/checkpoints."""
-    resume: bool = False
-    """Continue an interrupted run in OUTPUT from its latest checkpoint."""
-    overwrite: bool = False
-    """Replace a finished or interrupted run in OUTPUT."""
-    skip_nonfinite_loss: bool = False
-    """Skip micro-batches whose loss is NaN/inf (counted) instead of stopping with their pair ids."""
-    seed: int = 42
-    """Seed of the data order and of any random initialisation (LoRA)."""
-    logits_chunk_tokens: int = 2048
-    """Completion tokens per LM-head chunk: bounds the [tokens, vocab] fp32 buffer."""
-    prefix_sharing: str = "auto"
-    """One forward and backward per pair, `prompt | chosen | rejected`, so the prompt is computed once:
-    auto (on where the policy's attention passes a check at start that shared equals unshared), on,
-    or off. The log-probs and gradients are the same either way."""
-    cpu_allocator: str = "mimalloc"
-    """Memory allocator of CPU training workers: "mimalloc" (preloaded from the cmeel-mimalloc wheel;
-    freed memory is kept for reuse) or "system" (the C library's malloc). glibc's malloc fragments
-    its heap under ZeRO-3's gather/free churn and grows step after step; see docs/benchmarks.md."""
-    mlflow_tracking_uri: str | None = None
-    """Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."""
-    experiment: str = "raydpo"
-    """MLflow experiment name."""
-    reference_is_different: bool = False
-    """The reference of the cache is on purpose not the policy as trained (other weights, dtype or
-    attention kernel): these are not compared, and step 1 is not required to reproduce it."""
-    sync_ref_model: bool = False
-    """TR-DPO; refused: a fixed cache cannot follow a moving reference."""
-    ray_address: str | None = None
-    """Ray cluster to join: host:port of its head, or "local"; default: $RAY_ADDRESS, else the cluster
-    `ray start` recorded on this machine if it answers, else a new local instance (a process already
-    connected to Ray stays on its cluster)."""
+    model: str = setting(
+        help="Policy to train: its initial weights must be the precompute's reference model."
+    )
+    data: str = setting("raydpo-cache", help="Precompute output (OUTPUT or OUTPUT/train).")
+    eval_data: str | None = setting(
+        None, help="Precomputed eval split; defaults to DATA/eval when it exists."
+    )
+    output: str = setting(
+        "raydpo-run", help="Run directory: final model, MLflow store (by default), Ray Train results."
+    )
+    num_workers: int = setting(2, help="Ray Train workers (one GPU each with use_gpu).")
+    use_gpu: bool = setting(False, help="Train on GPUs (NCCL) instead of CPUs (gloo).")
+    cpus_per_worker: float = setting(1.0, help="CPUs reserved by each training worker.")
+    loss_type: list[str] | str = loss_setting("loss_types")
+    loss_weights: list[float] | None = loss_setting("loss_weights")
+    beta: float = loss_setting("beta")
+    label_smoothing: float = loss_setting("label_smoothing")
+    f_divergence_type: str = loss_setting("f_divergence_type")
+    f_alpha_divergence_coef: float = loss_setting("f_alpha_divergence_coef")
+    discopop_tau: float = loss_setting("discopop_tau")
+    rpo_alpha: float | None = loss_setting("rpo_alpha")
+    use_weighting: bool = loss_setting("use_weighting")
+    ld_alpha: float | None = loss_setting("ld_alpha")
+    reference_free: bool = loss_setting("reference_free")
+    learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's DPO default).")
+    lr_scheduler: str = setting("linear", help="Learning-rate decay after warmup.", choices=LR_SCHEDULERS)
+    warmup_ratio: float = setting(0.0, help="Share of the steps with a linear warmup.")
+    weight_decay: float = setting(0.0, help="AdamW weight decay, on weight matrices only.")
+    epochs: int = setting(1, help="Passes over the training pairs (each with its own seeded shuffle).")
+    max_steps: int | None = setting(None, help="Optimizer steps; overrides epochs.")
+    micro_batch_size: int = setting(8, help="Pairs per worker per forward.")
+    grad_accum: int = setting(1, help="Micro-batches accumulated per optimizer step.")
+    gradient_clipping: float = setting(
+        1.0, help="Clip the global gradient norm to this value (TRL default 1.0)."
+    )
+    zero_stage: int = setting(3, help="DeepSpeed ZeRO stage.", choices=ZERO_STAGES)
+    offload_optimizer: bool = setting(False, help="ZeRO: keep optimizer state in CPU memory.")
+    offload_params: bool = setting(False, help="ZeRO-3: keep parameters in CPU memory.")
+    activation_checkpointing: bool = setting(
+        False, help="Recompute activations in backward (less memory, about a third more compute)."
+    )
+    deepspeed_config: str | None = setting(None, help="A DeepSpeed JSON that replaces the built config.")
+    dtype: str = setting(
+        "auto",
+        help=(
+            "Model dtype; auto: bf16 on GPU, fp32 on CPU, as the precompute decides. It must be the dtype the "
+            "cache was scored in; bf16/fp16 train with DeepSpeed's 16-bit path."
+        ),
+        choices=DTYPES,
+    )
+    attn_implementation: str | None = setting(
+        None,
+        help=(
+            "Attention kernel (sdpa, flash_attention_2, eager); default: the model's. In 16-bit dtypes it must "
+            "be the kernel the cache was scored with."
+        ),
+    )
+    disable_dropout: bool = setting(
+        True,
+        help=(
+            "Set every dropout probability of the policy to 0 (TRL's default): the reference was scored "
+            "without dropout, so step 1 reproduces it. --no-disable-dropout trains with the model's dropout."
+        ),
+    )
+    trust_remote_code: bool = setting(
+        False,
+        help="Run code shipped with the model repository (as in precompute). Only for repositories you trust.",
+    )
+    lora_r: int | None = setting(None, help="Train a LoRA adapter of this rank instead of all weights.")
+    lora_alpha: float = setting(16.0, help="LoRA scaling numerator.")
+    lora_dropout: float = setting(0.0, help="Dropout on the LoRA path.")
+    lora_target_modules: list[str] | str = setting(
+        "all-linear", help="Modules that get LoRA adapters (peft's `target_modules`)."
+    )
+    logging_steps: int = setting(10, help="Log metrics every N optimizer steps (and at step 1).")
+    eval_steps: int | None = setting(
+        None, help="Evaluate every N steps; the eval split is always evaluated at the end."
+    )
+    checkpoint_steps: int | None = setting(
+        500, help="Save a Ray Train checkpoint (the full DeepSpeed state) every N steps."
+    )
+    keep_checkpoints: int = setting(2, help="Checkpoints kept in storage.")
+    max_failures: int = setting(1, help="Worker failures survived by restarting from the latest checkpoint.")
+    storage_path: str | None = setting(
+        None, help="Ray Train storage for checkpoints (local path or URI); default OUTPUT/checkpoints."
+    )
+    resume: bool = setting(False, help="Continue an interrupted run in OUTPUT from its latest checkpoint.")
+    overwrite: bool = setting(False, help="Replace a finished or interrupted run in OUTPUT.")
+    skip_nonfinite_loss: bool = setting(
+        False,
+        help="Skip micro-batches whose loss is NaN/inf (counted) instead of stopping with their pair ids.",
+    )
+    seed: int = setting(42, help="Seed of the data order and of any random initialisation (LoRA).")
+    logits_chunk_tokens: int = setting(
+        2048, help="Completion tokens per LM-head chunk: bounds the [tokens, vocab] fp32 buffer."
+    )
+    prefix_sharing: str = setting(
+        "auto",
+        help=(
+            "One forward and backward per pair, `prompt | chosen | rejected`, so the prompt is computed once: "
+            "auto (on where the policy's attention passes a check at start that shared equals unshared), on, "
+            "or off. The log-probs and gradients are the same either way."
+        ),
+        choices=PREFIX_SHARING,
+    )
+    cpu_allocator: str = setting(
+        "mimalloc",
+        help=(
+            'Memory allocator of CPU training workers: "mimalloc" (preloaded from the cmeel-mimalloc wheel; '
+            "freed memory is kept for reuse) or \"system\" (the C library's malloc). glibc's malloc fragments "
+            "its heap under ZeRO-3's gather/free churn and grows step after step; see docs/benchmarks.md."
+        ),
+        choices=CPU_ALLOCATORS,
+    )
+    mlflow_tracking_uri: str | None = setting(
+        None, help="Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."
+    )
+    experiment: str = setting("raydpo", help="MLflow experiment name.")
+    reference_is_different: bool = setting(
+        False,
+        help=(
+            "The reference of the cache is on purpose not the policy as trained (other weights, dtype or "
+            "attention kernel): these are not compared, and step 1 is not required to reproduce it."
+        ),
+    )
+    sync_ref_model: bool = setting(
+        False, help="TR-DPO; refused: a fixed cache cannot follow a moving reference."
+    )
+    ray_address: str | None = setting(None, help=RAY_ADDRESS_HELP)
 
     def __post_init__(self) -> None:
         self.model = local_path_or_id(self.model)
@@ -365,38 +457,15 @@ class TrainConfig:
                 "sync_ref_model (TR-DPO) needs a reference that moves with the policy; the precomputed "
                 "reference is fixed, so it cannot work here"
             )
-        if self.dtype not in DTYPES:
-            raise RaydpoError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise RaydpoError(f"zero_stage must be 0-3, got {self.zero_stage}")
-        if self.cpu_allocator not in CPU_ALLOCATORS:
-            raise RaydpoError(
-                f"cpu_allocator must be {' or '.join(CPU_ALLOCATORS)}, got {self.cpu_allocator!r}"
-            )
-        _choice(self, "prefix_sharing", PREFIX_SHARING)
-        if self.lr_scheduler not in ("linear", "cosine"):
-            raise RaydpoError(f"lr_scheduler must be linear or cosine, got {self.lr_scheduler!r}")
+        _check_choices(self)
         if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
             raise RaydpoError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
         self.loss_settings()  # validates the loss combination
 
-    def loss_settings(self):
-        from raydpo.losses import LossSettings
-
-        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        return LossSettings(
-            loss_types=tuple(types),
-            loss_weights=tuple(self.loss_weights) if self.loss_weights is not None else None,
-            beta=self.beta,
-            label_smoothing=self.label_smoothing,
-            f_divergence_type=self.f_divergence_type,
-            f_alpha_divergence_coef=self.f_alpha_divergence_coef,
-            discopop_tau=self.discopop_tau,
-            rpo_alpha=self.rpo_alpha,
-            use_weighting=self.use_weighting,
-            ld_alpha=self.ld_alpha,
-            reference_free=self.reference_free,
-        )
+    def loss_settings(self) -> LossSettings:
+        """The loss settings of this run (`LossSettings` checks their combination)."""
+        declared = [f for f in fields(self) if "loss_setting" in f.metadata]
+        return LossSettings(**{f.metadata["loss_setting"]: getattr(self, f.name) for f in declared})
 
 
 __all__ = [
@@ -404,6 +473,9 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "as_dict",
+    "coerce",
+    "setting",
     "from_mapping",
+    "load",
     "load_yaml",
 ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 if TYPE_CHECKING:
     import ray.data
@@ -89,15 +89,8 @@ def row_text(row: dict[str, Any]) -> str:
 def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> CanonicalPair:
     """Turn one input row of any accepted format into a `CanonicalPair`, or raise `RowError`."""
     if "conversations" in row and row.get("conversations") is not None:
-        prompt = _sharegpt_messages(row["conversations"], "conversations")
-        system = row.get("system")
-        if system is not None:
-            if not isinstance(system, str):
-                raise RowError("system is not a string")
-            if system.strip():
-                prompt = [{"role": "system", "content": system}, *prompt]
-        chosen = _sharegpt_messages(_require(row, "chosen"), "chosen")
-        rejected = _sharegpt_messages(_require(row, "rejected"), "rejected")
+        conversation = sharegpt_to_conversational(row)
+        prompt, chosen, rejected = (conversation[key] for key in ("prompt", "chosen", "rejected"))
     elif row.get("prompt") is not None:
         prompt = _text_or_messages(row["prompt"], "prompt")
         chosen = _text_or_messages(_require(row, "chosen"), "chosen")
@@ -118,6 +111,26 @@ def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> Canonic
     if isinstance(prompt, list) and not prompt:
         raise RowError("empty prompt (no messages)")
     return CanonicalPair(_pair_id(row, id_column, prompt, chosen, rejected), prompt, chosen, rejected)
+
+
+def sharegpt_to_conversational(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+    """A ShareGPT row in TRL's conversational format: `prompt`, `chosen` and `rejected` message lists.
+
+    The `conversations` turns (after the `system` column, if any) make the prompt; `from` names map to
+    roles by `SHAREGPT_ROLES`. Raises `RowError` for a row that is not ShareGPT.
+    """
+    prompt = _sharegpt_messages(_require(row, "conversations"), "conversations")
+    system = row.get("system")
+    if system is not None:
+        if not isinstance(system, str):
+            raise RowError("system is not a string")
+        if system.strip():
+            prompt = [{"role": "system", "content": system}, *prompt]
+    return {
+        "prompt": prompt,
+        "chosen": _sharegpt_messages(_require(row, "chosen"), "chosen"),
+        "rejected": _sharegpt_messages(_require(row, "rejected"), "rejected"),
+    }
 
 
 def extract_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
@@ -335,7 +348,7 @@ def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
         except FileNotFoundError:
             loaded = datasets.load_dataset(source)
     except Exception as error:  # datasets raises many kinds; all mean "could not open"
-        raise RaydpoError(f"could not open dataset {source!r}: {_one_line(error)}") from None
+        raise RaydpoError(f"could not open dataset {source!r}: {one_line(error)}") from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise RaydpoError(f"dataset {source!r} has no split {split!r} (has: {', '.join(loaded)})")
@@ -372,7 +385,3 @@ def dataset_content_digest(dataset: ray.data.Dataset) -> str:
 
     sums = dataset.map_batches(row_digests, batch_format="pandas").sum(["high", "low", "one"]) or {}
     return "{}:{:x}:{:x}".format(*(int(sums.get(f"sum({key})", 0) or 0) for key in ("one", "high", "low")))
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())[:300] or type(error).__name__

@@ -1,4 +1,16 @@
-"""The one exception type for bad input: the CLI prints it as a single line and exits with code 2."""
+"""The exception types users see, and the one way an exception becomes the single line they read.
+
+Bad input raises `RaydpoError` (the CLI prints it as one line and exits with code 2); a run that started
+and failed raises `TrainingFailed` (exit code 1).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+# A line of a traceback that names the exception raised: `raydpo.train_worker.SomeError: message`.
+_RAISED_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ")
 
 
 class RaydpoError(ValueError):
@@ -9,16 +21,37 @@ class TrainingFailed(RuntimeError):
     """Training started but did not finish (a worker failed beyond max_failures); the CLI exits with 1."""
 
 
-def run_command(prog: str, command) -> int:
+def one_line(error: BaseException, limit: int | None = 300) -> str:
+    """The one line users see for an exception, at most `limit` characters.
+
+    An error Ray raised around another stands for the one it wraps: a task's error carries the original
+    as `cause`, Ray Data chains it as `__cause__`. A message holding tracebacks (a worker group's report)
+    gives the last line that names a raised exception. Whitespace, newlines included, collapses to single
+    spaces; an empty message gives the exception's type name.
+    """
+    for _ in range(8):  # a bounded walk down the chain of wrappers
+        inner = getattr(error, "cause", None)
+        if inner is None and type(error).__module__.startswith("ray."):
+            inner = error.__cause__
+        if not isinstance(inner, BaseException) or not str(inner).strip():
+            break
+        error = inner
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raised = [line for line in lines if _RAISED_LINE.match(line)] if len(lines) > 1 else []
+    text = raised[-1] if raised else " ".join(" ".join(lines).split())
+    return text[:limit] or type(error).__name__
+
+
+def run_command(prog: str, command: Callable[[], None]) -> int:
     """Run an entry point's body: one line on stderr and exit code 2 for bad input, 1 for a failed run."""
     import sys
 
     try:
         command()
     except RaydpoError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error, limit=None)}", file=sys.stderr)
         return 2
     except TrainingFailed as error:
-        print(f"{prog}: {error}", file=sys.stderr)
+        print(f"{prog}: {one_line(error, limit=None)}", file=sys.stderr)
         return 1
     return 0

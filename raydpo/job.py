@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raydpo import cache
-from raydpo.config import PrecomputeConfig, TrainConfig, as_dict, from_mapping
+from raydpo.config import PrecomputeConfig, TrainConfig, as_dict, coerce
 
 PLOT_NAME = "training_curves.png"
 REPORT_NAME = "report.json"
@@ -37,14 +37,13 @@ class JobResult:
 def train_config_for(precompute: PrecomputeConfig, values: dict[str, Any] | TrainConfig) -> TrainConfig:
     """The train stage's config: `model`, `data`, `trust_remote_code` and `attn_implementation` default
     to the precompute's."""
-    values = as_dict(values) if isinstance(values, TrainConfig) else dict(values)
     defaults = {
         "model": precompute.model,
         "data": precompute.output,
         "trust_remote_code": precompute.trust_remote_code,
         "attn_implementation": precompute.attn_implementation,
     }
-    return from_mapping(TrainConfig, {**defaults, **values})
+    return coerce(TrainConfig, defaults, as_dict(values) if isinstance(values, TrainConfig) else values)
 
 
 def run(
@@ -57,9 +56,7 @@ def run(
     """Precompute (a no-op when the cache matches), train on it, and report. Usable from a notebook."""
     import raydpo
 
-    pre_config = (
-        precompute if isinstance(precompute, PrecomputeConfig) else from_mapping(PrecomputeConfig, precompute)
-    )
+    pre_config = coerce(PrecomputeConfig, precompute)
     train_config = train_config_for(pre_config, train or {})  # validated before any work starts
     cached = raydpo.precompute(pre_config, dataset=dataset, eval_dataset=eval_dataset)
     trained = raydpo.train(train_config)

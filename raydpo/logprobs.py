@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from raydpo.config import PREFIX_SHARING
+from raydpo.errors import one_line
 
 
 @dataclass
@@ -432,9 +433,7 @@ def _prefix_sharing_gap(model: torch.nn.Module, device, dtype, rtol: float | Non
         layer_windows(model.config)
         shared = completion_logps(model, pack_shared(prompts, chosen, rejected, 0).to(device)).sums
     except (ValueError, RuntimeError, TypeError) as error:
-        return (
-            f"{type(model).__name__} cannot take a shared-prefix mask: {' '.join(str(error).split())[:200]}"
-        )
+        return f"{type(model).__name__} cannot take a shared-prefix mask: {one_line(error, limit=200)}"
     unshared = completion_logps(model, pack_pairs(prompts, chosen, rejected, 0).to(device)).sums
     gap = ((shared - unshared).abs() / unshared.abs().clamp_min(1.0)).max().item()
     if not gap <= rtol:  # also catches NaN

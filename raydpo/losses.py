@@ -2,7 +2,8 @@
 
 The formulas and dtype handling are those of TRL 1.16 `DPOTrainer._compute_loss`, split into one small
 function per loss type so that each can be tested alone. Nothing here talks to other processes or logs:
-the trainer computes log-probs, builds `LossInputs` and calls `preference_loss`.
+the trainer computes log-probs, builds `LossInputs` and calls `preference_loss`. The loss types and
+their settings are declared in `raydpo.loss_settings` (no torch there, so configs are checked without it).
 """
 
 from __future__ import annotations
@@ -10,174 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
-from raydpo.errors import RaydpoError
-
-
-class LossType(str, Enum):
-    """The loss types of TRL 1.x, with what each needs from the trainer."""
-
-    SIGMOID = "sigmoid"
-    HINGE = "hinge"
-    IPO = "ipo"
-    EXO_PAIR = "exo_pair"
-    NCA_PAIR = "nca_pair"
-    ROBUST = "robust"
-    BCO_PAIR = "bco_pair"
-    SPPO_HARD = "sppo_hard"
-    AOT = "aot"
-    AOT_UNPAIRED = "aot_unpaired"
-    APO_ZERO = "apo_zero"
-    APO_DOWN = "apo_down"
-    DISCOPOP = "discopop"
-    SFT = "sft"
-    SIGMOID_NORM = "sigmoid_norm"
-
-    def __str__(self) -> str:  # "sigmoid", not "LossType.SIGMOID", in logs and MLflow params
-        return self.value
-
-    @property
-    def needs_reference(self) -> bool:  # reads ref_chosen/rejected_logps
-        return self is not LossType.SFT
-
-    @property
-    def length_normalized(self) -> bool:  # divides scores by chosen/rejected_lengths
-        return self in (LossType.IPO, LossType.SIGMOID_NORM)
-
-    @property
-    def needs_chosen_nll(self) -> bool:  # reads the mean NLL of the chosen completion tokens
-        return self is LossType.SFT
-
-    @property
-    def batch_coupled(self) -> bool:  # sorts across the batch: a pair's loss depends on the other pairs
-        return self in (LossType.AOT, LossType.AOT_UNPAIRED)
-
-    @property
-    def uses_label_smoothing(self) -> bool:  # every other loss ignores label_smoothing
-        return self in (LossType.EXO_PAIR, LossType.ROBUST, LossType.AOT, LossType.AOT_UNPAIRED)
-
-    @property
-    def supports_f_divergence(self) -> bool:  # built on the chosen-rejected score difference (f-DPO)
-        return self in _F_DIVERGENCE_LOSSES
-
-
-_F_DIVERGENCE_LOSSES = frozenset(
-    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
-)
-
-
-class FDivergence(str, Enum):
-    """The f-divergence regularising the policy towards the reference (f-DPO); reverse KL is plain DPO."""
-
-    REVERSE_KL = "reverse_kl"
-    FORWARD_KL = "forward_kl"
-    JS_DIVERGENCE = "js_divergence"
-    ALPHA_DIVERGENCE = "alpha_divergence"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class LossSettings:
-    """Which losses to combine and their hyper-parameters; strings and lists (from YAML) are accepted."""
-
-    loss_types: tuple[LossType, ...] = (LossType.SIGMOID,)
-    loss_weights: tuple[float, ...] | None = None  # None: 1.0 for each loss type
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # robust: label flip probability; exo_pair: epsilon; aot: smoothing
-    f_divergence_type: FDivergence = FDivergence.REVERSE_KL
-    f_alpha_divergence_coef: float = 0.5  # TRL's default; used only with alpha_divergence
-    discopop_tau: float = 0.05
-    rpo_alpha: float | None = None  # RPO: adds rpo_alpha * chosen NLL, the same as ("sft", rpo_alpha)
-    use_weighting: bool = False  # WPO
-    ld_alpha: float | None = None  # LD-DPO: the caller combines log-probs with `ld_combine`
-    reference_free: bool = False  # reference log-probs are taken as zero
-
-    def __post_init__(self) -> None:
-        set_ = object.__setattr__  # the dataclass is frozen; normalise the inputs once here
-        raw_types = [self.loss_types] if isinstance(self.loss_types, str) else list(self.loss_types)
-        set_(self, "loss_types", tuple(_parse_enum(LossType, name, "loss type") for name in raw_types))
-        set_(self, "f_divergence_type", _parse_enum(FDivergence, self.f_divergence_type, "f_divergence_type"))
-        for name in ("beta", "label_smoothing", "f_alpha_divergence_coef", "discopop_tau"):
-            set_(self, name, _finite(getattr(self, name), name))
-        for name in ("rpo_alpha", "ld_alpha"):
-            if getattr(self, name) is not None:
-                set_(self, name, _finite(getattr(self, name), name))
-        if self.loss_weights is not None:
-            set_(self, "loss_weights", tuple(_finite(w, "loss_weights") for w in self.loss_weights))
-        for name in ("use_weighting", "reference_free"):
-            if not isinstance(getattr(self, name), bool):
-                raise RaydpoError(f"{name} must be true or false, got {getattr(self, name)!r}")
-
-        types, names = self.loss_types, [t.value for t in self.loss_types]
-        if not types:
-            raise RaydpoError("loss_types must name at least one loss type")
-        if len(set(types)) != len(types):
-            raise RaydpoError(f"loss_types lists a loss twice: {names}; give it once")
-        if self.loss_weights is not None and len(self.loss_weights) != len(types):
-            raise RaydpoError(f"loss_weights has {len(self.loss_weights)} values for {len(types)} loss types")
-        if self.loss_weights is not None and min(self.loss_weights) < 0:
-            raise RaydpoError(f"loss_weights must be >= 0, got {list(self.loss_weights)}")
-        if self.beta <= 0 or self.discopop_tau <= 0:
-            raise RaydpoError(f"beta and discopop_tau must be > 0, got {self.beta} and {self.discopop_tau}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise RaydpoError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
-        if LossType.EXO_PAIR in types and self.label_smoothing == 0:
-            raise RaydpoError("exo_pair needs label_smoothing > 0 (its epsilon; the EXO paper suggests 1e-3)")
-        if self.label_smoothing > 0 and not any(t.uses_label_smoothing for t in types):
-            raise RaydpoError(
-                f"label_smoothing has no effect on {names}; only exo_pair, robust, aot, aot_unpaired use it "
-                "(for cDPO-style smoothing of the sigmoid loss use 'robust')"
-            )
-        if self.f_divergence_type is not FDivergence.REVERSE_KL and not all(
-            t.supports_f_divergence for t in types
-        ):
-            raise RaydpoError(
-                f"f_divergence_type={self.f_divergence_type.value!r} works only with "
-                f"{sorted(_F_DIVERGENCE_LOSSES)}, got {names}; use 'reverse_kl' with these losses"
-            )
-        if self.rpo_alpha is not None and self.rpo_alpha < 0:
-            raise RaydpoError(f"rpo_alpha must be >= 0, got {self.rpo_alpha}")
-        if self.ld_alpha is not None and not 0 <= self.ld_alpha <= 1:
-            raise RaydpoError(f"ld_alpha must lie in [0, 1], got {self.ld_alpha}")
-        if self.use_weighting and any(t.batch_coupled for t in types):
-            raise RaydpoError("use_weighting (WPO) does not work with aot/aot_unpaired: they sort pairs")
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        """The weight of each loss type (1.0 each when `loss_weights` is not given)."""
-        return self.loss_weights if self.loss_weights is not None else (1.0,) * len(self.loss_types)
-
-    @property
-    def needs_reference(self) -> bool:
-        return not self.reference_free and any(t.needs_reference for t in self.loss_types)
-
-    @property
-    def needs_lengths(self) -> bool:
-        return any(t.length_normalized for t in self.loss_types)
-
-    @property
-    def needs_chosen_nll(self) -> bool:
-        return self.rpo_alpha is not None or any(t.needs_chosen_nll for t in self.loss_types)
-
-
-def _parse_enum(enum_type: type[Enum], value: object, what: str):
-    try:
-        return enum_type(value)
-    except (ValueError, TypeError):
-        valid = ", ".join(member.value for member in enum_type)
-        raise RaydpoError(f"unknown {what} {value!r}; expected one of: {valid}") from None
-
-
-def _finite(value: object, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise RaydpoError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+from raydpo.loss_settings import FDivergence, LossSettings, LossType
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # config attributes holding a dropout probability: GPT-2's resid/embd/attn_pdrop, OPT's dropout,
@@ -54,12 +54,11 @@ def load_config(model: str, trust_remote_code: bool):
     try:
         return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        text = " ".join(str(error).split())
-        if "trust_remote_code" in text and not trust_remote_code:
+        if "trust_remote_code" in str(error) and not trust_remote_code:
             raise RaydpoError(
                 f"{model} ships its own model code: pass --trust-remote-code if you trust that repository"
             ) from None
-        raise RaydpoError(f"could not load the config of {model}: {text[:300]}") from None
+        raise RaydpoError(f"could not load the config of {model}: {one_line(error)}") from None
 
 
 def resolve_attn_implementation(model: str, requested: str | None, trust_remote_code: bool) -> str:

@@ -17,8 +17,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import jinja2
+
 from raydpo.data import CanonicalPair, RowError
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise RaydpoError(
-            f"could not load tokenizer {name_or_path!r}: {' '.join(str(error).split())[:300]}"
-        ) from None
+        raise RaydpoError(f"could not load tokenizer {name_or_path!r}: {one_line(error)}") from None
     if tokenizer.eos_token is None:
         raise RaydpoError(f"tokenizer {name_or_path!r} has no EOS token; completions need one")
     return tokenizer
@@ -120,10 +120,8 @@ def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bo
         result = tokenizer.apply_chat_template(
             messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
         )
-    except Exception as error:  # jinja templates raise their own errors for conversations they refuse
-        raise RowError(
-            f"chat template refused the conversation: {' '.join(str(error).split())[:200]}"
-        ) from None
+    except jinja2.TemplateError as error:  # a template's raise_exception(), or one it cannot render
+        raise RowError(f"chat template refused the conversation: {one_line(error, limit=200)}") from None
     return list(result["input_ids"])
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +114,7 @@ def start_run(
             return run_id
         run = client.create_run(experiment_id, run_name=run_name, tags={"raydpo.stage": "train"})
     except Exception as error:  # connection, permission and schema errors all stop the run here
-        raise RaydpoError(
-            f"MLflow tracking at {tracking_uri} is not usable: {' '.join(str(error).split())[:300]}"
-        ) from None
+        raise RaydpoError(f"MLflow tracking at {tracking_uri} is not usable: {one_line(error)}") from None
     run_id = run.info.run_id
     entries = [Param(key, _param_value(value)) for key, value in sorted(flatten(params).items())]
     for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch

@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,8 +31,8 @@ from raydpo.cluster import (
     init_ray,
     worker_env,
 )
-from raydpo.config import TrainConfig, as_dict, from_mapping
-from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.config import TrainConfig, as_dict, coerce
+from raydpo.errors import RaydpoError, TrainingFailed, one_line
 from raydpo.numerics import check_cache_numerics, resolve_numerics
 from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
 
@@ -72,7 +71,7 @@ class TrainResult:
 
 def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> TrainResult:
     """Train the policy on a precompute output. Usable from a notebook after `ray.init()`."""
-    config = _as_config(config, overrides)
+    config = coerce(TrainConfig, config, overrides)
     output = cache.location(config.output)
     fs, run_dir = cache.resolve(output)
     splits = _open_splits(config)
@@ -144,7 +143,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         _write_state(fs, run_dir, state)
         MlflowLogger(tracking_uri, run_id).close("FAILED")
         raise TrainingFailed(
-            f"training failed: {worker_error_summary(error)}; rerun with --resume to continue from "
+            f"training failed: {one_line(error, limit=1000)}; rerun with --resume to continue from "
             f"the latest checkpoint in {cache.join(storage_path, RUN_NAME)}"
         ) from error
     outcome = result.return_value or {}
@@ -173,25 +172,11 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     )
 
 
-def worker_error_summary(error: BaseException) -> str:
-    """The last exception line of a worker's traceback (Ray Train wraps it in a long report)."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    raised = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ", line)]
-    text = raised[-1] if raised else " ".join(" ".join(lines).split())
-    return text[:1000]
-
-
 def _artifact_root(tracking_uri: str) -> str | None:
     """Beside a SQLite store, artifacts go to mlflow-artifacts/ next to the database file."""
     if not tracking_uri.startswith("sqlite:///"):
         return None  # a tracking server or other store decides
     return os.path.join(os.path.dirname(tracking_uri.removeprefix("sqlite:///")), "mlflow-artifacts")
-
-
-def _as_config(config: TrainConfig | dict | None, overrides: dict[str, Any]) -> TrainConfig:
-    if isinstance(config, TrainConfig):
-        return from_mapping(TrainConfig, {**as_dict(config), **overrides}) if overrides else config
-    return from_mapping(TrainConfig, {**(config or {}), **overrides})
 
 
 # ---- checks on the cache -----------------------------------------------------------------------------

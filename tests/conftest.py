@@ -37,10 +37,10 @@ os.environ.update(
     AWS_EC2_METADATA_DISABLED="true",
 )
 
+from raydpo.data import sharegpt_to_conversational as to_conversational  # noqa: E402, F401
 from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired  # noqa: E402
 from raydpo.toy import build_toy_model, sample_data_dir  # noqa: E402
 
-ROLE = {"human": "user", "gpt": "assistant", "system": "system"}
 RELIABILITY_DOC = Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
 RELIABILITY_HEADER = """# Reliability: faults and bad input, as the tests found them
 
@@ -107,15 +107,6 @@ def en_rows(sample_dir) -> list[dict]:
 @pytest.fixture(scope="session")
 def zh_rows(sample_dir) -> list[dict]:
     return json.loads((sample_dir / "dpo_zh_demo.json").read_text(encoding="utf-8"))
-
-
-def to_conversational(row: dict) -> dict:
-    """ShareGPT sample row -> TRL's conversational format (as the data's SOURCE.md describes)."""
-    return {
-        "prompt": [{"role": ROLE[turn["from"]], "content": turn["value"]} for turn in row["conversations"]],
-        "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
-        "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}],
-    }
 
 
 @pytest.fixture(scope="session")

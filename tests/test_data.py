@@ -14,6 +14,8 @@ def test_sharegpt_row_maps_roles_and_keeps_system_prompt(en_rows):
     pair = canonical_pair(row)
     assert pair.conversational
     assert pair.prompt == to_conversational(row)["prompt"]
+    roles = {"system": "system", "human": "user", "gpt": "assistant"}
+    assert [message["role"] for message in pair.prompt] == [roles[t["from"]] for t in row["conversations"]]
     assert pair.chosen == [{"role": "assistant", "content": row["chosen"]["value"]}]
     assert pair.rejected == [{"role": "assistant", "content": row["rejected"]["value"]}]
 

@@ -155,7 +155,7 @@ def test_gpt2_with_dropout_starts_at_ln2_with_dropout_disabled(toy_gpt2, gpt2_ca
 def test_step_one_mismatch_stops_naming_the_gap():
     """The strict check raises on every rank with one line: the largest gap, the tolerance, the likely
     cause; the driver's summary of a worker's traceback keeps exactly that line."""
-    from raydpo.train_stage import worker_error_summary
+    from raydpo.errors import one_line
     from raydpo.train_worker import ReferenceMismatchError, enforce_reference_check
 
     check = {"ref_check/max_abs_logratio": 12.5, "ref_check/max_abs_ref_logps": 900.0}
@@ -167,7 +167,7 @@ def test_step_one_mismatch_stops_naming_the_gap():
         "Worker group failed.\nTraceback (most recent call last):\n  File x\n"
         f"raydpo.train_worker.ReferenceMismatchError: {stopped.value}\n"
     )
-    assert worker_error_summary(wrapped).endswith(str(stopped.value))
+    assert one_line(wrapped, limit=1000).endswith(str(stopped.value))
     enforce_reference_check(check, TrainConfig(model="m", reference_is_different=True), False, 0)
     enforce_reference_check(check, config, dropout_on=True, rank=0)  # dropout kept: a warning
     enforce_reference_check({**check, "ref_check/max_abs_logratio": 0.8}, config, False, 0)

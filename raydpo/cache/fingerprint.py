@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.cache.schema import SCHEMA_VERSION
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -24,7 +24,7 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict[st
         except Exception as error:  # hub errors come in many classes; all mean "not found here"
             raise RaydpoError(
                 f"model {name_or_path!r} is neither a local directory nor a reachable hub id: "
-                f"{' '.join(str(error).split())[:200]}"
+                f"{one_line(error, limit=200)}"
             ) from None
     config = path / "config.json"
     if not config.is_file():

@@ -13,7 +13,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo import cache
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +88,9 @@ def _reread_part(fs: pafs.FileSystem, file_path: str, shown: str) -> tuple[str |
             payload = handle.read()
     except OSError as error:
         raise RaydpoError(
-            f"cannot read {shown} ({root_cause(error)}); it was kept: rerun the same command to resume"
+            f"cannot read {shown} ({one_line(error)}); it was kept: rerun the same command to resume"
         ) from None
     try:
         return _part_ids(pa.BufferReader(payload))
     except (OSError, pa.ArrowInvalid):
         return None, []
-
-
-def root_cause(error: BaseException) -> str:
-    """The first line of the innermost error: Ray wraps a reader's error in its task's traceback."""
-    for _ in range(8):  # a bounded walk down the chain of causes
-        inner = getattr(error, "cause", None) or error.__cause__
-        if inner is None:
-            break
-        error = inner
-    lines = str(error).strip().splitlines()
-    return " ".join(lines[0].split())[:300] if lines else type(error).__name__

@@ -19,11 +19,11 @@ import pyarrow as pa
 
 from raydpo import cache
 from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
-from raydpo.config import PrecomputeConfig, as_dict, from_mapping
+from raydpo.config import PrecomputeConfig, coerce
 from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 from raydpo.numerics import resolve_numerics
-from raydpo.precompute_stage.output import prepare_output, root_cause
+from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.scorer import ReferenceScorer, cpu_threads
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
 from raydpo.tokenize import (
@@ -101,7 +101,7 @@ def precompute(
 
     `dataset` / `eval_dataset` may be `ray.data.Dataset` objects instead of paths in the config.
     """
-    config = _as_config(config, overrides)
+    config = coerce(PrecomputeConfig, config, overrides)
     sources = {"train": (dataset if dataset is not None else config.dataset, config.split)}
     if eval_dataset is not None or config.eval_dataset is not None:
         eval_source = eval_dataset if eval_dataset is not None else config.eval_dataset
@@ -135,12 +135,6 @@ def precompute(
         for name, (source, split) in sources.items():
             result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
     return result
-
-
-def _as_config(config: PrecomputeConfig | dict | None, overrides: dict[str, Any]) -> PrecomputeConfig:
-    if isinstance(config, PrecomputeConfig):
-        return from_mapping(PrecomputeConfig, {**as_dict(config), **overrides}) if overrides else config
-    return from_mapping(PrecomputeConfig, {**(config or {}), **overrides})
 
 
 def _precompute_split(
@@ -274,7 +268,7 @@ def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
     try:
         head = ds.take(8)
     except Exception as error:  # reader errors (bad Parquet, unreadable files) surface here
-        raise RaydpoError(f"could not read the dataset: {root_cause(error)}") from None
+        raise RaydpoError(f"could not read the dataset: {one_line(error)}") from None
     if not head:
         raise RaydpoError("the dataset is empty")
     rows, errors = [], []
