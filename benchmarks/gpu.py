@@ -39,7 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # raydpo from the working tree
 
-from raydpo.logprobs import completion_logps, pack_pairs  # noqa: E402
+from raydpo.layout import pack_pairs  # noqa: E402
+from raydpo.logprobs import completion_logps  # noqa: E402
 from raydpo.losses import LossInputs, LossSettings, preference_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs this is run on; --peak-tflops overrides.

@@ -24,14 +24,8 @@ import torch
 from raydpo.cluster import MIMALLOC_LIBRARY, preloaded
 from raydpo.deepspeed_config import ADAM_BETAS, ADAM_EPS
 from raydpo.faults import fault_point
-from raydpo.logprobs import (
-    CompletionLogps,
-    PackedPairs,
-    SharedPairs,
-    completion_logps,
-    pack_batch,
-    use_prefix_sharing,
-)
+from raydpo.layout import PackedPairs, SharedPairs, pack_batch
+from raydpo.logprobs import CompletionLogps, completion_logps, use_prefix_sharing
 from raydpo.losses import LossInputs, LossSettings, ld_combine, preference_loss, wpo_weights
 from raydpo.numerics import has_dropout, load_causal_lm, restore_saved_config
 

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from raydpo.data import canonical_pair
-from raydpo.logprobs import check_head_path, completion_logps, pack_pairs
+from raydpo.layout import pack_pairs
+from raydpo.logprobs import check_head_path, completion_logps
 from raydpo.tokenize import pad_token_id, tokenize_pair
 
 

@@ -52,7 +52,7 @@ def completion_sums(
 def sample_batch(toy_model, en_rows):
     """8 real pairs of the English sample data, tokenized and packed as both stages pack them."""
     from raydpo.data import RowError, canonical_pair
-    from raydpo.logprobs import pack_pairs
+    from raydpo.layout import pack_pairs
     from raydpo.tokenize import load_tokenizer, pad_token_id, tokenize_pair
 
     tokenizer = load_tokenizer(str(toy_model))

@@ -28,12 +28,8 @@ from transformers import (
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from raydpo.data import RowError, canonical_pair
-from raydpo.logprobs import (
-    check_prefix_sharing,
-    completion_logps,
-    pack_pairs,
-    pack_shared,
-)
+from raydpo.layout import pack_pairs, pack_shared
+from raydpo.logprobs import check_prefix_sharing, completion_logps
 from raydpo.tokenize import pad_token_id, tokenize_pair
 
 WINDOW = 16  # shorter than every sequence below: the sliding layers' mask matters

@@ -11,7 +11,7 @@ from trl import DPOConfig
 from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
 
 from raydpo.data import RowError, canonical_pair
-from raydpo.logprobs import pack_pairs
+from raydpo.layout import pack_pairs
 from raydpo.tokenize import pad_token_id, tokenize_pair
 
 

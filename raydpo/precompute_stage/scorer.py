@@ -75,7 +75,8 @@ class ReferenceScorer:
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
 
-        from raydpo.logprobs import completion_logps, pack_batch, pair_width
+        from raydpo.layout import pack_batch, pair_width
+        from raydpo.logprobs import completion_logps
 
         fault_point("precompute.score")
 

@@ -1,0 +1,209 @@
+"""The two batch layouts of preference pairs, with the same values (`raydpo.logprobs` scores either):
+
+- `PackedPairs`, as TRL lays them out: the chosen sequences of the B pairs, then their rejected
+  sequences, right-padded to the longest sequence of the batch (the prompt goes through twice);
+- `SharedPairs` (prefix sharing): one row per pair, `prompt | chosen | rejected`, with an attention
+  mask that keeps the rejected tokens from seeing the chosen ones and position ids that restart the
+  rejected branch at the prompt's end, so the prompt goes through the model once. The first token of
+  each branch is scored from the last prompt position; backward through the prompt sums the
+  gradients of both branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class PackedPairs:
+    """A batch of B pairs as 2B right-padded sequences: chosen rows first, then rejected rows."""
+
+    input_ids: torch.Tensor  # [2B, T]
+    attention_mask: torch.Tensor  # [2B, T]
+    completion_mask: torch.Tensor  # [2B, T], 1 on completion tokens
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    @property
+    def pair_tokens(self) -> int:
+        """Tokens of the pairs' sequences, each counted once per sequence it is in (TRL's num_tokens)."""
+        return int(self.attention_mask.sum())
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.completion_mask
+
+    def to(self, device: torch.device | str) -> PackedPairs:
+        return PackedPairs(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.attention_mask, self.completion_mask)
+            )
+        )
+
+
+def pack_pairs(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+) -> PackedPairs:
+    """Pad a batch of tokenized pairs to the longest of its own sequences (no fixed-length padding)."""
+    sequences, completion_starts = [], []
+    for completions in (chosen_ids, rejected_ids):
+        for prompt, completion in zip(prompt_ids, completions, strict=True):
+            sequences.append([*prompt, *completion])
+            completion_starts.append(len(prompt))
+    width = max(len(sequence) for sequence in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, (sequence, start) in enumerate(zip(sequences, completion_starts, strict=True)):
+        input_ids[row, : len(sequence)] = torch.as_tensor(sequence, dtype=torch.long)
+        attention_mask[row, : len(sequence)] = 1
+        completion_mask[row, start : len(sequence)] = 1
+    return PackedPairs(input_ids, attention_mask, completion_mask)
+
+
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # segment of each position of a SharedPairs row
+
+
+@dataclass
+class SharedPairs:
+    """A batch of B pairs as B right-padded rows `prompt | chosen | rejected`: the prompt is computed once."""
+
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]; the rejected branch restarts at the prompt's length
+    segments: torch.Tensor  # [B, T]: PROMPT, CHOSEN, REJECTED or PAD
+    predecessors: (
+        torch.Tensor
+    )  # [2B, C]: the row position whose output scores each completion token; -1: none
+    targets: torch.Tensor  # [2B, C]: completion token ids, chosen rows first, left-aligned
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def pair_tokens(self) -> int:
+        """Tokens of the pairs' two sequences, the prompt counted twice as TRL counts it (num_tokens);
+        the model computed the prompt once."""
+        return int((self.segments != PAD).sum() + (self.segments == PROMPT).sum())
+
+    def to(self, device: torch.device | str) -> SharedPairs:
+        return SharedPairs(
+            *(
+                t.to(device, non_blocking=True)
+                for t in (self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets)
+            )
+        )
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets
+
+
+def pack_shared(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+) -> SharedPairs:
+    """Lay each pair out as one row `prompt | chosen | rejected`, padded to the batch's longest row.
+
+    A branch's first token is scored from the last prompt position, its others from the token before;
+    with an empty prompt the first token of a branch is not scored, as in the unshared layout."""
+    pairs = len(prompt_ids)
+    rows = [[*p, *c, *r] for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
+    width = max(len(row) for row in rows)
+    completion_width = max(max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True))
+    input_ids = torch.full((pairs, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((pairs, width), dtype=torch.long)
+    segments = torch.full((pairs, width), PAD, dtype=torch.long)
+    predecessors = torch.full((2 * pairs, max(completion_width, 1)), -1, dtype=torch.long)
+    targets = torch.full((2 * pairs, max(completion_width, 1)), pad_token_id, dtype=torch.long)
+    for k, (prompt, chosen, rejected, row) in enumerate(
+        zip(prompt_ids, chosen_ids, rejected_ids, rows, strict=True)
+    ):
+        p, c, r = len(prompt), len(chosen), len(rejected)
+        input_ids[k, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+        position_ids[k, : p + c] = torch.arange(p + c)
+        position_ids[k, p + c : p + c + r] = torch.arange(p, p + r)
+        segments[k, :p], segments[k, p : p + c], segments[k, p + c : p + c + r] = PROMPT, CHOSEN, REJECTED
+        for out, start, length in ((k, p, c), (pairs + k, p + c, r)):
+            # token i of the branch sits at start + i; its predecessor is the last prompt position for i = 0
+            before = torch.arange(start - 1, start + length - 1)
+            before[0:1] = p - 1
+            predecessors[out, :length] = before
+            targets[out, :length] = input_ids[k, start : start + length]
+    return SharedPairs(input_ids, position_ids, segments, predecessors, targets)
+
+
+def shared_attention_mask(
+    batch: SharedPairs, model: torch.nn.Module
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The 4D mask of a SharedPairs batch for `model`'s attention layers.
+
+    Causal over the row, except that rejected positions never see chosen ones, and padding is never
+    seen. Sliding-window layers also limit the distance in positions (not in row offsets) to their
+    window, as the model's own masks do. Models whose layers differ (full and sliding) get a mask per
+    layer type. SDPA takes a boolean mask; other kernels an additive one in the model's dtype.
+    """
+    config = model.config
+    segments, positions = batch.segments, batch.position_ids
+    width = segments.shape[1]
+    index = torch.arange(width, device=segments.device)
+    allowed = (index[None, :] <= index[:, None])[None]  # [1, T(query), T(key)]
+    allowed = allowed & (segments[:, None, :] != PAD)
+    allowed = allowed & ~((segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN))
+    distance = positions[:, :, None] - positions[:, None, :]
+
+    def formatted(window: int | None) -> torch.Tensor:
+        mask = allowed if window is None else allowed & (distance < window)
+        mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
+        if config._attn_implementation == "sdpa":
+            return mask
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(dtype).min
+        )
+
+    windows = layer_windows(config)
+    if len(windows) == 1:
+        return formatted(next(iter(windows.values())))
+    return {layer_type: formatted(window) for layer_type, window in windows.items()}
+
+
+def layer_windows(config: Any) -> dict[str, int | None]:
+    """The attention window of each kind of layer the model has (None: full attention)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if not layer_types:
+        return {"full_attention": window}
+    windows = {}
+    for layer_type in set(layer_types):
+        if layer_type not in ("full_attention", "sliding_attention"):
+            raise ValueError(f"attention layers of type {layer_type!r} are not supported by prefix sharing")
+        windows[layer_type] = window if layer_type == "sliding_attention" else None
+    return windows
+
+
+def pack_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    chosen_ids: Sequence[Sequence[int]],
+    rejected_ids: Sequence[Sequence[int]],
+    pad_token_id: int,
+    shared: bool,
+) -> PackedPairs | SharedPairs:
+    """The batch in the layout the run uses: one row per pair (`shared`) or two."""
+    return (pack_shared if shared else pack_pairs)(prompt_ids, chosen_ids, rejected_ids, pad_token_id)
+
+
+def pair_width(prompt: int, chosen: int, rejected: int, shared: bool) -> int:
+    """The row length a pair needs in its layout (what a batch is sorted and padded by)."""
+    return prompt + chosen + rejected if shared else prompt + max(chosen, rejected)
