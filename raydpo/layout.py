@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+Tokens = Sequence[Sequence[int]]  # token ids of one part (prompt, chosen or rejected) of each pair
+
 
 @dataclass
 class PackedPairs:
@@ -48,10 +50,7 @@ class PackedPairs:
 
 
 def pack_pairs(
-    prompt_ids: Sequence[Sequence[int]],
-    chosen_ids: Sequence[Sequence[int]],
-    rejected_ids: Sequence[Sequence[int]],
-    pad_token_id: int,
+    prompt_ids: Tokens, chosen_ids: Tokens, rejected_ids: Tokens, pad_token_id: int
 ) -> PackedPairs:
     """Pad a batch of tokenized pairs to the longest of its own sequences (no fixed-length padding)."""
     sequences, completion_starts = [], []
@@ -108,10 +107,7 @@ class SharedPairs:
 
 
 def pack_shared(
-    prompt_ids: Sequence[Sequence[int]],
-    chosen_ids: Sequence[Sequence[int]],
-    rejected_ids: Sequence[Sequence[int]],
-    pad_token_id: int,
+    prompt_ids: Tokens, chosen_ids: Tokens, rejected_ids: Tokens, pad_token_id: int
 ) -> SharedPairs:
     """Lay each pair out as one row `prompt | chosen | rejected`, padded to the batch's longest row.
 
@@ -194,11 +190,7 @@ def layer_windows(config: Any) -> dict[str, int | None]:
 
 
 def pack_batch(
-    prompt_ids: Sequence[Sequence[int]],
-    chosen_ids: Sequence[Sequence[int]],
-    rejected_ids: Sequence[Sequence[int]],
-    pad_token_id: int,
-    shared: bool,
+    prompt_ids: Tokens, chosen_ids: Tokens, rejected_ids: Tokens, pad_token_id: int, shared: bool
 ) -> PackedPairs | SharedPairs:
     """The batch in the layout the run uses: one row per pair (`shared`) or two."""
     return (pack_shared if shared else pack_pairs)(prompt_ids, chosen_ids, rejected_ids, pad_token_id)

@@ -2,7 +2,7 @@
 
 The tokenizer is a byte-level BPE trained on the given preference data with a ChatML chat template;
 the model is a randomly initialised Llama of the requested size (or a GPT-2 with dropout,
-`build_toy_gpt2`), saved with `save_pretrained`.
+`architecture="gpt2"`), saved with `save_pretrained`.
 
     python -m raydpo.toy /tmp/toy-model --hidden-size 512 --layers 4
 """
@@ -60,6 +60,9 @@ def build_tokenizer(files: Sequence[Path], vocab_size: int = 8000):
     )
 
 
+ARCHITECTURES = ("llama", "gpt2")
+
+
 def build_toy_model(
     output_dir: str | Path,
     data_files: Sequence[Path] | None = None,
@@ -70,75 +73,58 @@ def build_toy_model(
     intermediate_size: int | None = None,
     max_position_embeddings: int = 8192,
     seed: int = 0,
+    architecture: str = "llama",
+    dropout: float = 0.0,
 ) -> Path:
-    """Save a tokenizer and a randomly initialised Llama to `output_dir`; returns the path."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """Save a tokenizer and a randomly initialised model to `output_dir`; returns the path.
 
-    def llama(tokenizer):
-        config = LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden_size,
-            intermediate_size=intermediate_size or 2 * hidden_size,
-            num_hidden_layers=num_layers,
-            num_attention_heads=num_heads,
-            num_key_value_heads=num_heads,
-            max_position_embeddings=max_position_embeddings,
-            bos_token_id=None,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(config)
+    `llama` (no dropout, untied head) or `gpt2`, shaped as published: tied embeddings and
+    `resid_pdrop` = `embd_pdrop` = `attn_pdrop` = `dropout` (0.1 in GPT-2's own config)."""
+    import transformers
 
-    return _build(output_dir, data_files, vocab_size, seed, llama)
-
-
-def build_toy_gpt2(
-    output_dir: str | Path,
-    dropout: float = 0.1,
-    vocab_size: int = 8000,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    max_position_embeddings: int = 1024,
-    seed: int = 0,
-) -> Path:
-    """Save the toy tokenizer and a randomly initialised GPT-2 shaped as published: tied embeddings and
-    dropout `resid_pdrop` = `embd_pdrop` = `attn_pdrop` (0.1 in GPT-2's own config)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    def gpt2(tokenizer):
-        config = GPT2Config(
-            vocab_size=len(tokenizer),
-            n_embd=hidden_size,
-            n_layer=num_layers,
-            n_head=num_heads,
-            n_positions=max_position_embeddings,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-            bos_token_id=tokenizer.eos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        return GPT2LMHeadModel(config)
-
-    return _build(output_dir, None, vocab_size, seed, gpt2)
+    if architecture == "llama":
+        config_class, model_class = transformers.LlamaConfig, transformers.LlamaForCausalLM
+        config = {"hidden_size": hidden_size, "intermediate_size": intermediate_size or 2 * hidden_size}
+        config |= {"num_hidden_layers": num_layers, "max_position_embeddings": max_position_embeddings}
+        config |= {
+            "num_attention_heads": num_heads,
+            "num_key_value_heads": num_heads,
+            "attention_dropout": dropout,
+        }
+        config |= {"bos_token_id": None, "tie_word_embeddings": False}
+    elif architecture == "gpt2":
+        config_class, model_class = transformers.GPT2Config, transformers.GPT2LMHeadModel
+        config = {"n_embd": hidden_size, "n_layer": num_layers, "n_head": num_heads}
+        config |= {"n_positions": max_position_embeddings, "bos_token_id": "eos"}
+        config |= dict.fromkeys(("resid_pdrop", "embd_pdrop", "attn_pdrop"), dropout)
+    else:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
+    return _build(output_dir, data_files, vocab_size, seed, config_class, model_class, config)
 
 
 def _build(
-    output_dir: str | Path, data_files: Sequence[Path] | None, vocab_size: int, seed: int, make_model
+    output_dir: str | Path,
+    data_files: Sequence[Path] | None,
+    vocab_size: int,
+    seed: int,
+    config_class,
+    model_class,
+    config: dict,
 ) -> Path:
-    """Train the tokenizer, build `make_model(tokenizer)` with a fixed seed and save both; the directory
-    appears whole. An existing model directory is returned as it is."""
+    """Train the tokenizer, build `model_class(config_class(**config))` with the tokenizer's vocabulary
+    and special ids and a fixed seed, and save both; the directory appears whole. An existing model
+    directory is returned as it is."""
     import torch
 
     output_dir = Path(output_dir)
     if (output_dir / "config.json").exists():
         return output_dir
     tokenizer = build_tokenizer(data_files or sorted(sample_data_dir().glob("dpo_*_demo.json")), vocab_size)
+    special = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    if config.get("bos_token_id") == "eos":
+        config = {**config, "bos_token_id": tokenizer.eos_token_id}
     torch.manual_seed(seed)
-    model = make_model(tokenizer)
+    model = model_class(config_class(**config, vocab_size=len(tokenizer), **special))
     tmp = output_dir.with_name(output_dir.name + ".tmp")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)

@@ -12,7 +12,7 @@ import raydpo
 from raydpo.config import TrainConfig
 from raydpo.errors import RaydpoError
 from raydpo.numerics import check_cache_numerics, load_causal_lm, resolve_dtype
-from raydpo.toy import build_toy_gpt2
+from raydpo.toy import build_toy_model
 
 
 def test_auto_dtype_is_bf16_on_gpu_and_fp32_on_cpu():
@@ -86,7 +86,12 @@ def test_attention_kernels_agree_in_fp32_and_not_in_bf16(toy_model, sample_batch
 
 @pytest.fixture(scope="module")
 def toy_gpt2(tmp_path_factory):
-    return build_toy_gpt2(tmp_path_factory.mktemp("models") / "gpt2", dropout=0.1)
+    return build_toy_model(
+        tmp_path_factory.mktemp("models") / "gpt2",
+        architecture="gpt2",
+        dropout=0.1,
+        max_position_embeddings=1024,
+    )
 
 
 def test_disable_dropout_reaches_modules_and_config_floats(toy_gpt2, sample_batch, tmp_path):
