@@ -1,49 +1,27 @@
-"""Stage configurations: one small dataclass per stage, validated on construction.
-
-Each setting is declared once, as a field whose metadata holds its help and, where its values are a
-fixed set, its choices: the CLI's flags and the README's configuration reference are generated from
-them, and construction checks the choices. The train config's loss settings are `LossSettings`' fields.
-Configs load from YAML (keys mirror the CLI flags, with ``-`` or ``_``) and take dotted
-overrides such as ``precompute.batch_size=16``.
-"""
+"""The two stage configs, `PrecomputeConfig` and `TrainConfig`: every setting declared once, with its
+help and choices, and validated on construction."""
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import yaml
-
-from raydpo.errors import RaydpoError, one_line
+from raydpo.config.fields import (
+    CPU_ALLOCATORS,
+    LR_SCHEDULERS,
+    PREFIX_SHARING,
+    RAY_ADDRESS_HELP,
+    TRUNCATION_MODES,
+    ZERO_STAGES,
+    check_choices,
+    check_positive,
+    local_path_or_id,
+    loss_setting,
+    setting,
+)
+from raydpo.errors import RaydpoError
 from raydpo.loss_settings import LossSettings
 from raydpo.numerics import DTYPES
-
-CPU_ALLOCATORS = ("mimalloc", "system")
-TRUNCATION_MODES = ("keep_start",)
-PREFIX_SHARING = ("auto", "on", "off")
-LR_SCHEDULERS = ("linear", "cosine")
-ZERO_STAGES = (0, 1, 2, 3)
-RAY_ADDRESS_HELP = (  # both stages join a cluster the same way
-    'Ray cluster to join: host:port of its head, or "local"; default: $RAY_ADDRESS, else the cluster '
-    "`ray start` recorded on this machine if it answers, else a new local instance (a process already "
-    "connected to Ray stays on its cluster)."
-)
-
-
-def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None) -> Any:
-    """A config field with its help (the flag's and the README's) and, for a fixed set of values, its
-    choices (checked on construction); no default: a required setting."""
-    metadata = {"help": help} if choices is None else {"help": help, "choices": tuple(choices)}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def loss_setting(name: str) -> Any:
-    """A train config field declared by the `LossSettings` field `name`: its default, help and choices."""
-    declared = {f.name: f for f in fields(LossSettings)}[name]
-    return dataclasses.field(default=declared.default, metadata={**declared.metadata, "loss_setting": name})
 
 
 @dataclass
@@ -141,10 +119,14 @@ class PrecomputeConfig:
 
     def __post_init__(self) -> None:
         self.model, self.tokenizer = local_path_or_id(self.model), local_path_or_id(self.tokenizer)
-        _positive(self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens", "rows_per_file")
+        check_positive(
+            self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens", "rows_per_file"
+        )
         if self.max_actor_restarts < 0:
             raise RaydpoError("max_actor_restarts must be >= 0")
-        _positive(self, "max_length", "max_prompt_length", "limit", "cpu_threads_per_actor", allow_none=True)
+        check_positive(
+            self, "max_length", "max_prompt_length", "limit", "cpu_threads_per_actor", allow_none=True
+        )
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
@@ -154,7 +136,7 @@ class PrecomputeConfig:
                 "truncation_mode='keep_end' is not supported: use 'keep_start' "
                 "('keep_end' is deprecated in TRL and would give chosen and rejected different prompts)"
             )
-        _check_choices(self)
+        check_choices(self)
         if (
             self.max_length is not None
             and self.max_prompt_length is not None
@@ -169,130 +151,6 @@ class PrecomputeConfig:
             "max_prompt_length": self.max_prompt_length,
             "truncation_mode": self.truncation_mode,
         }
-
-
-def local_path_or_id(value: str | None) -> str | None:
-    """A model or tokenizer given as an existing local directory becomes absolute: Ray workers do not
-    share the driver's working directory. Hub ids and URIs pass unchanged."""
-    if value is None or "://" in value or not Path(value).expanduser().is_dir():
-        return value
-    return str(Path(value).expanduser().resolve())
-
-
-def _check_choices(config: Any) -> None:
-    """Each setting declared with choices holds one of them (loss settings are checked by LossSettings)."""
-    for f in fields(config):
-        choices, value = f.metadata.get("choices"), getattr(config, f.name)
-        if choices is None or "loss_setting" in f.metadata or value in choices:
-            continue
-        allowed = (
-            " or ".join(map(str, choices)) if len(choices) <= 2 else f"one of {', '.join(map(str, choices))}"
-        )
-        raise RaydpoError(f"{f.name} must be {allowed}, got {value!r}")
-
-
-def _positive(config: Any, *names: str, allow_none: bool = False) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is None and allow_none:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise RaydpoError(f"{name} must be a positive integer, got {value!r}")
-
-
-def from_mapping(cls: type, values: dict[str, Any]) -> Any:
-    """Build a config dataclass from a mapping whose keys may use `-` or `_`; unknown keys are an error."""
-    known = {f.name for f in fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise RaydpoError(f"unknown {cls.__name__} setting {key!r}")
-        kwargs[name] = value
-    missing = missing_required(cls, kwargs)
-    if missing:
-        raise RaydpoError(f"{cls.__name__}: {missing[0]} is required")
-    return cls(**kwargs)
-
-
-def missing_required(cls: type, values: dict[str, Any]) -> list[str]:
-    """The settings of a config dataclass that have no default and are absent (or None) in `values`."""
-    return [
-        f.name
-        for f in fields(cls)
-        if f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
-        and values.get(f.name) is None
-    ]
-
-
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (an empty file gives an empty dict)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise RaydpoError(f"config file not found: {path}") from None
-    except yaml.YAMLError as error:
-        raise RaydpoError(f"config file {path} is not valid YAML: {one_line(error)}") from None
-    if not isinstance(data, dict):
-        raise RaydpoError(f"config file {path} must hold a mapping at the top level")
-    return data
-
-
-def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted `a.b=value` overrides (values parsed as YAML scalars) to a nested dict, in place."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RaydpoError(f"override {item!r} must look like key=value or section.key=value")
-        node = values
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise RaydpoError(f"override {item!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(raw) if raw else None
-    return values
-
-
-def load(
-    path: str | Path | None, overrides: Sequence[str] = (), section: str | None = None
-) -> dict[str, Any]:
-    """The settings of a YAML file (none: empty) with dotted overrides applied.
-
-    Without `section`, the whole mapping (a job's `precompute:` and `train:` sections). With it, that
-    stage's settings, keys spelled with `_`: the file's `section:` mapping, or the file itself when it
-    is flat; overrides may leave out the `section.` prefix.
-    """
-    values = load_yaml(path) if path else {}
-    if section is None:
-        return apply_overrides(values, list(overrides))
-    nested = values.get(section)
-    stage = {
-        key.replace("-", "_"): value
-        for key, value in (nested if isinstance(nested, dict) else values).items()
-    }
-    return apply_overrides(stage, [item.removeprefix(f"{section}.") for item in overrides])
-
-
-Config = TypeVar("Config")
-
-
-def coerce(
-    cls: type[Config], config: Config | Mapping[str, Any] | None, overrides: Mapping[str, Any] | None = None
-) -> Config:
-    """A stage's config from what its function was given: a config, a mapping or nothing, with keyword
-    overrides on top (validated again when there are any)."""
-    overrides = overrides or {}
-    if isinstance(config, cls):
-        return from_mapping(cls, {**as_dict(config), **overrides}) if overrides else config
-    return from_mapping(cls, {**(config or {}), **overrides})
-
-
-def as_dict(config: Any) -> dict[str, Any]:
-    """A config as a plain dict (for manifests, MLflow params and printing)."""
-    return dataclasses.asdict(config)
 
 
 @dataclass
@@ -431,7 +289,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.model = local_path_or_id(self.model)
-        _positive(
+        check_positive(
             self,
             "num_workers",
             "epochs",
@@ -440,8 +298,8 @@ class TrainConfig:
             "logging_steps",
             "logits_chunk_tokens",
         )
-        _positive(self, "max_steps", "eval_steps", "checkpoint_steps", "lora_r", allow_none=True)
-        _positive(self, "keep_checkpoints")
+        check_positive(self, "max_steps", "eval_steps", "checkpoint_steps", "lora_r", allow_none=True)
+        check_positive(self, "keep_checkpoints")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise RaydpoError(
                 f"max_failures must be an integer >= -1 (-1: unlimited), got {self.max_failures!r}"
@@ -457,7 +315,7 @@ class TrainConfig:
                 "sync_ref_model (TR-DPO) needs a reference that moves with the policy; the precomputed "
                 "reference is fixed, so it cannot work here"
             )
-        _check_choices(self)
+        check_choices(self)
         if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
             raise RaydpoError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
         self.loss_settings()  # validates the loss combination
@@ -466,16 +324,3 @@ class TrainConfig:
         """The loss settings of this run (`LossSettings` checks their combination)."""
         declared = [f for f in fields(self) if "loss_setting" in f.metadata]
         return LossSettings(**{f.metadata["loss_setting"]: getattr(self, f.name) for f in declared})
-
-
-__all__ = [
-    "PrecomputeConfig",
-    "TrainConfig",
-    "apply_overrides",
-    "as_dict",
-    "coerce",
-    "setting",
-    "from_mapping",
-    "load",
-    "load_yaml",
-]
