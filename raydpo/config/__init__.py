@@ -7,17 +7,7 @@ Configs load from YAML (keys mirror the CLI flags, with ``-`` or ``_``) and take
 overrides such as ``precompute.batch_size=16``.
 """
 
-from raydpo.config.fields import (
-    CPU_ALLOCATORS,
-    LR_SCHEDULERS,
-    PREFIX_SHARING,
-    RAY_ADDRESS_HELP,
-    TRUNCATION_MODES,
-    ZERO_STAGES,
-    local_path_or_id,
-    loss_setting,
-    setting,
-)
+from raydpo.config.fields import PREFIX_SHARING, local_path_or_id, loss_setting, setting
 from raydpo.config.load import (
     apply_overrides,
     as_dict,
@@ -30,12 +20,7 @@ from raydpo.config.load import (
 from raydpo.config.stages import PrecomputeConfig, TrainConfig
 
 __all__ = [
-    "CPU_ALLOCATORS",
-    "LR_SCHEDULERS",
     "PREFIX_SHARING",
-    "RAY_ADDRESS_HELP",
-    "TRUNCATION_MODES",
-    "ZERO_STAGES",
     "PrecomputeConfig",
     "TrainConfig",
     "apply_overrides",
