@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import sys
 import typing
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag, kind, help_text = _flag(f.name), _base_type(hints[f.name]), f.metadata["help"]
+        help_text += " (required)" if f.default is dataclasses.MISSING else f" (default: {f.default!r})"
         if kind is bool:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
@@ -107,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Preference tuning (DPO) at cluster scale on Ray: precompute reference log-probs once, "
         "then train the policy alone.",
     )
+    from raydpo import __version__
+
+    parser.add_argument("--version", action="version", version=f"raydpo {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, cls, short_help in (
         ("precompute", PrecomputeConfig, PRECOMPUTE_SHORT_HELP),
@@ -121,6 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
         )
         _add_config_flags(sub, cls)
     return parser
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    return commands.choices[command]
+
+
+def _unknown_flags(unknown: list[str], parser: argparse.ArgumentParser) -> str:
+    """`unrecognized arguments: --modle x (did you mean --model?)`."""
+    known = [option for action in parser._actions for option in action.option_strings]
+    close = [
+        match
+        for word in unknown
+        if word.startswith("--")
+        for match in difflib.get_close_matches(word.split("=")[0], known, n=1)
+    ]
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unrecognized arguments: {' '.join(unknown)}{hint}"
 
 
 REFERENCE_START, REFERENCE_END = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
@@ -141,7 +164,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_config_reference(argv[1])
         return 0
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # answered by the subcommand, whose usage lists its flags
+        _subparser(parser, args.command).error(_unknown_flags(unknown, _subparser(parser, args.command)))
 
     def command() -> None:
         if args.command == "precompute":

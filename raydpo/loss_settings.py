@@ -159,8 +159,9 @@ class LossSettings:
             raise RaydpoError(f"loss_weights has {len(self.loss_weights)} values for {len(types)} loss types")
         if self.loss_weights is not None and min(self.loss_weights) < 0:
             raise RaydpoError(f"loss_weights must be >= 0, got {list(self.loss_weights)}")
-        if self.beta <= 0 or self.discopop_tau <= 0:
-            raise RaydpoError(f"beta and discopop_tau must be > 0, got {self.beta} and {self.discopop_tau}")
+        for name in ("beta", "discopop_tau"):
+            if not getattr(self, name) > 0:  # NaN too
+                raise RaydpoError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 0.5:
             raise RaydpoError(f"label_smoothing must lie in [0, 0.5), got {self.label_smoothing}")
         if LossType.EXO_PAIR in types and self.label_smoothing == 0:

@@ -26,7 +26,7 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (PrecomputeConfig, {"model": "m", "colour": 1}, "unknown PrecomputeConfig setting"),
         (PrecomputeConfig, {}, "PrecomputeConfig: model is required"),
         (TrainConfig, {"model": "m", "dtype": "fp8"}, "dtype must be one of"),
-        (TrainConfig, {"model": "m", "beta": 0}, "beta and discopop_tau must be > 0"),
+        (TrainConfig, {"model": "m", "beta": 0}, "beta must be > 0, got 0"),
         (TrainConfig, {"model": "m", "loss_type": "dpo++"}, "loss type"),
         (TrainConfig, {"model": "m", "label_smoothing": 0.7, "loss_type": "robust"}, "label_smoothing"),
         (TrainConfig, {"model": "m", "sync_ref_model": True}, "reference is fixed"),
@@ -180,6 +180,26 @@ def test_cli_missing_required_setting_names_the_flag(command, capsys):
 
     assert main([command, "--beta" if command == "train" else "--batch-size", "2"]) == 2
     assert capsys.readouterr().err == f"raydpo {command}: error: --model is required\n"
+
+
+def test_cli_version_defaults_and_misspelled_flags(capsys):
+    """`--version` answers; `--help` shows each flag's default; a misspelled flag is answered by its
+    subcommand (its usage, exit 2) with the closest flag."""
+    from raydpo import __version__
+    from raydpo.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"raydpo {__version__}\n"
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert done.value.code == 0 and "(default: 0.1)" in shown and "(required)" in shown
+    with pytest.raises(SystemExit) as done:
+        main(["precompute", "--modle", "m"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and error[0].startswith("usage: raydpo precompute")
+    assert error[-1] == "raydpo precompute: error: unrecognized arguments: --modle m (did you mean --model?)"
 
 
 def test_readme_configuration_reference_is_generated_from_the_dataclasses():
