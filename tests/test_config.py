@@ -223,3 +223,18 @@ def test_import_has_no_side_effects():
         "assert not heavy, heavy; assert callable(raydpo.run) and raydpo.TrainConfig(model='m').beta == 0.1"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_model_paths_are_checked_before_ray_starts(tmp_path):
+    """A directory without config.json is not a model; a value written as a path must exist; a hub id
+    passes unchecked (it is resolved when a stage runs)."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RaydpoError, match=r"model .*/empty has no config.json: not a saved model"):
+        PrecomputeConfig(model=str(tmp_path / "empty"))
+    with pytest.raises(RaydpoError, match=r"^model ./no-such-model does not exist$"):
+        TrainConfig(model="./no-such-model", data="cache")
+    with pytest.raises(RaydpoError, match=r"^tokenizer /no/such/tokenizer does not exist$"):
+        PrecomputeConfig(model="org/name", tokenizer="/no/such/tokenizer")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert TrainConfig(model=str(tmp_path / "empty"), data="cache").model == str(tmp_path / "empty")
+    assert PrecomputeConfig(model="Qwen/Qwen2-0.5B").model == "Qwen/Qwen2-0.5B"

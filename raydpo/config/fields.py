@@ -37,12 +37,26 @@ def loss_setting(name: str) -> Any:
     return dataclasses.field(default=declared.default, metadata={**declared.metadata, "loss_setting": name})
 
 
-def local_path_or_id(value: str | None) -> str | None:
+LOCAL_PATH_PREFIXES = ("/", "./", "../", "~")  # what a hub id never starts with
+
+
+def local_path_or_id(value: str | None, what: str = "model", saved_model: bool = False) -> str | None:
     """A model or tokenizer given as an existing local directory becomes absolute: Ray workers do not
-    share the driver's working directory. Hub ids and URIs pass unchanged."""
-    if value is None or "://" in value or not Path(value).expanduser().is_dir():
+    share the driver's working directory. Hub ids and URIs pass unchanged.
+
+    Checked here, before Ray starts: a value written as a path (`/`, `./`, `../`, `~`) must exist, and
+    with `saved_model` a directory must hold a `config.json`."""
+    if value is None or "://" in value:
         return value
-    return str(Path(value).expanduser().resolve())
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        if value.startswith(LOCAL_PATH_PREFIXES):
+            problem = "is a file, not a directory" if path.exists() else "does not exist"
+            raise RaydpoError(f"{what} {value} {problem}")
+        return value
+    if saved_model and not (path / "config.json").is_file():
+        raise RaydpoError(f"{what} {value} has no config.json: not a saved model (save_pretrained) directory")
+    return str(path.resolve())
 
 
 def check_choices(config: Any) -> None:

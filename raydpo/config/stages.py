@@ -118,7 +118,8 @@ class PrecomputeConfig:
     ray_address: str | None = setting(None, help=RAY_ADDRESS_HELP)
 
     def __post_init__(self) -> None:
-        self.model, self.tokenizer = local_path_or_id(self.model), local_path_or_id(self.tokenizer)
+        self.model = local_path_or_id(self.model, "model", saved_model=True)
+        self.tokenizer = local_path_or_id(self.tokenizer, "tokenizer")
         check_positive(
             self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens", "rows_per_file"
         )
@@ -288,7 +289,7 @@ class TrainConfig:
     ray_address: str | None = setting(None, help=RAY_ADDRESS_HELP)
 
     def __post_init__(self) -> None:
-        self.model = local_path_or_id(self.model)
+        self.model = local_path_or_id(self.model, "model", saved_model=True)
         check_positive(
             self,
             "num_workers",
