@@ -247,6 +247,7 @@ def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, c
         == 2
     )
     assert "dataset not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a run that failed before writing leaves no directory behind
 
 
 def test_cpu_scorer_threads_share_the_machine():

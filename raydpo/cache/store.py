@@ -159,12 +159,14 @@ def output_lock(path: str) -> Iterator[None]:
     """Hold OUTPUT/.lock for the run; a second run into the same directory stops with the owner's details.
 
     A lock left by a process that died on this host is taken over. On object stores (no atomic create)
-    the lock is skipped: do not run two precomputes into one bucket prefix.
+    the lock is skipped: do not run two precomputes into one bucket prefix. A directory the run created
+    and left without a file (it failed before writing) is removed with the lock.
     """
     fs, root = resolve(path)
     if not isinstance(fs, pafs.LocalFileSystem):
         yield
         return
+    created = not os.path.exists(root)
     os.makedirs(root, exist_ok=True)
     lock = os.path.join(root, LOCK)
     owner = {
@@ -192,6 +194,8 @@ def output_lock(path: str) -> Iterator[None]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(lock)
+        if created and not any(files for _, _, files in os.walk(root)):
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def _lock_owner(lock: str) -> dict[str, Any]:
