@@ -270,3 +270,40 @@ def test_weight_digest_is_chunked_sha256(tmp_path):
     payload = bytes(range(256)) * 1000 + b"tail"
     (tmp_path / "w.bin").write_bytes(payload)
     assert file_sha256(tmp_path / "w.bin", chunk_bytes=4096) == hashlib.sha256(payload).hexdigest()
+
+
+def test_weight_digests_are_computed_once_per_file(tmp_path, monkeypatch):
+    """A weight file is hashed once and its digest reused while the file is unchanged; written in place
+    (same size, new contents and times) or copied to a new path, it is hashed again; a hub snapshot's
+    file, a link to a blob named by its SHA-256, is not read at all."""
+    import hashlib
+    import shutil
+
+    from raydpo.cache import fingerprint
+
+    monkeypatch.setenv(fingerprint.DIGEST_CACHE_ENV, str(tmp_path / "digests"))
+    hashed = []
+    real = fingerprint.file_sha256
+    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: hashed.append(path) or real(path))
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"a" * 4096)
+    first = fingerprint.weight_sha256(weights)
+    assert first == hashlib.sha256(b"a" * 4096).hexdigest() and len(hashed) == 1
+    assert fingerprint.weight_sha256(weights) == first and len(hashed) == 1  # from the digest cache
+
+    weights.write_bytes(b"b" * 4096)  # in place, same size
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
+    assert fingerprint.weight_sha256(weights) == hashlib.sha256(b"b" * 4096).hexdigest() and len(hashed) == 2
+    copy = tmp_path / "copy" / "model.safetensors"
+    copy.parent.mkdir()
+    shutil.copy2(weights, copy)
+    assert fingerprint.weight_sha256(copy) == fingerprint.weight_sha256(weights) and len(hashed) == 3
+
+    blob = tmp_path / "hub" / "blobs" / hashlib.sha256(b"hub").hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"hub")
+    linked = tmp_path / "hub" / "snapshots" / "abc" / "model.safetensors"
+    linked.parent.mkdir(parents=True)
+    linked.symlink_to(blob)
+    assert fingerprint.weight_sha256(linked) == blob.name and len(hashed) == 3
