@@ -210,8 +210,7 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
 
     config: TrainConfig = from_mapping(TrainConfig, plan["config"])
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    drilled = rank == world_size - 1  # the worker that reliability drills (raydpo.faults) kill
+    rank = context.get_world_rank()
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     settings = config.loss_settings()
     transformers.set_seed(config.seed)
@@ -322,9 +321,8 @@ def train_loop(plan: dict[str, Any]) -> dict[str, Any] | None:
             engine.train()
             window.started = time.perf_counter()
         if config.checkpoint_steps and step % config.checkpoint_steps == 0 and not is_last:
-            save_checkpoint(engine, state, {"step": step, **final_metrics}, drilled)
-        if drilled:
-            fault_point("train.after_step")
+            save_checkpoint(engine, state, {"step": step, **final_metrics}, rank)
+        fault_point("train.after_step", rank=rank)
 
     runtime = time.perf_counter() - started
     final_metrics.update(
@@ -547,14 +545,13 @@ def load_checkpoints_weights_only(engine) -> None:
         )
 
 
-def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any], drilled: bool = False) -> None:
+def save_checkpoint(engine, state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
     """Every rank saves its ZeRO shard; Ray Train merges the ranks' directories into one checkpoint."""
     import ray.train
 
     with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as directory:
         engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=dict(state))
-        if drilled:
-            fault_point("train.checkpoint_write")  # after the local shard, before Ray Train has it
+        fault_point("train.checkpoint_write", rank=rank)  # after the local shard, before Ray Train has it
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(directory),

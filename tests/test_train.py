@@ -214,7 +214,7 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
     The worker stalls after step 4 and is killed once Ray Train has registered the step-3 checkpoint: its
     controller polls the workers every 2 s, so a worker dying right after a report could beat the
     registration, and the group would then start over (to the same weights) instead of resuming."""
-    inject(monkeypatch, tmp_path, "train.after_step:4:stall")
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
     kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     result = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "run", max_failures=1))
     assert fired(tmp_path, "train.after_step")
@@ -238,7 +238,7 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
 def test_interrupted_run_resumes_to_the_same_model(
     base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
 ):
-    inject(monkeypatch, tmp_path, "train.after_step:4:stall")
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
     kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     settings = run_settings(toy_model, train_cache, tmp_path / "run")
     with pytest.raises(TrainingFailed, match="--resume"):
@@ -269,7 +269,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(
 ):
     """The last worker dies while the step-4 checkpoint is being written, after its DeepSpeed shard is on
     its local disk and before Ray Train has it. Resuming must use the complete step-2 checkpoint."""
-    inject(monkeypatch, tmp_path, "train.checkpoint_write:2:exit")
+    inject(monkeypatch, tmp_path, "train.checkpoint_write:2:exit@1")
     settings = run_settings(toy_model, train_cache, tmp_path / "run", checkpoint_steps=2)
     with pytest.raises(TrainingFailed):
         raydpo.train(settings)
