@@ -155,8 +155,8 @@ def test_gpt2_with_dropout_starts_at_ln2_with_dropout_disabled(toy_gpt2, gpt2_ca
 def test_step_one_mismatch_stops_naming_the_gap():
     """The strict check raises on every rank with one line: the largest gap, the tolerance, the likely
     cause; the driver's summary of a worker's traceback keeps exactly that line."""
-    from raydpo.train_stage import worker_error_summary
-    from raydpo.train_worker import ReferenceMismatchError, enforce_reference_check
+    from raydpo.train_stage.checks import ReferenceMismatchError, enforce_reference_check
+    from raydpo.train_stage.driver import worker_error_summary
 
     check = {"ref_check/max_abs_logratio": 12.5, "ref_check/max_abs_ref_logps": 900.0}
     config = TrainConfig(model="m")
@@ -165,7 +165,7 @@ def test_step_one_mismatch_stops_naming_the_gap():
     assert "\n" not in str(stopped.value) and "dtype, attention kernel" in str(stopped.value)
     wrapped = RuntimeError(
         "Worker group failed.\nTraceback (most recent call last):\n  File x\n"
-        f"raydpo.train_worker.ReferenceMismatchError: {stopped.value}\n"
+        f"raydpo.train_stage.checks.ReferenceMismatchError: {stopped.value}\n"
     )
     assert worker_error_summary(wrapped).endswith(str(stopped.value))
     enforce_reference_check(check, TrainConfig(model="m", reference_is_different=True), False, 0)

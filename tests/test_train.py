@@ -308,7 +308,7 @@ def test_checkpoint_files_are_loaded_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from raydpo.train_worker import load_checkpoint_file
+    from raydpo.train_stage.engine import load_checkpoint_file
 
     state = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "flat": [torch.arange(4.0)]}
     torch.save(state, tmp_path / "optim_states.pt")
@@ -598,7 +598,7 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
 )
 def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, message):
     from raydpo.config import TrainConfig
-    from raydpo.train_stage import plan_run
+    from raydpo.train_stage.plan import plan_run
 
     with pytest.raises(RaydpoError, match=message):
         plan_run(TrainConfig(model="m", **overrides), train_rows, eval_rows)
@@ -606,14 +606,14 @@ def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, messag
 
 def test_plan_counts_steps_and_epochs():
     from raydpo.config import TrainConfig
-    from raydpo.train_stage import plan_run
+    from raydpo.train_stage.plan import plan_run
 
     plan = plan_run(
         TrainConfig(model="m", num_workers=2, micro_batch_size=4, grad_accum=2, epochs=3), 101, None
     )
-    assert plan["steps_per_epoch"] == 50 // 8 and plan["total_steps"] == (3 * 101 // 2) // 8
+    assert plan.steps_per_epoch == 50 // 8 and plan.total_steps == (3 * 101 // 2) // 8
     plan = plan_run(TrainConfig(model="m", num_workers=2, micro_batch_size=4, max_steps=40), 101, None)
-    assert plan["total_steps"] == 40 and (plan["epochs_streamed"] * 101 // 2) // 4 >= 40
+    assert plan.total_steps == 40 and (plan.epochs_streamed * 101 // 2) // 4 >= 40
 
 
 def test_cli_train_bad_input_is_one_line_and_exit_2(toy_model, tmp_path, capsys):
