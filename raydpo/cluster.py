@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from raydpo.errors import RaydpoError
+from raydpo.faults import fault_env
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +132,9 @@ def _pinned_env(address: str) -> dict[str, Any]:
 
 
 def worker_env(env_vars: dict[str, str] | None = None) -> dict[str, Any] | None:
-    """A runtime env for Ray workers and actors: `env_vars`, and this process's `RAYDPO_*` variables
-    (fault drills)."""
-    env = {key: value for key, value in os.environ.items() if key.startswith("RAYDPO_")}
-    env.update(env_vars or {})
+    """A runtime env for Ray workers and actors: `env_vars`, and this process's fault-drill variables
+    (checked here, before any worker starts)."""
+    env = {**fault_env(), **(env_vars or {})}
     return {"env_vars": env} if env else None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-# A line of a traceback that names the exception raised: `raydpo.train_worker.SomeError: message`.
+# A line of a traceback that names the exception raised: `raydpo.train_stage.checks.SomeError: message`.
 _RAISED_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ")
 
 

@@ -1,10 +1,11 @@
 """Fault injection for reliability drills: a named point in the code exits or stalls, once.
 
-Set in the environment of the processes that reach the point (raydpo forwards `RAYDPO_*` variables to
-its Ray workers and actors):
+Set in the environment of the processes that reach the point (`cluster.worker_env` forwards these two
+variables to raydpo's Ray workers and actors):
 
-    RAYDPO_FAULT=<point>:<n>:<action>   at the n-th time this process reaches <point>
-    RAYDPO_FAULT_DIR=<dir>              where the fault leaves its marker, `<point>.fired`
+    RAYDPO_FAULT=<point>:<n>:<action>[@<rank>]   at the n-th time this process reaches <point>; with a
+                                                 rank, only in the Ray Train worker of that world rank
+    RAYDPO_FAULT_DIR=<dir>                       where the fault leaves its marker, `<point>.fired`
 
 `exit` ends the process at once, as SIGKILL would (no cleanup, no exception); `stall` writes the
 process id into the marker and waits to be killed from outside. The marker is created atomically
@@ -13,41 +14,89 @@ before acting, so a fault fires once per marker directory: the restarted process
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
+
+from raydpo.errors import RaydpoError
 
 logger = logging.getLogger(__name__)
 
 FAULT_ENV = "RAYDPO_FAULT"
 FAULT_DIR_ENV = "RAYDPO_FAULT_DIR"
 ACTIONS = ("exit", "stall")
+_SPEC = re.compile(r"(?P<point>[\w.]+):(?P<count>[1-9]\d*):(?P<action>\w+)(@(?P<rank>\d+))?")
 
 _hits: Counter[str] = Counter()
 
 
-def fault_point(name: str) -> None:
-    """Mark a point where a drill may kill or stall this process; a no-op unless `RAYDPO_FAULT` names it."""
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or not spec.startswith(f"{name}:"):
-        return
-    point, count, action = spec.rsplit(":", 2)
-    if point != name or action not in ACTIONS:
+@dataclass(frozen=True)
+class Fault:
+    """An armed fault: the point, the visit that fires, the action and, for one worker only, its rank."""
+
+    point: str
+    count: int
+    action: str
+    directory: Path
+    rank: int | None = None
+
+
+def armed() -> Fault | None:
+    """The fault this process's environment arms, or None; a malformed spec is an error, not a no-op."""
+    return _parse(os.environ.get(FAULT_ENV), os.environ.get(FAULT_DIR_ENV))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(spec: str | None, directory: str | None) -> Fault | None:
+    if not spec:
+        return None
+    match = _SPEC.fullmatch(spec)
+    if match is None or match["action"] not in ACTIONS:
+        raise RaydpoError(
+            f"{FAULT_ENV}={spec!r}: expected <point>:<n>:<action>[@<rank>] with n >= 1 and action "
+            f"{' or '.join(ACTIONS)}"
+        )
+    if not directory:
+        raise RaydpoError(f"{FAULT_ENV} is set but {FAULT_DIR_ENV}, where its marker goes, is not")
+    rank = match["rank"]
+    return Fault(
+        match["point"],
+        int(match["count"]),
+        match["action"],
+        Path(directory),
+        None if rank is None else int(rank),
+    )
+
+
+def fault_env() -> dict[str, str]:
+    """The fault variables to forward to workers and actors, checked once here, before any starts."""
+    armed()
+    return {name: os.environ[name] for name in (FAULT_ENV, FAULT_DIR_ENV) if os.environ.get(name)}
+
+
+def fault_point(name: str, rank: int | None = None) -> None:
+    """Mark a point where a drill may kill or stall this process (the Ray Train worker of world rank
+    `rank`, where it is one); a no-op unless `RAYDPO_FAULT` names the point (and the rank)."""
+    fault = armed()
+    if fault is None or fault.point != name or (fault.rank is not None and fault.rank != rank):
         return
     _hits[name] += 1
-    if _hits[name] != int(count):
+    if _hits[name] != fault.count:
         return
-    marker = Path(os.environ[FAULT_DIR_ENV]) / f"{name}.fired"
+    marker = fault.directory / f"{name}.fired"
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         return  # fired already, in an earlier incarnation of this process
     os.write(fd, f"{os.getpid()}\n".encode())
     os.close(fd)
-    logger.warning("fault injection: %s (pid %d) at %s", action, os.getpid(), name)
-    if action == "exit":
+    logger.warning("fault injection: %s (pid %d) at %s", fault.action, os.getpid(), name)
+    if fault.action == "exit":
         os._exit(1)
     while True:  # stall: the drill kills this process
         time.sleep(1)

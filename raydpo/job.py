@@ -88,7 +88,7 @@ def build_report(cached, trained) -> dict[str, Any]:
         "precompute_reused": train_split.cached,
         "precompute_pairs_per_second": stats.pairs_per_s,
         "precompute_tokens_per_second": stats.tokens_per_s,
-        "train_steps": trained.plan["total_steps"],
+        "train_steps": trained.plan.total_steps,
         "train_samples_per_second": metrics.get("samples_per_second"),
         "train_tokens_per_second": metrics.get("tokens_per_second"),
         "train_runtime_s": metrics.get("train_runtime"),
@@ -137,7 +137,7 @@ def _log_report(trained, report: dict[str, Any], files: list[str]) -> None:
         for key, value in report.items()
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
-    step = trained.plan["total_steps"]
+    step = trained.plan.total_steps
     now = int(time.time() * 1000)
     client.log_batch(
         trained.run_id, metrics=[Metric(key, value, now, step) for key, value in numbers.items()]

@@ -239,7 +239,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def inject(monkeypatch, directory: Path, fault: str) -> None:
-    """Arm a fault (`point:n:action`, see raydpo.faults) in the processes and Ray workers a test starts."""
+    """Arm a fault (`point:n:action[@rank]`, see raydpo.faults) in the processes and Ray workers a test starts."""
     monkeypatch.setenv(FAULT_ENV, fault)
     monkeypatch.setenv(FAULT_DIR_ENV, str(directory))
 

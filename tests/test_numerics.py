@@ -161,7 +161,7 @@ def test_step_one_mismatch_stops_naming_the_gap():
     """The strict check raises on every rank with one line: the largest gap, the tolerance, the likely
     cause; the driver's summary of a worker's traceback keeps exactly that line."""
     from raydpo.errors import one_line
-    from raydpo.train_worker import ReferenceMismatchError, enforce_reference_check
+    from raydpo.train_stage.checks import ReferenceMismatchError, enforce_reference_check
 
     check = {"ref_check/max_abs_logratio": 12.5, "ref_check/max_abs_ref_logps": 900.0}
     config = TrainConfig(model="m")
@@ -170,7 +170,7 @@ def test_step_one_mismatch_stops_naming_the_gap():
     assert "\n" not in str(stopped.value) and "dtype, attention kernel" in str(stopped.value)
     wrapped = RuntimeError(
         "Worker group failed.\nTraceback (most recent call last):\n  File x\n"
-        f"raydpo.train_worker.ReferenceMismatchError: {stopped.value}\n"
+        f"raydpo.train_stage.checks.ReferenceMismatchError: {stopped.value}\n"
     )
     assert one_line(wrapped, limit=1000).endswith(str(stopped.value))
     enforce_reference_check(check, TrainConfig(model="m", reference_is_different=True), False, 0)

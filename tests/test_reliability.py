@@ -119,3 +119,28 @@ def test_driver_killed_mid_run_resumes_to_a_clean_result(toy_model, pairs_file, 
         f"{counts['rejected']} rejected; lost {outcome['lost']}, duplicated {outcome['duplicated']}; tokens "
         "identical and values within 1e-4 of a clean run",
     )
+
+
+def test_fault_spec_is_checked_before_workers_start(monkeypatch, tmp_path):
+    """A malformed spec or a missing marker directory is an error when the workers' environment is built;
+    only the two fault variables are forwarded."""
+    from raydpo.cluster import worker_env
+
+    monkeypatch.setenv("RAYDPO_OTHER", "1")
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
+    assert worker_env() == {
+        "env_vars": {FAULT_ENV: "train.after_step:4:stall@1", FAULT_DIR_ENV: str(tmp_path)}
+    }
+    for spec in (
+        "train.after_step:4",
+        "train.after_step:0:stall",
+        "train.after_step:1:crash",
+        "x:1:exit@last",
+    ):
+        monkeypatch.setenv(FAULT_ENV, spec)
+        with pytest.raises(raydpo.RaydpoError, match="expected <point>:<n>:<action>"):
+            worker_env()
+    monkeypatch.setenv(FAULT_ENV, "train.after_step:1:exit")
+    monkeypatch.delenv(FAULT_DIR_ENV)
+    with pytest.raises(raydpo.RaydpoError, match=FAULT_DIR_ENV):
+        worker_env()

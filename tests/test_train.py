@@ -214,7 +214,7 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
     The worker stalls after step 4 and is killed once Ray Train has registered the step-3 checkpoint: its
     controller polls the workers every 2 s, so a worker dying right after a report could beat the
     registration, and the group would then start over (to the same weights) instead of resuming."""
-    inject(monkeypatch, tmp_path, "train.after_step:4:stall")
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
     kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     result = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "run", max_failures=1))
     assert fired(tmp_path, "train.after_step")
@@ -238,7 +238,7 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
 def test_interrupted_run_resumes_to_the_same_model(
     base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
 ):
-    inject(monkeypatch, tmp_path, "train.after_step:4:stall")
+    inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
     kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     settings = run_settings(toy_model, train_cache, tmp_path / "run")
     with pytest.raises(TrainingFailed, match="--resume"):
@@ -269,7 +269,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(
 ):
     """The last worker dies while the step-4 checkpoint is being written, after its DeepSpeed shard is on
     its local disk and before Ray Train has it. Resuming must use the complete step-2 checkpoint."""
-    inject(monkeypatch, tmp_path, "train.checkpoint_write:2:exit")
+    inject(monkeypatch, tmp_path, "train.checkpoint_write:2:exit@1")
     settings = run_settings(toy_model, train_cache, tmp_path / "run", checkpoint_steps=2)
     with pytest.raises(TrainingFailed):
         raydpo.train(settings)
@@ -308,7 +308,7 @@ def test_checkpoint_files_are_loaded_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from raydpo.train_worker import load_checkpoint_file
+    from raydpo.train_stage.engine import load_checkpoint_file
 
     state = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "flat": [torch.arange(4.0)]}
     torch.save(state, tmp_path / "optim_states.pt")
@@ -596,7 +596,7 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
 )
 def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, message):
     from raydpo.config import TrainConfig
-    from raydpo.train_stage import plan_run
+    from raydpo.train_stage.plan import plan_run
 
     with pytest.raises(RaydpoError, match=message):
         plan_run(TrainConfig(model="m", **overrides), train_rows, eval_rows)
@@ -604,14 +604,14 @@ def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, messag
 
 def test_plan_counts_steps_and_epochs():
     from raydpo.config import TrainConfig
-    from raydpo.train_stage import plan_run
+    from raydpo.train_stage.plan import plan_run
 
     plan = plan_run(
         TrainConfig(model="m", num_workers=2, micro_batch_size=4, grad_accum=2, epochs=3), 101, None
     )
-    assert plan["steps_per_epoch"] == 50 // 8 and plan["total_steps"] == (3 * 101 // 2) // 8
+    assert plan.steps_per_epoch == 50 // 8 and plan.total_steps == (3 * 101 // 2) // 8
     plan = plan_run(TrainConfig(model="m", num_workers=2, micro_batch_size=4, max_steps=40), 101, None)
-    assert plan["total_steps"] == 40 and (plan["epochs_streamed"] * 101 // 2) // 4 >= 40
+    assert plan.total_steps == 40 and (plan.epochs_streamed * 101 // 2) // 4 >= 40
 
 
 def test_cli_train_bad_input_is_one_line_and_exit_2(toy_model, tmp_path, capsys):

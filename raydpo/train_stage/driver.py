@@ -3,7 +3,7 @@
 The driver checks everything it can before a worker starts (the cache is finished and whole, it was
 computed from this policy and tokenizer, its reference values are finite, the data fills every
 worker), creates the MLflow run, and hands a seeded, reproducible Ray Data stream to a TorchTrainer
-running `train_worker.train_loop` on each worker. No reference model is loaded anywhere.
+running `loop.train_loop` on each worker. No reference model is loaded anywhere.
 
     raydpo train --model MODEL --data cache/ --output run/
 """
@@ -12,18 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from raydpo import cache, deepspeed_config
+from raydpo import cache
 from raydpo.cluster import (
     check_cpu_headroom,
     check_shared_paths,
@@ -33,15 +29,16 @@ from raydpo.cluster import (
 )
 from raydpo.config import TrainConfig, as_dict, coerce
 from raydpo.errors import RaydpoError, TrainingFailed, one_line
-from raydpo.numerics import check_cache_numerics, resolve_numerics
-from raydpo.tokenize import load_tokenizer, pad_token_id, tokenizer_fingerprint
+from raydpo.tokenize import load_tokenizer, pad_token_id
+from raydpo.train_stage import engine
+from raydpo.train_stage.checks import check_cache_matches, drop_nonfinite, finite_rows, required_columns
+from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
 
 logger = logging.getLogger(__name__)
 
 RUN_STATE = "run.json"
 MODEL_DIR = "model"
 RUN_NAME = "raydpo"  # the Ray Train run name inside the storage path; fixed so a rerun can resume it
-TOKEN_COLUMNS = ["pair_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
 
 
 @dataclass
@@ -53,8 +50,8 @@ class TrainResult:
     tracking_uri: str
     model_path: str
     output: str  # the run directory (a path or URI): run.json, the model, the job's report
+    plan: RunPlan
     metrics: dict[str, float] = field(default_factory=dict)
-    plan: dict[str, Any] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run took
     cpu_allocator: str | None = None  # the allocator rank 0 ran with on CPUs: "mimalloc" or "system"
     prefix_sharing: bool | None = None  # whether each pair's prompt went through the policy once
@@ -63,8 +60,8 @@ class TrainResult:
         shown = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies")
         figures = ", ".join(f"{name} {self.metrics[name]:.4f}" for name in shown if name in self.metrics)
         return (
-            f"trained {self.plan.get('total_steps')} steps on {self.plan.get('train_rows')} pairs "
-            f"({self.plan.get('world_size')} workers): {figures}\n"
+            f"trained {self.plan.total_steps} steps on {self.plan.train_rows} pairs "
+            f"({self.plan.world_size} workers): {figures}\n"
             f"model: {self.model_path}\nMLflow run {self.run_id} at {self.tracking_uri}"
         )
 
@@ -81,37 +78,20 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
-    from raydpo.tracking import MlflowLogger, local_store_dir, resolve_tracking_uri, start_run
+    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
     state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest.key)
-    init_ray(config.ray_address)
-    if not config.use_gpu:
-        check_cpu_headroom(
-            config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
-        )
-
-    check_shared_paths(
-        outputs={
-            "the output": output,
-            "the storage path": storage_path,
-            "the MLflow store": local_store_dir(tracking_uri),
-        },
-        inputs={"the model": config.model, "the data": config.data, "the eval data": config.eval_data},
-    )
+    _check_cluster(config, output, storage_path, tracking_uri)
     runtime_env = worker_env(None if config.use_gpu else cpu_allocator_env(config.cpu_allocator))
-    ds_config = deepspeed_config.for_run(config, plan["world_size"], plan["total_steps"])
+    ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
     manifests = {name: split.manifest for name, split in splits.items()}
     run_id = start_run(
         tracking_uri,
         config.experiment,
         run_name=os.path.basename(run_dir),
-        params={
-            "train": _loggable_settings(config),
-            "run": {**plan, "reference": reference},
-            "cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
-        },
+        params=_run_params(config, plan, reference, manifests, counts),
         artifacts={
             "deepspeed_config.json": ds_config,
             **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
@@ -123,18 +103,18 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     _write_state(fs, run_dir, state)
 
     model_output = cache.join(output, MODEL_DIR)  # rank 0 publishes it there
-    worker_plan = {
-        **plan,
-        "config": as_dict(config),
-        "dtype": reference["numerics"]["dtype"],
-        "deepspeed_config": ds_config,
-        "tracking_uri": tracking_uri,
-        "run_id": run_id,
-        "pad_token_id": pad_token_id(tokenizer),
-        "tokenizer": config.model,
-        "model_output": model_output,
-        "has_eval": "eval" in splits,
-    }
+    worker_plan = WorkerPlan(
+        run=plan,
+        config=config,
+        dtype=reference["numerics"]["dtype"],
+        deepspeed_config=ds_config,
+        tracking_uri=tracking_uri,
+        run_id=run_id,
+        pad_token_id=pad_token_id(tokenizer),
+        tokenizer=config.model,
+        model_output=model_output,
+        has_eval="eval" in splits,
+    )
     trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
     try:
         result = trainer.fit()
@@ -146,30 +126,55 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
             f"training failed: {one_line(error, limit=1000)}; rerun with --resume to continue from "
             f"the latest checkpoint in {cache.join(storage_path, RUN_NAME)}"
         ) from error
-    outcome = result.return_value or {}
-    if not cache.published(model_output):
-        raise TrainingFailed(f"training ended without a complete model in {model_output}")
+    outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
+    _record_finished(fs, run_dir, state, outcome, model_output)
+    fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
+    return TrainResult(
+        result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
+    )
+
+
+def _record_finished(fs, run_dir: str, state: dict[str, Any], outcome: WorkerOutcome, model_output: str):
+    """Mark the run finished in MLflow and in run.json, once the model is published whole."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.set_tag(run_id, "raydpo.model_path", model_output)
-    client.set_tag(run_id, "raydpo.prefix_sharing", str(outcome.get("prefix_sharing")).lower())
-    client.set_terminated(run_id, "FINISHED")
+    if not cache.published(model_output):
+        raise TrainingFailed(f"training ended without a complete model in {model_output}")
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    client.set_tag(state["run_id"], "raydpo.model_path", model_output)
+    client.set_tag(state["run_id"], "raydpo.prefix_sharing", str(outcome.prefix_sharing).lower())
+    client.set_terminated(state["run_id"], "FINISHED")
     state["status"] = "finished"
     state["model_path"] = model_output
     _write_state(fs, run_dir, state)
-    return TrainResult(
-        result=result,
-        run_id=run_id,
-        tracking_uri=tracking_uri,
-        model_path=model_output,
-        output=output,
-        metrics=outcome.get("metrics", {}),
-        plan=plan,
-        step_seconds=outcome.get("step_seconds", []),
-        cpu_allocator=outcome.get("cpu_allocator"),
-        prefix_sharing=outcome.get("prefix_sharing"),
+
+
+def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking_uri: str) -> None:
+    """Join Ray; the workers must fit its CPUs, and every node must see the paths the run writes."""
+    from raydpo.tracking import local_store_dir
+
+    init_ray(config.ray_address)
+    if not config.use_gpu:
+        check_cpu_headroom(
+            config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
+        )
+    check_shared_paths(
+        outputs={
+            "the output": output,
+            "the storage path": storage_path,
+            "the MLflow store": local_store_dir(tracking_uri),
+        },
+        inputs={"the model": config.model, "the data": config.data, "the eval data": config.eval_data},
     )
+
+
+def _run_params(config, plan: RunPlan, reference, manifests, counts) -> dict[str, Any]:
+    """The MLflow params of the run: its settings, its plan and reference, and the caches it reads."""
+    return {
+        "train": _loggable_settings(config),
+        "run": {**plan.to_dict(), "reference": reference},
+        "cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
+    }
 
 
 def _artifact_root(tracking_uri: str) -> str | None:
@@ -191,132 +196,6 @@ def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
         if cache.split_state(candidate) == "finished":
             splits["eval"] = cache.open_split(candidate)
     return splits
-
-
-def check_cache_matches(
-    config: TrainConfig, splits: dict[str, cache.CacheSplit], tokenizer
-) -> dict[str, Any]:
-    """The cached reference must come from this policy (unless said otherwise) and this tokenizer."""
-    train_manifest = splits["train"].manifest
-    for name, split in splits.items():
-        manifest = split.manifest
-        for what in ("model", "tokenizer"):
-            if getattr(manifest.fingerprints, what) != getattr(train_manifest.fingerprints, what):
-                raise RaydpoError(
-                    f"the {name} split was precomputed with a different {what} than the train split"
-                )
-        if manifest.settings != train_manifest.settings:
-            raise RaydpoError(
-                f"the {name} split was tokenized with other settings than the train split: "
-                f"{manifest.settings} vs {train_manifest.settings}"
-            )
-    if tokenizer_fingerprint(tokenizer) != train_manifest.fingerprints.tokenizer:
-        raise RaydpoError(
-            f"the tokenizer of {config.model} is not the one {splits['train'].path} was tokenized with "
-            f"({train_manifest.tokenizer}); precompute again with this model's tokenizer"
-        )
-    policy = cache.model_fingerprint(config.model)
-    same = policy == train_manifest.fingerprints.model
-    if not same and not config.reference_is_different:
-        raise RaydpoError(
-            f"the reference log-probs in {splits['train'].path} were computed with {train_manifest.model}, "
-            f"whose weights differ from {config.model}; pass --reference-is-different if that is intended"
-        )
-    numerics = resolve_numerics(
-        config.model, config.dtype, config.attn_implementation, config.trust_remote_code, config.use_gpu
-    )
-    if not config.reference_is_different:
-        note = check_cache_numerics(train_manifest.settings, **numerics)
-        if note:
-            logger.info("%s", note)
-    return {
-        "model": train_manifest.model,
-        "same_as_policy": same,
-        "fingerprint": train_manifest.fingerprints.model,
-        "numerics": numerics,
-    }
-
-
-def required_columns(config: TrainConfig) -> list[str]:
-    settings = config.loss_settings()
-    if settings.ld_alpha is not None:
-        reference = [
-            f"ref_{side}_logps_{part}" for side in ("chosen", "rejected") for part in ("shared", "tail")
-        ]
-    else:
-        reference = list(cache.REFERENCE_COLUMNS)
-    return TOKEN_COLUMNS + reference
-
-
-def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
-    """Check the schema and count the rows whose reference values are all finite (the others are skipped)."""
-    schema = pq.read_schema(split.files[0], filesystem=split.filesystem) if split.files else None
-    missing = [name for name in columns if schema is None or name not in schema.names]
-    if missing:
-        raise RaydpoError(f"{split.path} lacks the columns {missing}: not a usable precompute output")
-    reference = [name for name in columns if name.startswith("ref_")]
-    rows = usable = 0
-    for path in split.files:
-        table = pq.read_table(path, filesystem=split.filesystem, columns=reference)
-        rows += table.num_rows
-        usable += int(pc.sum(_finite_mask(table, reference)).as_py() or 0)
-    return {"rows": rows, "usable": usable, "nonfinite_reference": rows - usable}
-
-
-def _finite_mask(table: pa.Table, names: list[str]) -> pa.ChunkedArray:
-    mask = None
-    for name in names:
-        finite = pc.fill_null(pc.is_finite(table.column(name)), False)
-        mask = finite if mask is None else pc.and_(mask, finite)
-    return mask
-
-
-def drop_nonfinite(batch: pa.Table, names: list[str]) -> pa.Table:
-    """Ray Data transform: keep the rows whose reference values are finite."""
-    return batch.filter(_finite_mask(batch, names))
-
-
-# ---- the plan: steps, epochs and the data each worker sees -------------------------------------------
-
-
-def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> dict[str, Any]:
-    """How many steps the run takes and how many epochs of shuffled data it streams.
-
-    The stream is `epochs` seeded shuffles of the pairs, one after another, split equally between the
-    workers (Ray Data's equal split drops at most world_size - 1 rows).
-    """
-    world = config.num_workers
-    pairs_per_step = world * config.micro_batch_size * config.grad_accum
-    if train_rows == 0:
-        raise RaydpoError("no training pairs with finite reference log-probs")
-    if train_rows < pairs_per_step:
-        raise RaydpoError(
-            f"{train_rows} training pairs cannot fill one step of {world} workers x micro batch "
-            f"{config.micro_batch_size} x {config.grad_accum} accumulation = {pairs_per_step} pairs; "
-            "use fewer workers or a smaller batch"
-        )
-    if eval_rows is not None and eval_rows < world:
-        raise RaydpoError(f"the eval split has {eval_rows} usable pairs, fewer than the {world} workers")
-    per_epoch = (train_rows // world) // (config.micro_batch_size * config.grad_accum)
-    if config.max_steps is not None:
-        epochs = math.ceil(config.max_steps * pairs_per_step / train_rows)
-        while (epochs * train_rows // world) // (
-            config.micro_batch_size * config.grad_accum
-        ) < config.max_steps:
-            epochs += 1
-        total_steps = config.max_steps
-    else:
-        epochs = config.epochs
-        total_steps = (epochs * train_rows // world) // (config.micro_batch_size * config.grad_accum)
-    return {
-        "world_size": world,
-        "train_rows": train_rows,
-        "eval_rows": eval_rows,
-        "pairs_per_step": pairs_per_step,
-        "steps_per_epoch": per_epoch,
-        "total_steps": total_steps,
-        "epochs_streamed": epochs,
-    }
 
 
 # ---- the run directory -------------------------------------------------------------------------------
@@ -388,7 +267,7 @@ def _manifest_params(manifest: cache.Manifest, counts: dict[str, int]) -> dict[s
 
 def _trainer(
     config: TrainConfig,
-    plan: dict[str, Any],
+    plan: WorkerPlan,
     splits,
     columns: list[str],
     storage_path: str,
@@ -399,7 +278,7 @@ def _trainer(
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from raydpo.train_worker import train_loop
+    from raydpo.train_stage.loop import train_loop
 
     reference = [name for name in columns if name.startswith("ref_")]
 
@@ -408,7 +287,7 @@ def _trainer(
         return ds.map_batches(drop_nonfinite, batch_format="pyarrow", fn_kwargs={"names": reference})
 
     train = read(splits["train"])
-    epochs = [train.random_shuffle(seed=config.seed + epoch) for epoch in range(plan["epochs_streamed"])]
+    epochs = [train.random_shuffle(seed=config.seed + epoch) for epoch in range(plan.run.epochs_streamed)]
     datasets = {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
     if "eval" in splits:
         datasets["eval"] = read(splits["eval"])
@@ -416,7 +295,7 @@ def _trainer(
     storage_filesystem, storage_root = cache.resolve(storage_path)  # keeps a URI's endpoint settings
     return TorchTrainer(
         train_loop,
-        train_loop_config=plan,
+        train_loop_config=plan.to_dict(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
         ),

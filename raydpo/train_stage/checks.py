@@ -1,0 +1,235 @@
+"""What stops a training run: a cache that does not fit it (checked by the driver before any worker
+starts), and in the workers a non-finite loss or a first step that does not reproduce the cache.
+
+A non-finite micro-batch is stopped on, or skipped on every rank alike, before the step-1 reference
+check, which runs on the first micro-batch with a finite loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from raydpo import cache
+from raydpo.config import TrainConfig
+from raydpo.errors import RaydpoError
+from raydpo.numerics import check_cache_numerics, resolve_numerics
+from raydpo.tokenize import tokenizer_fingerprint
+
+if TYPE_CHECKING:
+    import torch
+
+    from raydpo.losses import LossInputs
+
+logger = logging.getLogger(__name__)
+
+TOKEN_COLUMNS = ["pair_id", "prompt_input_ids", "chosen_input_ids", "rejected_input_ids"]
+REFERENCE_TOLERANCE = 1e-3  # relative gap between policy and cached reference at step 1 that stops the run
+
+
+# ---- before the run: the cache -----------------------------------------------------------------------
+
+
+def check_cache_matches(
+    config: TrainConfig, splits: dict[str, cache.CacheSplit], tokenizer
+) -> dict[str, Any]:
+    """The cached reference must come from this policy (unless said otherwise) and this tokenizer."""
+    train_manifest = splits["train"].manifest
+    for name, split in splits.items():
+        manifest = split.manifest
+        for what in ("model", "tokenizer"):
+            if getattr(manifest.fingerprints, what) != getattr(train_manifest.fingerprints, what):
+                raise RaydpoError(
+                    f"the {name} split was precomputed with a different {what} than the train split"
+                )
+        if manifest.settings != train_manifest.settings:
+            raise RaydpoError(
+                f"the {name} split was tokenized with other settings than the train split: "
+                f"{manifest.settings} vs {train_manifest.settings}"
+            )
+    if tokenizer_fingerprint(tokenizer) != train_manifest.fingerprints.tokenizer:
+        raise RaydpoError(
+            f"the tokenizer of {config.model} is not the one {splits['train'].path} was tokenized with "
+            f"({train_manifest.tokenizer}); precompute again with this model's tokenizer"
+        )
+    policy = cache.model_fingerprint(config.model)
+    same = policy == train_manifest.fingerprints.model
+    if not same and not config.reference_is_different:
+        raise RaydpoError(
+            f"the reference log-probs in {splits['train'].path} were computed with {train_manifest.model}, "
+            f"whose weights differ from {config.model}; pass --reference-is-different if that is intended"
+        )
+    numerics = resolve_numerics(
+        config.model, config.dtype, config.attn_implementation, config.trust_remote_code, config.use_gpu
+    )
+    if not config.reference_is_different:
+        note = check_cache_numerics(train_manifest.settings, **numerics)
+        if note:
+            logger.info("%s", note)
+    return {
+        "model": train_manifest.model,
+        "same_as_policy": same,
+        "fingerprint": train_manifest.fingerprints.model,
+        "numerics": numerics,
+    }
+
+
+def required_columns(config: TrainConfig) -> list[str]:
+    settings = config.loss_settings()
+    if settings.ld_alpha is not None:
+        reference = [
+            f"ref_{side}_logps_{part}" for side in ("chosen", "rejected") for part in ("shared", "tail")
+        ]
+    else:
+        reference = list(cache.REFERENCE_COLUMNS)
+    return TOKEN_COLUMNS + reference
+
+
+def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
+    """Check the schema and count the rows whose reference values are all finite (the others are skipped)."""
+    schema = pq.read_schema(split.files[0], filesystem=split.filesystem) if split.files else None
+    missing = [name for name in columns if schema is None or name not in schema.names]
+    if missing:
+        raise RaydpoError(f"{split.path} lacks the columns {missing}: not a usable precompute output")
+    reference = [name for name in columns if name.startswith("ref_")]
+    rows = usable = 0
+    for path in split.files:
+        table = pq.read_table(path, filesystem=split.filesystem, columns=reference)
+        rows += table.num_rows
+        usable += int(pc.sum(_finite_mask(table, reference)).as_py() or 0)
+    return {"rows": rows, "usable": usable, "nonfinite_reference": rows - usable}
+
+
+def _finite_mask(table: pa.Table, names: list[str]) -> pa.ChunkedArray:
+    mask = None
+    for name in names:
+        finite = pc.fill_null(pc.is_finite(table.column(name)), False)
+        mask = finite if mask is None else pc.and_(mask, finite)
+    return mask
+
+
+def drop_nonfinite(batch: pa.Table, names: list[str]) -> pa.Table:
+    """Ray Data transform: keep the rows whose reference values are finite."""
+    return batch.filter(_finite_mask(batch, names))
+
+
+# ---- in the workers: the values of a step ------------------------------------------------------------
+
+
+class StepChecks:
+    """The checks on the micro-batches of a worker's steps, with as few host syncs as they allow.
+
+    Every rank must take the same path (backward is a collective under ZeRO), so a loss's finiteness is
+    all-reduced. With `skip_nonfinite_loss`, whether a micro-batch is used decides on the host whether
+    backward runs and a replacement is drawn, before backward: one all-reduce and one host read per
+    micro-batch. Without it a non-finite loss stops the run, so the losses of a step stay on the device
+    and are read together once per optimizer step, before the update (`before_update`): the stop names
+    the micro-batch a check per micro-batch would name, and no non-finite gradient is applied. The first
+    micro-batch of step 1 is read at once, together with the reference check it runs.
+    """
+
+    def __init__(self, config: TrainConfig, rank: int, dropout_on: bool, device: torch.device):
+        self.config = config
+        self.rank = rank
+        self.dropout_on = dropout_on
+        self.device = device
+        self.reference: dict[str, float] | None = None  # the step-1 check, once run
+        self._unread: list[tuple[torch.Tensor, Any]] = []  # this step's losses and pair ids, not yet read
+
+    def admit(self, loss: torch.Tensor, inputs: LossInputs, pair_ids: Any, step: int) -> bool:
+        """Whether the micro-batch goes into the update; on a non-finite loss the run stops (on every
+        rank alike), or with `skip_nonfinite_loss` this returns False on every rank."""
+        reference_due = step == 1 and self.reference is None  # before any update, on the first finite loss
+        if not reference_due and not self.config.skip_nonfinite_loss:
+            self._unread.append((loss.detach(), pair_ids))
+            return True
+        values = [_nonfinite(loss)]
+        if reference_due:
+            values += [
+                (inputs.chosen_logps - inputs.ref_chosen_logps).abs().max(),
+                (inputs.rejected_logps - inputs.ref_rejected_logps).abs().max(),
+                inputs.ref_chosen_logps.abs().max(),
+                inputs.ref_rejected_logps.abs().max(),
+            ]
+        nonfinite, *gaps = self._max_over_ranks(values)
+        if nonfinite:
+            self._nonfinite(loss, pair_ids, step)
+            return False
+        if reference_due:
+            # the largest absolute log-ratio over this micro-batch of every worker, and the largest cached
+            # value it is relative to: far above float noise, the cache came from other weights or numerics
+            self.reference = {
+                "ref_check/max_abs_logratio": max(gaps[:2]),
+                "ref_check/max_abs_ref_logps": max(gaps[2:]),
+            }
+            enforce_reference_check(self.reference, self.config, self.dropout_on, self.rank)
+        return True
+
+    def before_update(self, step: int) -> None:
+        """Stop the run, before the optimizer step, if a loss of this step was non-finite on any rank."""
+        if not self._unread:
+            return
+        unread, self._unread = self._unread, []
+        flags = self._max_over_ranks([_nonfinite(loss) for loss, _ in unread])
+        if any(flags):
+            loss, pair_ids = unread[next(i for i, flag in enumerate(flags) if flag)]
+            self._nonfinite(loss, pair_ids, step)
+
+    def _max_over_ranks(self, values: list[torch.Tensor]) -> list[float]:
+        """One all-reduce (max) of the values packed in one tensor, and one host read."""
+        import torch
+        import torch.distributed as dist
+
+        packed = torch.stack([value.detach().to(self.device, torch.float64) for value in values])
+        if dist.is_initialized():
+            dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return packed.tolist()
+
+    def _nonfinite(self, loss: torch.Tensor, pair_ids: Any, step: int) -> None:
+        """Stop with the step and this rank's pair ids, or (skip_nonfinite_loss) skip the micro-batch."""
+        ids = [str(pair_id) for pair_id in pair_ids]
+        where = f"step {step}, worker {self.rank} (loss {loss.item():.4g}), pairs {ids}"
+        if not self.config.skip_nonfinite_loss:
+            raise FloatingPointError(
+                f"non-finite loss on some worker at {where}; skip_nonfinite_loss skips such batches"
+            )
+        logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
+
+
+def _nonfinite(loss: torch.Tensor):
+    import torch
+
+    return (~torch.isfinite(loss.detach())).any()
+
+
+def enforce_reference_check(check: dict[str, float], config, dropout_on: bool, rank: int) -> None:
+    """Stop the run (every rank, with the same message) when step 1 does not reproduce the cache.
+
+    Not enforced when the reference is different on purpose, or when the policy trains with dropout
+    (disable_dropout=False): its step-1 log-probs then carry dropout noise, and only a warning says so.
+    """
+    gap, scale = check["ref_check/max_abs_logratio"], check["ref_check/max_abs_ref_logps"]
+    tolerance = REFERENCE_TOLERANCE * max(scale, 1.0)
+    if gap <= tolerance or config.reference_is_different:
+        return
+    found = (
+        f"at step 1 the policy's log-probs differ from the cached reference by up to {gap:.4g} "
+        f"(tolerance {tolerance:.3g}, largest |reference log-prob| {scale:.4g})"
+    )
+    if dropout_on:
+        if rank == 0:
+            logger.warning("%s: the policy trains with dropout (disable_dropout=False)", found)
+        return
+    raise ReferenceMismatchError(
+        f"{found}: the cache was scored by another model or other numerics than this policy "
+        "(weights, dtype, attention kernel, model code); precompute again for this policy, or pass "
+        "--reference-is-different if that is intended"
+    )
+
+
+class ReferenceMismatchError(RuntimeError):
+    """Step 1 of training does not reproduce the cached reference log-probs."""

@@ -1,0 +1,386 @@
+"""The one DeepSpeed layer of training: the run's DeepSpeed config, and the engine that owns backward,
+the optimizer step, gradient clipping, checkpoints and the final model.
+
+The config is built from the run's settings, or read from a user's JSON (`--deepspeed-config`) that
+may say "auto" where Hugging Face's Trainer integration allows it
+(`HfTrainerDeepSpeedConfig.trainer_config_process` / `trainer_config_finalize`): the batch sizes,
+`gradient_clipping`, `bf16`/`fp16.enabled`, the optimizer's lr, betas, eps and weight decay, the
+scheduler's warmup and total steps, and the ZeRO bucket sizes that follow the model's hidden size.
+They are filled with the run's values; an explicit value that disagrees with a setting of the run
+(batch sizes, clipping, dtype, lr, weight decay, steps) is refused, as the Trainer refuses it, and so
+is any "auto" left elsewhere: DeepSpeed would not know what it means.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from raydpo.config import TrainConfig
+from raydpo.errors import RaydpoError
+from raydpo.faults import fault_point
+from raydpo.numerics import load_causal_lm, load_config, resolve_dtype, restore_saved_config
+
+if TYPE_CHECKING:
+    import torch
+
+    from raydpo.train_stage.plan import WorkerPlan
+
+logger = logging.getLogger(__name__)
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+AUTO = "auto"
+CHECKPOINT_TAG = "deepspeed"
+
+
+def build(
+    *,
+    zero_stage: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    gradient_clipping: float,
+    dtype: str,
+    on_gpu: bool,
+    hidden_size: int | None = None,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config of a run, built from its settings.
+
+    Bucket sizes follow the model's hidden size as Hugging Face's "auto" values do, instead of
+    DeepSpeed's fixed defaults (5e8 elements), which are sized for billion-parameter models.
+    """
+    zero: dict[str, Any] = {"stage": zero_stage}
+    zero.update(_bucket_sizes(zero_stage, hidden_size))
+    if zero_stage == 3:
+        zero.update(
+            stage3_gather_16bit_weights_on_model_save=True,
+            contiguous_gradients=True,
+            overlap_comm=on_gpu,  # overlapping helps on GPUs; with gloo on CPUs it only adds threads
+        )
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": gradient_clipping,
+        "bf16": {"enabled": dtype == "bfloat16"},
+        "fp16": {"enabled": dtype == "float16"},
+        "zero_optimization": zero,
+        # torch's AdamW is the client optimizer, also when its state lives on the CPU
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _bucket_sizes(zero_stage: int, hidden_size: int | None) -> dict[str, int]:
+    if not hidden_size or zero_stage < 2:
+        return {}
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size}
+    if zero_stage == 3:
+        sizes["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+        sizes["stage3_param_persistence_threshold"] = 10 * hidden_size
+    return sizes
+
+
+def for_run(config: TrainConfig, world_size: int, total_steps: int) -> dict[str, Any]:
+    """The run's DeepSpeed config: `config.deepspeed_config` with "auto" resolved, or the built one."""
+    dtype = resolve_dtype(config.dtype, config.use_gpu)
+    if not config.deepspeed_config:
+        return build(
+            zero_stage=config.zero_stage,
+            micro_batch_size=config.micro_batch_size,
+            grad_accum=config.grad_accum,
+            world_size=world_size,
+            gradient_clipping=config.gradient_clipping,
+            dtype=dtype,
+            on_gpu=config.use_gpu,
+            hidden_size=hidden_size(config.model, config.trust_remote_code),
+            offload_optimizer=config.offload_optimizer,
+            offload_params=config.offload_params,
+        )
+    loaded = _read(config.deepspeed_config)
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size"):
+        loaded.setdefault(key, AUTO)  # the run's settings decide them
+    for section in ("bf16", "fp16"):  # and the dtype: the model is loaded in it
+        if isinstance(loaded.setdefault(section, {}), dict):
+            loaded[section].setdefault("enabled", AUTO)
+    stage = loaded.get("zero_optimization", {}).get("stage", 0)
+    needs_hidden = any(_get(loaded, f"zero_optimization.{key}") == AUTO for key in _bucket_sizes(3, 1))
+    buckets = _bucket_sizes(
+        stage, hidden_size(config.model, config.trust_remote_code) if needs_hidden else None
+    )
+    matched = {  # filled when "auto", refused when different
+        "train_micro_batch_size_per_gpu": config.micro_batch_size,
+        "gradient_accumulation_steps": config.grad_accum,
+        "train_batch_size": config.micro_batch_size * config.grad_accum * world_size,
+        "gradient_clipping": config.gradient_clipping,
+        "bf16.enabled": dtype == "bfloat16",
+        "fp16.enabled": dtype == "float16",
+        "optimizer.params.lr": config.learning_rate,
+        "optimizer.params.weight_decay": config.weight_decay,
+        "scheduler.params.warmup_max_lr": config.learning_rate,
+        "scheduler.params.warmup_num_steps": max(1, math.ceil(config.warmup_ratio * total_steps)),
+        "scheduler.params.total_num_steps": total_steps,
+    }
+    filled_only = {  # filled when "auto"; an explicit value is the user's choice (no setting of the run)
+        "optimizer.params.betas": list(ADAM_BETAS),
+        "optimizer.params.eps": ADAM_EPS,
+        "scheduler.params.warmup_min_lr": 0,
+        **{f"zero_optimization.{key}": value for key, value in buckets.items()},
+    }
+    source = config.deepspeed_config
+    for key, value in {**matched, **filled_only}.items():
+        current = _get(loaded, key)
+        if current == AUTO:
+            _set(loaded, key, value)
+        elif key in matched and current is not None and current != value:
+            raise RaydpoError(
+                f'{source}: {key}={current} but the run\'s settings give {value}; set it to "auto" or match it'
+            )
+    left = auto_keys(loaded)
+    if left:
+        raise RaydpoError(
+            f'{source}: {left[0]} is "auto", which raydpo cannot fill (for the hidden-size buckets: the model '
+            "config has no hidden_size, or the ZeRO stage does not use it); give a value"
+        )
+    return loaded
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path) as handle:
+            loaded = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise RaydpoError(f"cannot read the DeepSpeed config {path}: {error}") from None
+    if not isinstance(loaded, dict):
+        raise RaydpoError(f"{path} must hold a JSON object")
+    return loaded
+
+
+def _get(values: dict[str, Any], dotted: str) -> Any:
+    node: Any = values
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def _set(values: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = values
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def auto_keys(values: Any, prefix: str = "") -> list[str]:
+    """The dotted keys whose value is "auto", in document order."""
+    if isinstance(values, dict):
+        return [key for name, value in values.items() for key in auto_keys(value, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")] if values == AUTO else []
+
+
+def hidden_size(model: str, trust_remote_code: bool = False) -> int | None:
+    """The model's hidden size (the largest of `hidden_sizes`), for bucket sizes; None when it has none."""
+    config = load_config(model, trust_remote_code).get_text_config()
+    size = getattr(config, "hidden_size", None)
+    sizes = getattr(config, "hidden_sizes", None)
+    return size if size is not None else (max(sizes) if sizes else None)
+
+
+# ---- the engine --------------------------------------------------------------------------------------
+
+
+def zero3_loading(ds_config: dict[str, Any]):
+    """Under ZeRO-3, make `from_pretrained` build the model partitioned (deepspeed.zero.Init), so no worker
+    ever holds the whole model; transformers keeps only a weak reference to the returned object."""
+    if ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
+def load_policy(config: TrainConfig, dtype: str) -> torch.nn.Module:
+    """The policy in the cache's numerics (dtype, attention kernel) with dropout off unless kept."""
+    model = load_causal_lm(
+        config.model,
+        dtype,
+        config.attn_implementation,
+        config.trust_remote_code,
+        disable_dropout=config.disable_dropout,
+    )
+    model.config.use_cache = False
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.lora_r:
+        from peft import LoraConfig, get_peft_model
+
+        lora = LoraConfig(
+            r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            lora_dropout=config.lora_dropout,
+            target_modules=_target_modules(config.lora_target_modules),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora)
+        if config.activation_checkpointing:
+            model.enable_input_require_grads()
+    return model
+
+
+def _target_modules(value: list[str] | str) -> list[str] | str:
+    if isinstance(value, list) and len(value) == 1 and value[0] == "all-linear":
+        return "all-linear"  # peft takes this one as a string, not a module name
+    return value
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only, as Hugging Face's Trainer does (biases and norm weights are 1-D)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # ZeRO drops empty groups; so must the scheduler
+
+
+def initialize(module: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any], total_steps: int):
+    """The DeepSpeed engine around `module`, and the scheduler it steps (torch's AdamW and
+    transformers' schedule unless the DeepSpeed config names its own); checkpoints load weights-only."""
+    import deepspeed
+    import torch
+    import transformers
+
+    optimizer = scheduler = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(
+            param_groups(module, config.weight_decay), lr=config.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS
+        )
+    if "scheduler" not in ds_config and optimizer is not None:
+        scheduler = transformers.get_scheduler(
+            config.lr_scheduler,
+            optimizer,
+            num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+    )
+    load_checkpoints_weights_only(engine)
+    return engine, scheduler
+
+
+def load_checkpoint_file(path: str, map_location=None) -> Any:
+    """`torch.load(weights_only=True)` of one DeepSpeed checkpoint file: tensors, containers and the two
+    DeepSpeed classes a ZeRO checkpoint holds, never arbitrary pickled objects."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_checkpoints_weights_only(engine) -> None:
+    """DeepSpeed's torch checkpoint engine unpickles whatever a checkpoint file holds
+    (`weights_only=False`); every load of model, optimizer and client state goes through this method."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:
+        engine.checkpoint_engine.load = load_checkpoint_file
+    else:
+        logger.warning(
+            "checkpoints are loaded by DeepSpeed's %s, which may unpickle them",
+            type(engine.checkpoint_engine).__name__,
+        )
+
+
+def load_checkpoint(engine, checkpoint) -> dict[str, Any]:
+    """Load a Ray Train checkpoint's ZeRO state into the engine; returns the client state saved with it."""
+    with checkpoint.as_directory() as directory:
+        _, client_state = engine.load_checkpoint(directory, tag=CHECKPOINT_TAG)
+    return client_state or {}
+
+
+def save_checkpoint(engine, client_state: dict[str, Any], metrics: dict[str, Any], rank: int) -> None:
+    """Every rank saves its ZeRO shard; Ray Train merges the ranks' directories into one checkpoint."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="raydpo-ckpt-") as directory:
+        engine.save_checkpoint(directory, tag=CHECKPOINT_TAG, client_state=dict(client_state))
+        fault_point("train.checkpoint_write", rank=rank)  # after the local shard, before Ray Train has it
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint-{client_state['step']:08d}",
+        )
+
+
+def save_final_model(engine, plan: WorkerPlan, rank: int) -> str | None:
+    """Gather the sharded weights and write a Hugging Face model directory (rank 0), published atomically."""
+    from transformers import AutoTokenizer
+
+    from raydpo.cache import publish_directory
+
+    if engine.zero_optimization_partition_weights():
+        state_dict = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank takes part
+    else:
+        state_dict = engine.module.state_dict()
+    if rank != 0:
+        return None
+    config = plan.config
+    policy = engine.module.model
+    state_dict = {name.removeprefix("model."): tensor for name, tensor in state_dict.items()}
+    with tempfile.TemporaryDirectory(prefix="raydpo-model-") as directory:
+        if config.lora_r:
+            merge_lora(policy, state_dict, config, Path(directory))
+        else:
+            restore_saved_config(policy, config.model, config.trust_remote_code)
+            policy.save_pretrained(directory, state_dict=state_dict)
+        tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer, trust_remote_code=config.trust_remote_code)
+        tokenizer.save_pretrained(directory)
+        publish_directory(directory, plan.model_output)
+    return plan.model_output
+
+
+def merge_lora(peft_model, state_dict: dict[str, torch.Tensor], config: TrainConfig, directory: Path) -> None:
+    """Save the adapter (DIR/adapter) and the base model with the adapter merged in (DIR)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = directory / "adapter"
+    peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
+    base = AutoModelForCausalLM.from_pretrained(
+        config.model,
+        dtype=next(iter(state_dict.values())).dtype,
+        trust_remote_code=config.trust_remote_code,
+    )
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    merged.save_pretrained(directory)
+
+
+def grad_norm(engine) -> float:
+    """The last step's gradient norm (a host read: taken at logging steps only)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return float("nan")
+    return float(norm.item() if hasattr(norm, "item") else norm)
+
+
+def learning_rate(engine, scheduler) -> float:
+    if scheduler is not None:
+        return float(scheduler.get_last_lr()[0])
+    return float(engine.get_lr()[0])

@@ -1,0 +1,276 @@
+"""The Ray Train worker loop: DeepSpeed ZeRO DPO on the policy alone, against cached reference log-probs.
+
+Each worker reads its equal shard of the precompute output and, step by step, takes `grad_accum`
+micro-batches through the policy (`forward`), backward and the optimizer step (`engine`); metric sums
+stay on the device and are all-reduced once per logging step, when rank 0 logs them with TRL's names.
+DeepSpeed owns backward, the optimizer step, gradient clipping and checkpoints; Ray Train owns the
+process group, restarts and checkpoint storage. The loop reads: setup -> resume -> steps (each followed
+by log, eval and checkpoint where due) -> final save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from raydpo.cluster import MIMALLOC_LIBRARY, preloaded
+from raydpo.config import TrainConfig
+from raydpo.faults import fault_point
+from raydpo.losses import LossSettings
+from raydpo.numerics import has_dropout
+from raydpo.train_stage.checks import StepChecks
+from raydpo.train_stage.engine import (
+    grad_norm,
+    initialize,
+    learning_rate,
+    load_checkpoint,
+    load_policy,
+    save_checkpoint,
+    save_final_model,
+    zero3_loading,
+)
+from raydpo.train_stage.forward import PolicyScorer, decide_prefix_sharing, loss_on_batch, micro_batches
+from raydpo.train_stage.metrics import MetricWindow, peak_memory_gb
+from raydpo.train_stage.plan import WorkerOutcome, WorkerPlan
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries besides the ZeRO state (DeepSpeed's client state)."""
+
+    step: int = 0
+    num_tokens: int = 0
+    skipped_batches: int = 0
+
+    @classmethod
+    def from_client_state(cls, values: dict[str, Any]) -> TrainState:
+        return cls(**{item.name: values.get(item.name, 0) for item in dataclasses.fields(cls)})
+
+
+@dataclass
+class Worker:
+    """One worker after setup: its plan, place, engine, checks and logger."""
+
+    plan: WorkerPlan
+    settings: LossSettings
+    rank: int
+    device: torch.device
+    engine: Any  # deepspeed.DeepSpeedEngine around a PolicyScorer
+    scheduler: Any
+    checks: StepChecks
+    tracker: Any  # MlflowLogger on rank 0, NullLogger elsewhere
+    allocator: str | None  # on CPUs, the allocator in effect
+    prefix_sharing: bool
+    memory_at_start: float
+    zero3_loading: Any  # alive while ZeRO-3 is in use; dropped before the final save
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def config(self) -> TrainConfig:
+        return self.plan.config
+
+
+def train_loop(values: dict[str, Any]) -> WorkerOutcome | None:
+    """Entry point of every Ray Train worker; rank 0 returns the outcome."""
+    worker = setup(WorkerPlan.from_dict(values))
+    state, batches = resume(worker)
+    worker.engine.train()
+    started = time.perf_counter()
+    window = MetricWindow(worker.device)
+    for step in range(state.step + 1, worker.plan.run.total_steps + 1):
+        step_started = time.perf_counter()
+        train_step(worker, batches, state, window, step)
+        worker.step_seconds.append(time.perf_counter() - step_started)
+        window = after_step(worker, state, window, step)
+    return finish(worker, time.perf_counter() - started)
+
+
+# ---- setup and resume --------------------------------------------------------------------------------
+
+
+def setup(plan: WorkerPlan) -> Worker:
+    """The process group, the policy loaded (under ZeRO-3 straight into shards) and the engine."""
+    import deepspeed
+    import ray.train
+    import transformers
+
+    from raydpo.tracking import MlflowLogger, NullLogger
+
+    config = plan.config
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    transformers.set_seed(config.seed)
+    allocator = _cpu_allocator(device, config, rank)
+    deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
+    loading = zero3_loading(plan.deepspeed_config)  # alive while the model loads
+    memory_at_start = peak_memory_gb(device, reduce=False)
+    policy = load_policy(config, plan.dtype)
+    # with disable_dropout=False step 1 carries dropout noise (LoRA's own dropout cannot: its B starts at 0)
+    dropout_on = not config.disable_dropout and has_dropout(policy)
+    scorer = PolicyScorer(policy, config.logits_chunk_tokens)
+    engine, scheduler = initialize(scorer, config, plan.deepspeed_config, plan.run.total_steps)
+    return Worker(
+        plan=plan,
+        settings=config.loss_settings(),
+        rank=rank,
+        device=device,
+        engine=engine,
+        scheduler=scheduler,
+        checks=StepChecks(config, rank, dropout_on, device),
+        tracker=MlflowLogger(plan.tracking_uri, plan.run_id) if rank == 0 else NullLogger(),
+        allocator=allocator,
+        prefix_sharing=decide_prefix_sharing(engine, config.prefix_sharing, rank),
+        memory_at_start=memory_at_start,
+        zero3_loading=loading,
+    )
+
+
+def _cpu_allocator(device: torch.device, config: TrainConfig, rank: int) -> str | None:
+    if device.type != "cpu":
+        return None
+    allocator = "mimalloc" if preloaded(MIMALLOC_LIBRARY) else "system"
+    if allocator != config.cpu_allocator:
+        logger.warning(
+            "rank %d: cpu_allocator=%s is not in effect (preload failed)", rank, config.cpu_allocator
+        )
+    return allocator
+
+
+def resume(worker: Worker) -> tuple[TrainState, Iterator[dict[str, Any]]]:
+    """The state of the latest checkpoint (if any), and the worker's micro-batches after those it used."""
+    import ray.train
+
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = TrainState.from_client_state(load_checkpoint(worker.engine, checkpoint))
+        logger.info("rank %d resumed from %s at step %d", worker.rank, checkpoint.path, state.step)
+    config = worker.config
+    batches = micro_batches(ray.train.get_dataset_shard("train"), config.micro_batch_size)
+    for _ in range(state.step * config.grad_accum + state.skipped_batches):  # seen before the checkpoint
+        next(batches)
+    return state, batches
+
+
+# ---- a step ------------------------------------------------------------------------------------------
+
+
+def train_step(
+    worker: Worker, batches: Iterator[dict[str, Any]], state: TrainState, window: MetricWindow, step: int
+) -> None:
+    """One optimizer step: `grad_accum` micro-batches with finite losses, each forward and backward."""
+    used = 0
+    while used < worker.config.grad_accum:
+        columns = next(batches, None)
+        if columns is None:  # only when skipped batches used up the stream's spare pairs
+            raise RuntimeError(f"the data ran out at step {step} after skipping non-finite batches")
+        forward = loss_on_batch(
+            worker.engine, columns, worker.settings, worker.plan.pad_token_id, worker.device
+        )
+        if not worker.checks.admit(forward.loss, forward.inputs, columns["pair_id"], step):
+            state.skipped_batches += 1
+            continue  # a replacement micro-batch keeps the accumulation aligned with the steps
+        worker.engine.backward(forward.loss)
+        used += 1
+        if used == worker.config.grad_accum:
+            worker.checks.before_update(step)
+        worker.engine.step()  # the optimizer steps at the last micro-batch of the step
+        window.add(forward)
+    state.step = step
+
+
+def after_step(worker: Worker, state: TrainState, window: MetricWindow, step: int) -> MetricWindow:
+    """Log, evaluate and checkpoint where due; returns the window the next step adds to."""
+    config, total_steps = worker.config, worker.plan.run.total_steps
+    is_last = step == total_steps
+    if step == 1 or step % config.logging_steps == 0 or is_last:
+        worker.final_metrics.update(log_step(worker, state, window, step))
+        window = MetricWindow(worker.device)
+    if worker.plan.has_eval and (is_last or (config.eval_steps and step % config.eval_steps == 0)):
+        eval_metrics = evaluate(worker)
+        worker.tracker.log(eval_metrics, step)
+        worker.final_metrics.update(eval_metrics)
+        worker.engine.train()
+        window.started = time.perf_counter()
+    if config.checkpoint_steps and step % config.checkpoint_steps == 0 and not is_last:
+        metrics = {"step": step, **worker.final_metrics}
+        save_checkpoint(worker.engine, dataclasses.asdict(state), metrics, worker.rank)
+    fault_point("train.after_step", rank=worker.rank)
+    return window
+
+
+def log_step(worker: Worker, state: TrainState, window: MetricWindow, step: int) -> dict[str, float]:
+    """The window's metrics over all ranks (the one host sync of the window), logged by rank 0."""
+    metrics = window.reduce()
+    if step == 1 and worker.checks.reference is not None:
+        metrics.update(worker.checks.reference)
+    state.num_tokens += int(metrics.pop("_tokens"))
+    if state.skipped_batches:
+        metrics["skipped_nonfinite_batches"] = state.skipped_batches
+    metrics.update(
+        grad_norm=grad_norm(worker.engine),
+        learning_rate=learning_rate(worker.engine, worker.scheduler),
+        epoch=worker.plan.run.epoch_at(step),
+        num_tokens=state.num_tokens,
+    )
+    worker.tracker.log(metrics, step)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(worker: Worker) -> dict[str, float]:
+    """The loss and metrics over the whole eval split, prefixed `eval_` as TRL's are."""
+    import ray.train
+
+    worker.engine.eval()
+    window = MetricWindow(worker.device)
+    shard = ray.train.get_dataset_shard("eval")
+    for columns in shard.iter_batches(batch_size=worker.config.micro_batch_size, batch_format="numpy"):
+        window.add(
+            loss_on_batch(worker.engine, columns, worker.settings, worker.plan.pad_token_id, worker.device)
+        )
+    metrics = window.reduce()
+    metrics.pop("_tokens")
+    metrics["runtime"] = time.perf_counter() - window.started
+    metrics.pop("tokens_per_second")
+    return {f"eval_{name}": value for name, value in metrics.items()}
+
+
+# ---- the end -----------------------------------------------------------------------------------------
+
+
+def finish(worker: Worker, runtime: float) -> WorkerOutcome | None:
+    """Runtime and memory logged, the final model saved (published by rank 0), the last report."""
+    import ray.train
+
+    total_steps = worker.plan.run.total_steps
+    metrics = worker.final_metrics
+    metrics.update(
+        train_runtime=runtime,
+        train_steps_per_second=len(worker.step_seconds) / runtime,
+        peak_memory_gb=peak_memory_gb(worker.device),
+        peak_memory_above_start_gb=peak_memory_gb(worker.device, baseline=worker.memory_at_start),
+    )
+    memory = ("train_runtime", "peak_memory_gb", "peak_memory_above_start_gb")
+    worker.tracker.log({name: metrics[name] for name in memory}, total_steps)
+    worker.zero3_loading = None  # the final save loads the base model on rank 0 alone (LoRA merge)
+    model_path = save_final_model(worker.engine, worker.plan, worker.rank)
+    ray.train.report({"step": total_steps, **metrics})
+    if worker.rank != 0:
+        return None
+    return WorkerOutcome(
+        model_path=model_path,
+        metrics=metrics,
+        step_seconds=worker.step_seconds,
+        cpu_allocator=worker.allocator,
+        prefix_sharing=worker.prefix_sharing,
+    )
