@@ -54,13 +54,12 @@ def run(
     eval_dataset=None,
 ) -> JobResult:
     """Precompute (a no-op when the cache matches), train on it, and report. Usable from a notebook."""
-    from raydpo.precompute_stage import precompute
-    from raydpo.train_stage import train
+    from raydpo import precompute_stage, train_stage
 
     pre_config = coerce(PrecomputeConfig, precompute)
     train_config = train_config_for(pre_config, train or {})  # validated before any work starts
-    cached = precompute(pre_config, dataset=dataset, eval_dataset=eval_dataset)
-    trained = train(train_config)
+    cached = precompute_stage.precompute(pre_config, dataset=dataset, eval_dataset=eval_dataset)
+    trained = train_stage.train(train_config)
     report = build_report(cached, trained)
     report["plot"] = cache.join(trained.output, PLOT_NAME)
     with tempfile.TemporaryDirectory(prefix="raydpo-report-") as directory:
