@@ -78,7 +78,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
-    from raydpo.tracking import MlflowLogger, resolve_tracking_uri, start_run
+    from raydpo.tracking import MlflowLogger, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
@@ -86,18 +86,8 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     _check_cluster(config, output, storage_path, tracking_uri)
     runtime_env = worker_env(None if config.use_gpu else cpu_allocator_env(config.cpu_allocator))
     ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
-    manifests = {name: split.manifest for name, split in splits.items()}
-    run_id = start_run(
-        tracking_uri,
-        config.experiment,
-        run_name=os.path.basename(run_dir),
-        params=_run_params(config, plan, reference, manifests, counts),
-        artifacts={
-            "deepspeed_config.json": ds_config,
-            **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
-        },
-        run_id=state.get("run_id"),
-        artifact_root=_artifact_root(tracking_uri),
+    run_id = _start_mlflow_run(
+        config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
     )
     state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
     _write_state(fs, run_dir, state)
@@ -165,6 +155,27 @@ def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking
             "the MLflow store": local_store_dir(tracking_uri),
         },
         inputs={"the model": config.model, "the data": config.data, "the eval data": config.eval_data},
+    )
+
+
+def _start_mlflow_run(
+    config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
+) -> str:
+    """Start (or, resuming, reopen) the run's MLflow run with its params, DeepSpeed config and manifests."""
+    from raydpo.tracking import start_run
+
+    manifests = {name: split.manifest for name, split in splits.items()}
+    return start_run(
+        tracking_uri,
+        config.experiment,
+        run_name=os.path.basename(run_dir),
+        params=_run_params(config, plan, reference, manifests, counts),
+        artifacts={
+            "deepspeed_config.json": ds_config,
+            **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
+        },
+        run_id=state.get("run_id"),
+        artifact_root=_artifact_root(tracking_uri),
     )
 
 
