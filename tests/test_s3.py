@@ -199,7 +199,7 @@ def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors
         "2nd part file; the 1st is cut in half on the store; a rerun through an endpoint that answers part "
         "reads with 503, then a plain rerun",
         "the read-error rerun stopped with a one-line 'rerun' error and deleted nothing; the plain rerun "
-        f"deleted the torn file, kept {kept} pairs and recomputed {PAIRS - kept - counts['rejected']}; "
+        f"deleted the torn file, kept {kept} pairs and recomputed {PAIRS - kept - counts.rejected}; "
         "same pair ids and values (1e-4) as an undisturbed run; nothing written to the working directory",
     )
 
