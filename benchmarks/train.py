@@ -36,9 +36,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from precompute import conversational  # noqa: E402
-
 WARMUP_STEPS = 2  # excluded from the median: first-step allocations, DeepSpeed/DDP bucket set-up
 
 
@@ -202,6 +199,7 @@ def main() -> None:
     import torch
 
     import raydpo
+    from raydpo.data import sharegpt_to_conversational
     from raydpo.toy import build_toy_model, sample_data_dir
 
     workdir = Path(args.workdir).resolve()
@@ -213,7 +211,7 @@ def main() -> None:
         num_heads=8,
     )
     source = json.loads((sample_data_dir() / f"dpo_{args.data}_demo.json").read_text(encoding="utf-8"))
-    rows = [conversational(row) for row in source[: args.pairs]]
+    rows = [sharegpt_to_conversational(row) for row in source[: args.pairs]]
     import datasets
 
     rows_file = workdir / "rows"

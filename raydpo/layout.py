@@ -94,6 +94,13 @@ class SharedPairs:
         the model computed the prompt once."""
         return int((self.segments != PAD).sum() + (self.segments == PROMPT).sum())
 
+    def segment_lengths(self) -> tuple[tuple[int, int, int], ...]:
+        """(prompt, chosen, rejected) token counts of each row."""
+        counts = torch.stack(
+            [(self.segments == part).sum(dim=1) for part in (PROMPT, CHOSEN, REJECTED)], dim=1
+        )
+        return tuple(tuple(row) for row in counts.tolist())
+
     def to(self, device: torch.device | str) -> SharedPairs:
         return SharedPairs(
             *(
@@ -140,14 +147,14 @@ def pack_shared(
 
 
 def shared_attention_mask(
-    batch: SharedPairs, model: torch.nn.Module
+    batch: SharedPairs, model: torch.nn.Module, boolean: bool
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The 4D mask of a SharedPairs batch for `model`'s attention layers.
 
     Causal over the row, except that rejected positions never see chosen ones, and padding is never
     seen. Sliding-window layers also limit the distance in positions (not in row offsets) to their
     window, as the model's own masks do. Models whose layers differ (full and sliding) get a mask per
-    layer type. SDPA takes a boolean mask; other kernels an additive one in the model's dtype.
+    layer type. The mask is `boolean` (what SDPA takes) or additive in the model's dtype (eager kernels).
     """
     config = model.config
     segments, positions = batch.segments, batch.position_ids
@@ -161,7 +168,7 @@ def shared_attention_mask(
     def formatted(window: int | None) -> torch.Tensor:
         mask = allowed if window is None else allowed & (distance < window)
         mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
-        if config._attn_implementation == "sdpa":
+        if boolean:
             return mask
         dtype = next(model.parameters()).dtype
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(

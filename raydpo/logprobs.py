@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from raydpo.attention import ATTENTION_NAME
+from raydpo.attention import register as register_attention
 from raydpo.config import PREFIX_SHARING
 from raydpo.errors import one_line
 from raydpo.layout import (
@@ -63,9 +65,9 @@ def completion_logps(
     if isinstance(batch, SharedPairs):
         hidden = body(
             input_ids=batch.input_ids,
-            attention_mask=shared_attention_mask(batch, model),
             position_ids=batch.position_ids,
             use_cache=False,
+            **_shared_attention(batch, model),
         ).last_hidden_state
         target_mask = batch.predecessors >= 0
         rows = torch.arange(batch.num_pairs, device=hidden.device).repeat(2)[:, None].expand_as(target_mask)
@@ -98,6 +100,22 @@ def completion_logps(
         result.logits_sums = _scatter(target_mask, mean_logits).sum(dim=1)
         result.token_log_sum_sq_probs = _scatter(target_mask, log_sum_sq)
     return result
+
+
+def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
+    """How the body attends over shared rows: a segment at a time where the model runs
+    `prefix_sdpa_forward` and no sliding window is shorter than the rows' positions, else through a
+    dense 4D mask."""
+    implementation = model.config._attn_implementation
+    if implementation == ATTENTION_NAME:
+        lengths = batch.segment_lengths()
+        windows = [window for window in layer_windows(model.config).values() if window is not None]
+        if not windows or max(p + max(c, r) for p, c, r in lengths) <= min(windows):
+            # a 4D mask goes to the attention as it is; the segments say what each query sees
+            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
+            return {"attention_mask": placeholder, "prefix_segments": lengths}
+    boolean = implementation in ("sdpa", ATTENTION_NAME)
+    return {"attention_mask": shared_attention_mask(batch, model, boolean)}
 
 
 def _call_head(head, states, targets, transform: LogitTransform, chunk_tokens: int, with_stats: bool):
@@ -276,10 +294,28 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
         raise ValueError(f"prefix_sharing must be one of {', '.join(PREFIX_SHARING)}, got {setting!r}")
     if setting == "off":
         return False
+    segmented = _use_segmented_attention(model)
     reason = check_prefix_sharing(model)
+    if reason is not None and segmented:
+        logger.warning("prefix sharing: segment-wise attention is off, a 4D mask is used: %s", reason)
+        model.set_attn_implementation("sdpa")
+        segmented, reason = False, check_prefix_sharing(model)
     if reason is None:
+        logger.info(
+            "prefix sharing: attention %s", "a segment at a time" if segmented else "through a 4D mask"
+        )
         return True
     if setting == "on":
         raise ValueError(f"prefix_sharing=on: {reason}")
     logger.warning("prefix sharing is off: %s", reason)
     return False
+
+
+def _use_segmented_attention(model: torch.nn.Module) -> bool:
+    """Switch a model that runs SDPA to `prefix_sdpa_forward` (SDPA for two-row batches, a segment at a
+    time for shared rows); whether it did."""
+    if model.config._attn_implementation != "sdpa":
+        return False
+    register_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model.config._attn_implementation == ATTENTION_NAME

@@ -8,6 +8,11 @@ absolute positions) and a mixture of experts (Qwen2-MoE).
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from unittest import mock
+
 import pytest
 import torch
 from transformers import (
@@ -27,9 +32,10 @@ from transformers import (
 )
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from raydpo import attention
 from raydpo.data import RowError, canonical_pair
 from raydpo.layout import pack_pairs, pack_shared
-from raydpo.logprobs import check_prefix_sharing, completion_logps
+from raydpo.logprobs import check_prefix_sharing, completion_logps, use_prefix_sharing
 from raydpo.tokenize import pad_token_id, tokenize_pair
 
 WINDOW = 16  # shorter than every sequence below: the sliding layers' mask matters
@@ -101,11 +107,29 @@ def columns(pairs) -> tuple[list[list[int]], ...]:
     return [p.prompt_ids for p in pairs], [p.chosen_ids for p in pairs], [p.rejected_ids for p in pairs]
 
 
+@contextlib.contextmanager
+def attending(model: torch.nn.Module, kernel: str):
+    """The model attending over shared rows through a dense 4D `mask`, or a `segment` at a time in
+    blocks of 16 queries (so the sample's completions take several blocks); restored afterwards."""
+    implementation = model.config._attn_implementation
+    if kernel == "segments":
+        if implementation != "sdpa":
+            pytest.skip(f"segment-wise attention replaces SDPA only, this model runs {implementation}")
+        attention.register()
+        model.set_attn_implementation(attention.ATTENTION_NAME)
+    try:
+        with mock.patch.object(attention, "QUERY_BLOCK", 16):
+            yield
+    finally:
+        model.set_attn_implementation(implementation)
+
+
+@pytest.mark.parametrize("kernel", ["mask", "segments"])
 @pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe"])
-def test_shared_equals_unshared(models, tokenizer, pairs, name):
+def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     model = models[name]
     pad = pad_token_id(tokenizer)
-    with torch.inference_mode():
+    with attending(model, kernel), torch.inference_mode():
         unshared = completion_logps(model, pack_pairs(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
         shared = completion_logps(model, pack_shared(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
     torch.testing.assert_close(shared.lengths, unshared.lengths, rtol=0, atol=0)
@@ -124,8 +148,8 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name):
     assert check_prefix_sharing(model) is None
 
 
-@pytest.mark.parametrize("name", ["llama", "gemma2"])
-def test_gradients_equal_unshared(models, tokenizer, pairs, name):
+@pytest.mark.parametrize(("name", "kernel"), [("llama", "mask"), ("llama", "segments"), ("gemma2", "mask")])
+def test_gradients_equal_unshared(models, tokenizer, pairs, name, kernel):
     """The prompt's gradient is the sum of both branches' gradients: every parameter's gradient of one
     DPO-like objective equals the unshared one's, within 1e-5 of its norm (elements near zero are sums
     of terms taken in another order, so an element-wise relative bound would measure rounding)."""
@@ -138,8 +162,9 @@ def test_gradients_equal_unshared(models, tokenizer, pairs, name):
         (completion_logps(model, batch, chunk_tokens=61).sums * weights).sum().backward()
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
-    unshared = gradients(pack_pairs(*columns(pairs), pad))
-    shared = gradients(pack_shared(*columns(pairs), pad))
+    with attending(model, kernel):
+        unshared = gradients(pack_pairs(*columns(pairs), pad))
+        shared = gradients(pack_shared(*columns(pairs), pad))
     model.zero_grad()
     assert shared.keys() == unshared.keys() and len(shared) == len(list(model.parameters()))
     for parameter, expected in unshared.items():
@@ -180,3 +205,22 @@ def test_check_refuses_attention_that_ignores_the_mask(tokenizer):
     assert reason is not None and "does not follow the 4D mask" in reason
     model.set_attn_implementation("sdpa")
     assert check_prefix_sharing(model) is None
+
+
+def test_sdpa_models_attend_a_segment_at_a_time(tokenizer, tmp_path, caplog):
+    """`auto` switches an SDPA model to segment-wise attention (its saved config does not name it) and
+    leaves an eager model (Gemma 2's soft-capping) on the 4D mask; both pass the load-time check."""
+    torch.manual_seed(0)
+    built = architectures(len(tokenizer))
+    llama, gemma2 = built["llama"].eval(), built["gemma2"].eval()
+    with caplog.at_level(logging.INFO, logger="raydpo.logprobs"):
+        assert use_prefix_sharing(llama, "auto") and use_prefix_sharing(gemma2, "auto")
+    assert llama.config._attn_implementation == attention.ATTENTION_NAME
+    assert gemma2.config._attn_implementation == "eager"
+    assert [r.getMessage() for r in caplog.records] == [
+        "prefix sharing: attention a segment at a time",
+        "prefix sharing: attention through a 4D mask",
+    ]
+    llama.save_pretrained(tmp_path)
+    assert attention.ATTENTION_NAME not in (tmp_path / "config.json").read_text()
+    assert json.loads((tmp_path / "config.json").read_text()).get("attn_implementation") in (None, "sdpa")

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "raydpo"
 # leaves import at most `errors`; `tracking` is one (the only module that imports MLflow).
 LAYERS = [
     {"errors"},
-    {"faults", "layout", "loss_settings", "numerics", "toy", "tracking"},
+    {"attention", "faults", "layout", "loss_settings", "numerics", "toy", "tracking"},
     {"config"},
     {"data", "losses", "logprobs", "cluster"},
     {"tokenize"},
