@@ -76,23 +76,20 @@ def run_trl(model_dir: Path, rows: list[dict], max_length: int, batch_size: int,
 
 def run_raydpo(
     model_dir: Path,
-    rows: list[dict],
+    data_file: Path,
     max_length: int,
     batch_size: int,
     threads: int,
     output: str,
     prefix_sharing: str,
 ):
-    import ray.data
-
     import raydpo
 
     shutil.rmtree(output, ignore_errors=True)  # a fresh output: a finished one would be a cache hit
-    dataset = ray.data.from_items(rows)
     started = time.perf_counter()
     result = raydpo.precompute(
         model=str(model_dir),
-        dataset=dataset,
+        dataset=str(data_file),
         output=output,
         max_length=max_length,
         batch_size=batch_size,
@@ -140,6 +137,8 @@ def main() -> None:
     )
     source = json.loads((sample_data_dir() / f"dpo_{args.data}_demo.json").read_text(encoding="utf-8"))
     rows = [sharegpt_to_conversational(row) for row in source[: args.pairs]]
+    data_file = workdir / f"pairs-{args.data}-{args.pairs}.json"  # raydpo reads a file, as from the CLI
+    data_file.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     ray.init(num_cpus=threads + 1, include_dashboard=False, log_to_driver=False)  # +1: the tokenize tasks
 
     print(
@@ -160,7 +159,13 @@ def main() -> None:
         )
         for name, sharing in (("raydpo-shared", "on"), ("raydpo-unshared", "off")):
             r_sec, r_pairs, r_tokens, r_pad, frames[name] = run_raydpo(
-                model_dir, rows, args.max_length, args.batch_size, threads, str(workdir / "cache"), sharing
+                model_dir,
+                data_file,
+                args.max_length,
+                args.batch_size,
+                threads,
+                str(workdir / "cache"),
+                sharing,
             )
             runs[name].append((r_pairs / r_sec, r_tokens / r_sec))
             print(

@@ -110,9 +110,14 @@ def columns(pairs) -> tuple[list[list[int]], ...]:
 @contextlib.contextmanager
 def attending(model: torch.nn.Module, kernel: str):
     """The model attending over shared rows through a dense 4D `mask`, or a `segment` at a time in
-    blocks of 16 queries (so the sample's completions take several blocks); restored afterwards."""
+    blocks of 16 queries (so the sample's completions take several blocks), and with "checkpointed"
+    recomputing each layer in backward (training mode, as `activation_checkpointing` runs it);
+    restored afterwards."""
     implementation = model.config._attn_implementation
-    if kernel == "segments":
+    if kernel.endswith("checkpointed"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+    if kernel.startswith("segments"):
         if implementation != "sdpa":
             pytest.skip(f"segment-wise attention replaces SDPA only, this model runs {implementation}")
         attention.register()
@@ -122,6 +127,8 @@ def attending(model: torch.nn.Module, kernel: str):
             yield
     finally:
         model.set_attn_implementation(implementation)
+        model.gradient_checkpointing_disable()
+        model.eval()
 
 
 @pytest.mark.parametrize("kernel", ["mask", "segments"])
@@ -148,7 +155,10 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     assert check_prefix_sharing(model) is None
 
 
-@pytest.mark.parametrize(("name", "kernel"), [("llama", "mask"), ("llama", "segments"), ("gemma2", "mask")])
+@pytest.mark.parametrize(
+    ("name", "kernel"),
+    [("llama", "mask"), ("llama", "segments"), ("llama", "segments-checkpointed"), ("gemma2", "mask")],
+)
 def test_gradients_equal_unshared(models, tokenizer, pairs, name, kernel):
     """The prompt's gradient is the sum of both branches' gradients: every parameter's gradient of one
     DPO-like objective equals the unshared one's, within 1e-5 of its norm (elements near zero are sums
