@@ -236,6 +236,14 @@ def main() -> None:
         f"micro batch {args.micro_batch}; {args.steps} steps, median over steps {WARMUP_STEPS + 1}-{args.steps}"
     )
     print(f"raydpo precompute (once, reusable by every run): {precompute_s:.1f}s")
+    lengths = raydpo.read_output(str(cache)).to_pandas()
+    prompt_tokens = int(lengths["prompt_length"].sum())
+    completion_tokens = int((lengths["chosen_length"] + lengths["rejected_length"]).sum())
+    print(
+        f"data: {prompt_tokens} prompt tokens, {completion_tokens} completion tokens (prompt:completion "
+        f"{prompt_tokens / completion_tokens:.2f}); prompts are "
+        f"{2 * prompt_tokens / (2 * prompt_tokens + completion_tokens):.0%} of the tokens a two-row step computes"
+    )
     from raydpo.cluster import cpu_allocator_env
 
     runners = {

@@ -88,6 +88,10 @@ def local_store_dir(tracking_uri: str) -> str | None:
     return tracking_uri if os.path.isabs(tracking_uri) else None
 
 
+# MLflow 3's UI opens an experiment in the mode this tag names; untagged, it may open on GenAI traces
+EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+
+
 def start_run(
     tracking_uri: str,
     experiment: str,
@@ -109,6 +113,8 @@ def start_run(
             if found is not None
             else client.create_experiment(experiment, artifact_location=artifact_root)
         )
+        if found is None or EXPERIMENT_KIND not in found.tags:  # a kind the user chose stays
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             return run_id

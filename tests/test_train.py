@@ -135,7 +135,7 @@ def test_cpu_workers_allocate_with_mimalloc(base_run):
     assert cpu_allocator_env("system") == {}
 
 
-def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache):
+def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, toy_model):
     client = MlflowClient(tracking_uri=base_run.tracking_uri)
     run = client.get_run(base_run.run_id)
     assert base_run.tracking_uri.startswith("sqlite:///") and run.info.status == "FINISHED"
@@ -164,6 +164,11 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache):
     assert learning_rates[STEPS] == 0.0 and max(learning_rates.values()) == pytest.approx(1e-3)
     num_tokens = metric_history(base_run, "num_tokens")
     assert all(num_tokens[s] < num_tokens[s + 1] for s in range(1, STEPS))
+
+    # named after the model, loss and beta; the experiment opens in MLflow's model-training mode
+    assert run.info.run_name == f"{toy_model.name} sigmoid beta=0.1"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
     params = run.data.params
     manifest = json.loads((train_cache / "train" / "manifest.json").read_text())

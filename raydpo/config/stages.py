@@ -276,6 +276,10 @@ class TrainConfig:
         None, help="Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."
     )
     experiment: str = setting("raydpo", help="MLflow experiment name.")
+    run_name: str | None = setting(
+        None,
+        help="MLflow run name; default: the model's name, the loss and beta (`Qwen2-0.5B sigmoid beta=0.1`).",
+    )
     reference_is_different: bool = setting(
         False,
         help=(

@@ -158,6 +158,13 @@ def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking
     )
 
 
+def default_run_name(config) -> str:
+    """What tells runs apart in MLflow's run list: the model's name, the loss and beta."""
+    losses = [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
+    model = config.model.rstrip("/").rsplit("/", 1)[-1] or config.model
+    return f"{model} {'+'.join(losses)} beta={config.beta:g}"
+
+
 def _start_mlflow_run(
     config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
 ) -> str:
@@ -168,7 +175,7 @@ def _start_mlflow_run(
     return start_run(
         tracking_uri,
         config.experiment,
-        run_name=os.path.basename(run_dir),
+        run_name=config.run_name or default_run_name(config),
         params=_run_params(config, plan, reference, manifests, counts),
         artifacts={
             "deepspeed_config.json": ds_config,
