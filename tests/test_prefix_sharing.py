@@ -118,8 +118,7 @@ def attending(model: torch.nn.Module, kernel: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     if kernel.startswith("segments"):
-        if implementation != "sdpa":
-            pytest.skip(f"segment-wise attention replaces SDPA only, this model runs {implementation}")
+        assert implementation == "sdpa", "segment-wise attention replaces SDPA only"
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
     try:
@@ -131,8 +130,11 @@ def attending(model: torch.nn.Module, kernel: str):
         model.eval()
 
 
-@pytest.mark.parametrize("kernel", ["mask", "segments"])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe"])
+@pytest.mark.parametrize(
+    ("name", "kernel"),
+    [(name, "mask") for name in ("llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe")]
+    + [(name, "segments") for name in ("llama", "qwen2", "mistral", "gpt2", "qwen2_moe")],  # SDPA models
+)
 def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     model = models[name]
     pad = pad_token_id(tokenizer)
