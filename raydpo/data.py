@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from raydpo.errors import RaydpoError, one_line
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -39,6 +40,12 @@ SHAREGPT_ROLES = {
 }
 PREFERENCE_KEYS = ("chosen", "rejected")
 JSON_RECORD = "_raydpo_json_record"  # the raw bytes of one JSON record, parsed by `parse_row`
+# Every input row's position in the source, carried from the reader to the output (`source_row`):
+# `file_index << FILE_SHIFT | record` for files (in the fingerprint's sorted order), the row's index for a
+# Hugging Face or Ray dataset. It orders the rows ("first occurrence" of a duplicate id is the smallest)
+# and lets a resumed run skip whole ranges of rows already written.
+SOURCE_ROW = "_raydpo_source_row"
+FILE_SHIFT = 32
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,8 @@ FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[ray.data.Dataset, dict]:
-    """Open a preference data source as a Ray Dataset, with a fingerprint of what was opened.
+    """Open a preference data source as a Ray Dataset of numbered rows (`SOURCE_ROW`), with a fingerprint
+    of what was opened.
 
     Files are fingerprinted by path, size and modification time (cheap, and changes whenever the data
     does); a Hugging Face dataset by its own fingerprint; an in-memory Ray Dataset by its content.
@@ -233,7 +241,11 @@ def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[r
     import ray.data
 
     if isinstance(source, ray.data.Dataset):
-        return source, {"kind": "ray_dataset", "content": dataset_content_digest(source)}
+        numbered = _numbered(source)
+        return numbered, {
+            "kind": "ray_dataset",
+            "content": dataset_content_digest(numbered.drop_columns([SOURCE_ROW])),
+        }
     if not isinstance(source, str) or not source:
         raise RaydpoError("dataset must be a path, a URI or a ray.data.Dataset")
 
@@ -251,26 +263,90 @@ def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[r
         "files": [[info.path, info.size, info.mtime_ns] for info in files if info.path in paths],
     }
     if formats == {"json"}:
-        files = ray.data.read_binary_files(paths, filesystem=filesystem)
-        return files.flat_map(json_records), fingerprint
-    return ray.data.read_parquet(paths, filesystem=filesystem), fingerprint
+        listing = ray.data.from_items(
+            [{"path": path, "file_index": index} for index, path in enumerate(paths)],
+            override_num_blocks=len(paths),
+        )
+        return listing.flat_map(json_records, fn_kwargs={"filesystem": filesystem}), fingerprint
+    return _read_parquet_numbered(paths, filesystem), fingerprint
 
 
-def json_records(file: dict[str, Any]) -> list[dict[str, Any]]:
+def json_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:
     """Split one JSON or JSONL file into raw records: a top-level array's items, else its non-blank lines.
 
     Records stay bytes until `parse_row`, so types may differ between records (Arrow's JSON reader wants
     one schema per file) and a record with invalid UTF-8 spoils only itself. An array that does not
-    parse is one record, and so one reject with the parser's reason.
+    parse is one record, and so one reject with the parser's reason. Each record is numbered
+    (`SOURCE_ROW`) by its file's index and its place in the file.
     """
-    data = file["bytes"].removeprefix(codecs.BOM_UTF8)
+    with filesystem.open_input_stream(file["path"]) as stream:
+        data = stream.read().removeprefix(codecs.BOM_UTF8)
     if data.lstrip()[:1] != b"[":
-        return [{JSON_RECORD: line} for line in data.split(b"\n") if line.strip()]
-    try:
-        items = json.loads(data.decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError:
-        return [{JSON_RECORD: data}]
-    return [{JSON_RECORD: json.dumps(item).encode()} for item in items]
+        records = [line for line in data.split(b"\n") if line.strip()]
+    else:
+        try:
+            records = [
+                json.dumps(item).encode() for item in json.loads(data.decode("utf-8", "surrogateescape"))
+            ]
+        except json.JSONDecodeError:
+            records = [data]
+    base = file["file_index"] << FILE_SHIFT
+    return [{JSON_RECORD: record, SOURCE_ROW: base + index} for index, record in enumerate(records)]
+
+
+def _read_parquet_numbered(paths: list[str], filesystem) -> ray.data.Dataset:
+    """Parquet files read a row group per block, each row numbered by its file and place in the file."""
+    import pyarrow.parquet as pq
+    import ray.data
+
+    pieces = []
+    for file_index, path in enumerate(paths):  # footers only: the cost grows with the files, not the rows
+        metadata = pq.read_metadata(path, filesystem=filesystem)
+        offset = file_index << FILE_SHIFT
+        for group in range(metadata.num_row_groups):
+            pieces.append({"path": path, "row_group": group, "first": offset})
+            offset += metadata.row_group(group).num_rows
+    if not pieces:
+        raise RaydpoError(f"no rows in {', '.join(paths)}")
+    listing = ray.data.from_items(pieces, override_num_blocks=len(pieces))
+    return listing.map_batches(
+        _read_row_groups, batch_size=1, batch_format="pyarrow", fn_kwargs={"filesystem": filesystem}
+    )
+
+
+def _read_row_groups(pieces, filesystem) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for piece in pieces.to_pylist():
+        table = pq.ParquetFile(piece["path"], filesystem=filesystem).read_row_group(piece["row_group"])
+        rows = pa.array(range(piece["first"], piece["first"] + table.num_rows), pa.int64())
+        tables.append(table.append_column(SOURCE_ROW, rows))
+    return pa.concat_tables(tables)
+
+
+def _numbered(dataset: ray.data.Dataset) -> ray.data.Dataset:
+    """A Ray Dataset's rows numbered in its block order (it is materialized once for that)."""
+    import ray
+    import ray.data
+
+    number = ray.remote(_number_block)
+    refs, first = [], 0
+    for bundle in dataset.materialize().iter_internal_ref_bundles():
+        for block, metadata in zip(bundle.block_refs, bundle.metadata, strict=True):
+            refs.append(number.remote(block, first))
+            first += metadata.num_rows
+    return ray.data.from_arrow_refs(refs)
+
+
+def _number_block(block, first: int):
+    import pyarrow as pa
+    from ray.data.block import BlockAccessor
+
+    table = BlockAccessor.for_block(block).to_arrow()
+    rows = pa.array(range(first, first + table.num_rows), pa.int64())
+    return table.append_column(SOURCE_ROW, rows)
 
 
 def _suffix(path: str) -> str:
@@ -357,9 +433,16 @@ def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
         loaded = loaded.flatten_indices()
     # from_arrow, not from_huggingface: the latter asks the hub for Parquet files of datasets it
     # believes come from there, which a local or offline dataset does not have.
+    import pyarrow as pa
+
     table = loaded.data.table
     rows_per_block = max(1, min(table.num_rows, 1024))
-    blocks = [table.slice(start, rows_per_block) for start in range(0, table.num_rows, rows_per_block)]
+    blocks = [
+        table.slice(start, rows_per_block).append_column(
+            SOURCE_ROW, pa.array(range(start, min(start + rows_per_block, table.num_rows)), pa.int64())
+        )
+        for start in range(0, table.num_rows, rows_per_block)
+    ]
     return ray.data.from_arrow(blocks or [table]), {"kind": "huggingface", "fingerprint": loaded._fingerprint}
 
 

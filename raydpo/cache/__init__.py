@@ -9,6 +9,7 @@ how it is written (`store`), and how a finished split is read (`split`).
 
 from raydpo.cache.fingerprint import cache_key, file_sha256, model_fingerprint
 from raydpo.cache.manifest import Counts, Fingerprints, Manifest, PartFile, Throughput
+from raydpo.cache.rows import ROWS_METADATA, RowRanges
 from raydpo.cache.schema import (
     COMPLETE_MARKER,
     DATA_DIR,
@@ -20,6 +21,7 @@ from raydpo.cache.schema import (
     MANIFEST_METADATA,
     PART_PREFIXES,
     PENDING,
+    REASONS_METADATA,
     REFERENCE_COLUMNS,
     REJECT_SCHEMA,
     REJECTS_DIR,
@@ -37,6 +39,7 @@ from raydpo.cache.store import (
     output_lock,
     publish_directory,
     published,
+    read_footers,
     read_json,
     resolve,
     shown,
@@ -57,9 +60,11 @@ __all__ = [
     "MANIFEST_METADATA",
     "PART_PREFIXES",
     "PENDING",
+    "REASONS_METADATA",
     "REFERENCE_COLUMNS",
     "REJECTS_DIR",
     "REJECT_SCHEMA",
+    "ROWS_METADATA",
     "SCHEMA_VERSION",
     "TOKEN_LIST",
     "CacheSplit",
@@ -67,6 +72,7 @@ __all__ = [
     "Fingerprints",
     "Manifest",
     "PartFile",
+    "RowRanges",
     "Throughput",
     "cache_key",
     "data_schema",
@@ -81,6 +87,7 @@ __all__ = [
     "part_name",
     "published",
     "publish_directory",
+    "read_footers",
     "read_json",
     "read_manifest",
     "read_output",

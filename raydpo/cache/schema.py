@@ -8,8 +8,11 @@ Layout of one split (OUTPUT/train, OUTPUT/eval):
     data/_common_metadata    Parquet schema + the manifest in its key-value metadata
     manifest.json            written last: a split without it is not a finished cache
 
-Part files are named by a digest of the pair ids they hold, so a retried write task rewrites the same
-file instead of adding a duplicate, and a rerun after a crash skips the pairs already written.
+Part files are named by a digest of the input rows they hold, so a retried write task rewrites the same
+file instead of adding a duplicate. Every row keeps its position in the input (`source_row`), and each
+part file's footer holds the ranges of those positions (`rows.ROWS_METADATA`) and, for rejects, the count
+of each reason: a rerun after a crash skips the rows already written, and the manifest's counts and its
+proof that every input row is there exactly once come from the footers, without reading the rows.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import hashlib
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: source_row in data and rejects, row ranges and reasons in part footers
 FORMAT = "raydpo.preference-cache"
 MANIFEST = "manifest.json"
 PENDING = "_pending.json"
@@ -34,6 +37,7 @@ TOKEN_LIST = pa.list_(pa.int32())
 DATA_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
+        ("source_row", pa.int64()),  # the row's position in the input: see raydpo.data.SOURCE_ROW
         ("prompt_input_ids", TOKEN_LIST),
         ("chosen_input_ids", TOKEN_LIST),
         ("rejected_input_ids", TOKEN_LIST),
@@ -53,7 +57,15 @@ TOKEN_LOGPS_FIELDS = [
     pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
     pa.field("ref_rejected_token_logps", pa.list_(pa.float32())),
 ]
-REJECT_SCHEMA = pa.schema([("pair_id", pa.string()), ("reason", pa.string()), ("row_json", pa.string())])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.string()),
+        ("source_row", pa.int64()),
+        ("reason", pa.string()),
+        ("row_json", pa.string()),
+    ]
+)
+REASONS_METADATA = b"raydpo.reasons"  # a rejects file's count of each reason, as JSON, in its footer
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
@@ -64,7 +76,8 @@ def data_schema(store_token_logps: bool) -> pa.Schema:
     return schema
 
 
-def part_name(pair_ids: list[str]) -> str:
-    """A file name derived from the rows it holds: a retried write produces the same name."""
-    digest = hashlib.sha256("\n".join(pair_ids).encode()).hexdigest()[:24]
+def part_name(source_rows: list[int]) -> str:
+    """A file name derived from the input rows it holds: a retried write produces the same name, and two
+    rows with the same pair id (an exact duplicate) never share one."""
+    digest = hashlib.sha256("\n".join(map(str, source_rows)).encode()).hexdigest()[:24]
     return f"part-{digest}.parquet"

@@ -120,9 +120,21 @@ def shown(fs: pafs.FileSystem, path: str) -> str:
 
 
 def write_part(fs: pafs.FileSystem, directory: str, table: pa.Table, metadata: dict[bytes, bytes]) -> None:
-    """Write TABLE atomically as a part file in DIRECTORY, named by the pair ids it holds."""
-    name = part_name(table.column("pair_id").to_pylist())
+    """Write TABLE atomically as a part file in DIRECTORY, named by the input rows it holds."""
+    name = part_name(table.column("source_row").to_pylist())
     write_table_atomic(fs, f"{directory}/{name}", table, metadata)
+
+
+def read_footers(fs: pafs.FileSystem, paths: list[str], threads: int = 16) -> list[pq.FileMetaData]:
+    """The Parquet footers of PATHS, read concurrently (on an object store each is a round trip).
+
+    Raises what a failed read raises: OSError for the storage, ArrowInvalid for a file that is torn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) < 2:
+        return [pq.read_metadata(path, filesystem=fs) for path in paths]
+    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        return list(pool.map(lambda path: pq.read_metadata(path, filesystem=fs), paths))
 
 
 def split_state(path: str) -> str:

@@ -15,12 +15,13 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from raydpo import cache
 from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
 from raydpo.config import PrecomputeConfig, coerce
-from raydpo.data import RowError, canonical_pair, open_source, parse_row, reject_id, row_text
+from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError, one_line
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 PREPARED_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
+        ("source_row", pa.int64()),  # the row's position in the input (`data.SOURCE_ROW`)
         ("status", pa.string()),  # "ok", "rejected" or "done" (already in the output: resumed run)
         ("reason", pa.string()),
         ("row_json", pa.string()),
@@ -158,15 +160,15 @@ def _precompute_split(
         fingerprints={**fingerprints, "dataset": dataset_fingerprint},
         settings=settings,
     )
-    done_ids = prepare_output(inputs.path, key, config.overwrite)
-    if done_ids is None:
+    done_rows = prepare_output(inputs.path, key, config.overwrite)
+    if done_rows is None:
         logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", inputs.path)
         return SplitResult(name, inputs.path, True, cache.open_split(inputs.path).manifest)
 
     started = time.perf_counter()
     runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the tasks and actors
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
-    prepared = _prepared(ds, config, tokenizer_digest, done_ids, runtime_env)
+    prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env)
     scored = _scored(prepared, config, tokenizer, settings, runtime_env)
     sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file)
     _in_order(scored).write_datasink(
@@ -193,9 +195,10 @@ def _settings(config: PrecomputeConfig) -> dict[str, Any]:
 
 
 def _prepared(
-    ds, config: PrecomputeConfig, tokenizer_digest: str, done_ids: set[str], runtime_env: dict | None
+    ds, config: PrecomputeConfig, tokenizer_digest: str, done_rows: cache.RowRanges, runtime_env: dict | None
 ):
-    """DS validated and tokenized by CPU tasks into PREPARED_SCHEMA; DONE_IDS come out as "done"."""
+    """DS validated and tokenized by CPU tasks into PREPARED_SCHEMA; the rows in DONE_ROWS (already
+    written by an earlier run) come out as "done", unparsed."""
     import ray
 
     return ds.map_batches(
@@ -208,7 +211,8 @@ def _prepared(
             "id_column": config.id_column,
             "max_length": config.max_length,
             "max_prompt_length": config.max_prompt_length,
-            "done_ids": ray.put(done_ids) if done_ids else None,
+            # a few ranges in the usual case; a large list travels once through the object store
+            "done_rows": (ray.put(done_rows) if len(done_rows) > 1024 else done_rows) if done_rows else None,
         },
         runtime_env=runtime_env,
     )
@@ -226,7 +230,8 @@ def _scored(
             ReferenceScorer,
             batch_format="pyarrow",
             batch_size=config.batch_size * config.sort_window,
-            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            # two calls in flight per actor: one running, one queued; the queue does not grow with the data
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors, max_tasks_in_flight_per_actor=2),
             num_gpus=config.gpus_per_actor or None,
             num_cpus=config.cpus_per_actor,
             # a dead actor is restarted and its unfinished batches retried; a model that kills every actor
@@ -273,6 +278,7 @@ def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
         raise RaydpoError("the dataset is empty")
     rows, errors = [], []
     for row in head:
+        row.pop(SOURCE_ROW, None)
         try:
             rows.append(parse_row(row))
         except RowError as error:
@@ -308,31 +314,35 @@ def prepare_batch(
     id_column: str | None,
     max_length: int | None,
     max_prompt_length: int | None,
-    done_ids=None,
+    done_rows=None,
 ) -> pa.Table:
-    """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject."""
+    """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject (or as
+    "done", unparsed, where an earlier run of the same key wrote it)."""
     import ray
 
     tokenizer = cached_tokenizer(tokenizer_path, trust_remote_code, tokenizer_digest)
-    skip = ray.get(done_ids) if isinstance(done_ids, ray.ObjectRef) else (done_ids or set())
+    positions = batch.column(SOURCE_ROW).to_numpy()
+    ranges = ray.get(done_rows) if isinstance(done_rows, ray.ObjectRef) else done_rows
+    done = ranges.contains(positions) if ranges else np.zeros(len(positions), dtype=bool)
     out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
-    for raw in batch.to_pylist():
+    rows = batch.drop_columns([SOURCE_ROW]).to_pylist()
+    for raw, position, skip in zip(rows, positions, done, strict=True):
+        position = int(position)
+        if skip:
+            _append(out, "", position, "done")
+            continue
         row = raw
         try:
             row = parse_row(raw)
             pair = canonical_pair(row, id_column)
-            if pair.pair_id in skip:
-                _append(out, pair.pair_id, "done")
-                continue
             tokens = tokenize_pair(tokenizer, pair, max_length, max_prompt_length)
         except RowError as error:
-            pair_id = reject_id(row, id_column)
-            status = "done" if pair_id in skip else "rejected"
-            _append(out, pair_id, status, str(error), row_text(raw))
+            _append(out, reject_id(row, id_column), position, "rejected", str(error), row_text(raw))
             continue
         _append(
             out,
             pair.pair_id,
+            position,
             "ok",
             prompt=tokens.prompt_ids,
             chosen=tokens.chosen_ids,
@@ -345,6 +355,7 @@ def prepare_batch(
 def _append(
     out: dict[str, list],
     pair_id: str,
+    source_row: int,
     status: str,
     reason: str | None = None,
     row_json: str | None = None,
@@ -355,7 +366,7 @@ def _append(
 ) -> None:
     for column, value in zip(
         PREPARED_SCHEMA.names,
-        (pair_id, status, reason, row_json, prompt, chosen, rejected, truncated),
+        (pair_id, source_row, status, reason, row_json, prompt, chosen, rejected, truncated),
         strict=True,
     ):
         out[column].append(value)

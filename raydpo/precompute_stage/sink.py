@@ -7,7 +7,9 @@ duplicates moved to rejects) and writes the manifest last.
 
 from __future__ import annotations
 
+import json
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +48,6 @@ class CacheSink(Datasink):
         fs, root = cache.resolve(self.path)
         totals: Counter = Counter()
         reasons: Counter = Counter()
-        metadata = {cache.KEY_METADATA: self.key.encode()}
         for block in blocks:
             table = BlockAccessor.for_block(block).to_arrow()
             status = table.column("status")
@@ -57,14 +58,14 @@ class CacheSink(Datasink):
                 self._account(totals, accepted)
                 data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
                 for part in self._files(data):
-                    cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, metadata)
+                    cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, part_metadata(part, self.key))
                     fault_point("precompute.write")
             if rejected.num_rows:
                 totals["rejected"] += rejected.num_rows
                 reasons.update(rejected.column("reason").to_pylist())
                 rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
                 for part in self._files(rejects):
-                    cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, metadata)
+                    cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, part_metadata(part, self.key))
         return {"totals": dict(totals), "reasons": dict(reasons)}
 
     def _files(self, table: pa.Table) -> list[pa.Table]:
@@ -94,6 +95,19 @@ class CacheSink(Datasink):
         self.totals = {**totals, "reasons": dict(reasons)}
 
 
+def part_metadata(table: pa.Table, key: str) -> dict[bytes, bytes]:
+    """A part file's footer metadata: its cache key, the ranges of its input rows, and for rejects the
+    count of each reason."""
+    metadata = {
+        cache.KEY_METADATA: key.encode(),
+        cache.ROWS_METADATA: cache.RowRanges.of(table.column("source_row").to_numpy()).to_json().encode(),
+    }
+    if "reason" in table.column_names:
+        reasons = Counter(table.column("reason").to_pylist())
+        metadata[cache.REASONS_METADATA] = json.dumps(reasons, ensure_ascii=False).encode()
+    return metadata
+
+
 def _with_lengths(table: pa.Table) -> pa.Table:
     for name in ("prompt", "chosen", "rejected"):
         lengths = pc.list_value_length(table.column(f"{name}_input_ids")).cast(pa.int32())
@@ -115,20 +129,23 @@ class SplitInputs:
 
 @dataclass
 class _OnDisk:
-    """The part files of a split directory, read back: files, row counts and reject reasons."""
+    """The part files of a split directory as their footers describe them: files, row counts, reject
+    reasons and the input rows they hold."""
 
     files: list[cache.PartFile] = field(default_factory=list)
     counts: Counter = field(default_factory=Counter)
     reasons: Counter = field(default_factory=Counter)
+    rows: cache.RowRanges = field(default_factory=cache.RowRanges.empty)
 
 
 def finish(
     inputs: SplitInputs, config: PrecomputeConfig, totals: dict[str, Any], wall_time: float
 ) -> cache.Manifest:
-    """Verify what is on disk (every pair exactly once), then write the manifest last."""
+    """Verify what is on disk (every input row exactly once, every pair id once), then write the
+    manifest last."""
     fs, root = cache.resolve(inputs.path)
-    _reject_duplicates(fs, root, inputs.key)
-    on_disk = _read_back(fs, root, inputs.path)
+    reject_duplicates(inputs.path, inputs.key)
+    on_disk = _read_back(fs, root)
     _check_complete(inputs, on_disk, totals)
     manifest = _manifest(inputs, config, on_disk, totals, wall_time)
     payload = manifest.to_json()
@@ -142,24 +159,19 @@ def finish(
     return manifest
 
 
-def _read_back(fs: pafs.FileSystem, root: str, path: str) -> _OnDisk:
-    """Every part file's pair ids (and reject reasons); a pair id written twice is an error."""
-    on_disk, seen = _OnDisk(), set()
+def _read_back(fs: pafs.FileSystem, root: str) -> _OnDisk:
+    """Every part file's rows, reject reasons and input rows, from the footers alone."""
+    on_disk, ranges = _OnDisk(), []
     for directory, counter in ((cache.DATA_DIR, "written"), (cache.REJECTS_DIR, "rejected")):
-        for info in cache.list_parts(fs, f"{root}/{directory}"):
-            table = pq.read_table(
-                info.path, filesystem=fs, columns=["pair_id"] + (["reason"] if counter == "rejected" else [])
-            )
-            ids = table.column("pair_id").to_pylist()
-            if counter == "written":
-                if seen.intersection(ids) or len(set(ids)) != len(ids):  # _reject_duplicates failed us
-                    raise RaydpoError(f"{path}: pair ids are not unique in the written data")
-                seen.update(ids)
-            else:
-                on_disk.reasons.update(table.column("reason").to_pylist())
-            on_disk.counts[counter] += len(ids)
-            on_disk.files.append(cache.PartFile(f"{directory}/{info.base_name}", len(ids)))
+        infos = cache.list_parts(fs, f"{root}/{directory}")
+        for info, footer in zip(infos, cache.read_footers(fs, [info.path for info in infos]), strict=True):
+            metadata = footer.metadata or {}
+            ranges.append(cache.RowRanges.from_json(metadata.get(cache.ROWS_METADATA, b"[]")))
+            on_disk.reasons.update(json.loads(metadata.get(cache.REASONS_METADATA, b"{}")))
+            on_disk.counts[counter] += footer.num_rows
+            on_disk.files.append(cache.PartFile(f"{directory}/{info.base_name}", footer.num_rows))
     on_disk.counts["read"] = on_disk.counts["written"] + on_disk.counts["rejected"]
+    on_disk.rows = cache.RowRanges.union(ranges)
     return on_disk
 
 
@@ -173,6 +185,11 @@ def _check_complete(inputs: SplitInputs, on_disk: _OnDisk, totals: dict[str, Any
             f"(see {cache.join(inputs.path, cache.REJECTS_DIR)}); most common reason: {top}"
         )
     rows_seen = totals.get("written", 0) + totals.get("rejected", 0) + totals.get("done", 0)
+    if on_disk.rows.overlap or on_disk.rows.rows != counts["read"]:
+        raise RaydpoError(
+            f"{inputs.path}: the part files hold {counts['read']} rows for {on_disk.rows.rows} input rows "
+            f"({on_disk.rows.overlap} held twice); rerun the same command to repair it"
+        )
     if rows_seen != counts["read"]:
         raise RaydpoError(
             f"{inputs.path}: {rows_seen} rows went through the pipeline but {counts['read']} are on disk; "
@@ -232,37 +249,82 @@ def _throughput(config: PrecomputeConfig, totals: dict[str, Any], wall_time: flo
     )
 
 
-def _reject_duplicates(fs: pafs.FileSystem, root: str, key: str) -> None:
-    """Keep the first occurrence of each pair id; later ones move to rejects with the reason.
+DUPLICATE_REASON = "duplicate pair_id: an earlier row of the input has the same id"
+IDS_PER_TASK = 2_000_000  # ids one duplicate-finding task holds at once (~100 MB)
+
+
+def reject_duplicates(path: str, key: str) -> int:
+    """Keep the first occurrence of each pair id (the smallest `source_row`: first in input order); later
+    ones move to rejects with the reason. Returns how many moved.
 
     Identical rows share a content-hash id (the sample data has some), and a repeated id column value
-    would make joins ambiguous. Duplicates are found after scoring, so the stream never needs global
-    state; only the part files that hold one are rewritten.
+    would make joins ambiguous. Ray tasks find the duplicates, each over the ids of one hash bucket (one
+    bucket per IDS_PER_TASK ids), reading only the id columns; the driver holds only what they return,
+    the rows to move, and rewrites just the part files that hold one. Each rewrite writes the rejects
+    first and then replaces the file, so an interrupted one is done again by the next run.
     """
-    seen: set[str] = set()
-    metadata = {cache.KEY_METADATA: key.encode()}
-    for info in cache.list_parts(fs, f"{root}/{cache.DATA_DIR}"):
-        keep = []
-        for pair_id in (
-            pq.read_table(info.path, filesystem=fs, columns=["pair_id"]).column("pair_id").to_pylist()
-        ):
-            keep.append(pair_id not in seen)
-            seen.add(pair_id)
-        if all(keep):
-            continue  # only the ids were read; the token columns are read only for a file to rewrite
-        table = pq.read_table(info.path, filesystem=fs)
-        mask = pa.array(keep)
-        extras = table.filter(pc.invert(mask)).column("pair_id")
-        rejects = pa.table(
-            {
-                "pair_id": extras,
-                "reason": pa.array(["duplicate pair_id: an earlier row has the same id"] * len(extras)),
-                "row_json": pa.nulls(len(extras), pa.string()),
-            },
-            schema=cache.REJECT_SCHEMA,
-        )
-        cache.write_table_atomic(fs, f"{root}/{cache.REJECTS_DIR}/dup-{info.base_name}", rejects, metadata)
-        kept = table.filter(mask).replace_schema_metadata(None)
-        if kept.num_rows:
-            cache.write_part(fs, f"{root}/{cache.DATA_DIR}", kept, metadata)
+    import ray
+
+    fs, root = cache.resolve(path)
+    infos = cache.list_parts(fs, f"{root}/{cache.DATA_DIR}")
+    rows = sum(footer.num_rows for footer in cache.read_footers(fs, [info.path for info in infos]))
+    buckets = max(1, -(-rows // IDS_PER_TASK))
+    find = ray.remote(num_cpus=1)(_later_occurrences)
+    files = [info.path for info in infos]
+    found = ray.get([find.remote(path, files, bucket, buckets) for bucket in range(buckets)])
+    later: dict[int, list[int]] = {}
+    for file_indices, source_rows in found:
+        for file_index, source_row in zip(file_indices, source_rows, strict=True):
+            later.setdefault(int(file_index), []).append(int(source_row))
+    for file_index, source_rows in sorted(later.items()):
+        _move_to_rejects(fs, root, infos[file_index], source_rows, key)
+    return sum(len(source_rows) for source_rows in later.values())
+
+
+def _later_occurrences(path: str, files: list[str], bucket: int, buckets: int) -> tuple[list, list]:
+    """In one hash bucket of pair ids: (file index, source_row) of every row whose id an earlier input
+    row also has."""
+    import numpy as np
+
+    fs, _ = cache.resolve(path)
+    tables = []
+    for index, file in enumerate(files):
+        table = pq.read_table(file, filesystem=fs, columns=["pair_id", "source_row"])
+        if buckets > 1:
+            hashes = np.fromiter(
+                (zlib.crc32(v.encode()) for v in table.column("pair_id").to_pylist()), np.int64
+            )
+            table = table.filter(pa.array(hashes % buckets == bucket))
+        tables.append(table.append_column("file", pa.array(np.full(table.num_rows, index, np.int32))))
+    if not tables:
+        return [], []
+    ids = pa.concat_tables(tables)
+    ids = ids.take(pc.sort_indices(ids, [("pair_id", "ascending"), ("source_row", "ascending")]))
+    names = ids.column("pair_id").combine_chunks()
+    repeat = pc.equal(names.slice(1), names.slice(0, len(names) - 1)).to_numpy(zero_copy_only=False)
+    mask = np.concatenate([[False], repeat]) if len(names) else np.zeros(0, bool)
+    return ids.column("file").to_numpy()[mask].tolist(), ids.column("source_row").to_numpy()[mask].tolist()
+
+
+def _move_to_rejects(fs: pafs.FileSystem, root: str, info: pafs.FileInfo, source_rows: list[int], key: str):
+    table = pq.read_table(info.path, filesystem=fs).replace_schema_metadata(None)
+    later = pc.is_in(table.column("source_row"), pa.array(source_rows, pa.int64()))
+    moved = table.filter(later)
+    rejects = pa.table(
+        {
+            "pair_id": moved.column("pair_id"),
+            "source_row": moved.column("source_row"),
+            "reason": pa.array([DUPLICATE_REASON] * moved.num_rows),
+            "row_json": pa.nulls(moved.num_rows, pa.string()),
+        },
+        schema=cache.REJECT_SCHEMA,
+    )
+    reject_path = (
+        f"{root}/{cache.REJECTS_DIR}/dup-{cache.part_name(rejects.column('source_row').to_pylist())}"
+    )
+    cache.write_table_atomic(fs, reject_path, rejects, part_metadata(rejects, key))
+    kept = table.filter(pc.invert(later))
+    if kept.num_rows:
+        cache.write_table_atomic(fs, info.path, kept, part_metadata(kept, key))
+    else:
         fs.delete_file(info.path)
