@@ -150,3 +150,20 @@ def test_a_resume_keeps_the_first_row_even_if_a_later_copy_was_written_first(
     rejects = pq.read_table(split / cache.REJECTS_DIR, columns=["source_row", "reason"]).to_pylist()
     assert {"source_row": 2, "reason": DUPLICATE_REASON} in rejects
     assert_manifest_counts_rows_on_disk(split)
+
+
+def test_streaming_shuffle_visits_every_pair_once_in_a_seeded_order(ray_session):
+    """`shuffle="files"`: blocks in a seeded order, then a seeded buffer in the worker."""
+    import ray.data
+
+    from raydpo.train_stage.forward import micro_batches
+
+    def epoch(seed: int) -> list[int]:
+        ds = ray.data.range(200, override_num_blocks=10).randomize_block_order(seed=seed)
+        batches = micro_batches(ds.iterator(), 8, shuffle_buffer=32, seed=seed)
+        return [int(i) for batch in batches for i in batch["id"]]
+
+    first = epoch(7)
+    assert sorted(first) == list(range(200))  # 200 = 25 full micro-batches: none dropped
+    assert first == epoch(7)  # a restarted worker sees the same order
+    assert first != sorted(first) and first != epoch(8)

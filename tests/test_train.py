@@ -540,7 +540,8 @@ def test_loss_falls_on_an_easy_task_logged_to_a_tracking_server(
 
 
 def test_lora_trains_an_adapter_and_saves_it_merged(train_cache, toy_model, tmp_path):
-    """LoRA, here together with activation checkpointing and the optimizer state offloaded to CPU memory."""
+    """LoRA, here together with activation checkpointing, the optimizer state offloaded to CPU memory
+    and the full shuffle."""
     result = raydpo.train(
         run_settings(
             toy_model,
@@ -555,6 +556,7 @@ def test_lora_trains_an_adapter_and_saves_it_merged(train_cache, toy_model, tmp_
             learning_rate=1e-2,
             activation_checkpointing=True,
             offload_optimizer=True,
+            shuffle="full",  # Ray Data's all-to-all shuffle, not the default streaming one
         )
     )
     adapter = json.loads((tmp_path / "run" / "model" / "adapter" / "adapter_config.json").read_text())

@@ -66,15 +66,26 @@ def open_split(path: str) -> CacheSplit:
             else "not a precompute output"
         )
         raise RaydpoError(f"{path} is {what}; run `raydpo precompute` to (re)build it")
-    for entry in manifest.files:
-        try:
-            rows = pq.ParquetFile(f"{root}/{entry.path}", filesystem=fs).metadata.num_rows
-        except (OSError, pa.ArrowInvalid) as error:
-            raise RaydpoError(f"{path}: {entry.path} is missing or corrupt ({error}); recompute it") from None
+    for entry, rows in zip(manifest.files, _footer_rows(fs, root, path, manifest), strict=True):
         if rows != entry.rows:
             raise RaydpoError(f"{path}: {entry.path} has {rows} rows, the manifest says {entry.rows}")
     files = [f"{root}/{name}" for name in manifest.data_files]
     return CacheSplit(path=location(path), manifest=manifest, files=files, filesystem=fs)
+
+
+def _footer_rows(fs: pafs.FileSystem, root: str, path: str, manifest: Manifest) -> list[int]:
+    """The row count of every file the manifest lists, from the footers (read concurrently)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def rows(name: str) -> int:
+        try:
+            return pq.read_metadata(f"{root}/{name}", filesystem=fs).num_rows
+        except (OSError, pa.ArrowInvalid) as error:
+            raise RaydpoError(f"{path}: {name} is missing or corrupt ({error}); recompute it") from None
+
+    names = [entry.path for entry in manifest.files]
+    with ThreadPoolExecutor(max(1, min(16, len(names)))) as pool:
+        return list(pool.map(rows, names))
 
 
 def read_output(path: str, split: str = "train") -> CacheSplit:

@@ -187,6 +187,17 @@ class TrainConfig:
     warmup_ratio: float = setting(0.0, help="Share of the steps with a linear warmup.")
     weight_decay: float = setting(0.0, help="AdamW weight decay, on weight matrices only.")
     epochs: int = setting(1, help="Passes over the training pairs (each with its own seeded shuffle).")
+    shuffle: str = setting(
+        "files",
+        help=(
+            "How each epoch is shuffled: files (the part files in a seeded random order, then a seeded buffer "
+            "of `shuffle_buffer` pairs in each worker; streams, costs nothing at start) or full (a seeded "
+            "permutation of all pairs, Ray Data's all-to-all shuffle: every pair is read and moved before "
+            "step 1)."
+        ),
+        choices=("files", "full"),
+    )
+    shuffle_buffer: int = setting(4096, help="Pairs in each worker's shuffle buffer (shuffle files).")
     max_steps: int | None = setting(None, help="Optimizer steps; overrides epochs.")
     micro_batch_size: int = setting(8, help="Pairs per worker per forward.")
     grad_accum: int = setting(1, help="Micro-batches accumulated per optimizer step.")
@@ -302,6 +313,7 @@ class TrainConfig:
             "grad_accum",
             "logging_steps",
             "logits_chunk_tokens",
+            "shuffle_buffer",
         )
         check_positive(self, "max_steps", "eval_steps", "checkpoint_steps", "lora_r", allow_none=True)
         check_positive(self, "keep_checkpoints")

@@ -305,7 +305,10 @@ def _trainer(
         return ds.map_batches(drop_nonfinite, batch_format="pyarrow", fn_kwargs={"names": reference})
 
     train = read(splits["train"])
-    epochs = [train.random_shuffle(seed=config.seed + epoch) for epoch in range(plan.run.epochs_streamed)]
+    if config.shuffle == "full":
+        epochs = [train.random_shuffle(seed=config.seed + e) for e in range(plan.run.epochs_streamed)]
+    else:  # the workers' buffers shuffle within the file order
+        epochs = [train.randomize_block_order(seed=config.seed + e) for e in range(plan.run.epochs_streamed)]
     datasets = {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
     if "eval" in splits:
         datasets["eval"] = read(splits["eval"])

@@ -120,6 +120,15 @@ def loss_inputs(
     return inputs
 
 
-def micro_batches(shard, micro_batch_size: int) -> Iterator[dict[str, Any]]:
-    """The worker's shard as full micro-batches (the last partial one is dropped, as TRL does)."""
-    yield from shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy", drop_last=True)
+def micro_batches(
+    shard, micro_batch_size: int, shuffle_buffer: int | None = None, seed: int | None = None
+) -> Iterator[dict[str, Any]]:
+    """The worker's shard as full micro-batches (the last partial one is dropped, as TRL does), drawn
+    from a seeded buffer of SHUFFLE_BUFFER pairs if given."""
+    yield from shard.iter_batches(
+        batch_size=micro_batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        local_shuffle_buffer_size=shuffle_buffer,
+        local_shuffle_seed=seed if shuffle_buffer else None,
+    )

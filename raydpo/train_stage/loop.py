@@ -155,7 +155,13 @@ def resume(worker: Worker) -> tuple[TrainState, Iterator[dict[str, Any]]]:
         state = TrainState.from_client_state(load_checkpoint(worker.engine, checkpoint))
         logger.info("rank %d resumed from %s at step %d", worker.rank, checkpoint.path, state.step)
     config = worker.config
-    batches = micro_batches(ray.train.get_dataset_shard("train"), config.micro_batch_size)
+    shuffle_buffer = config.shuffle_buffer if config.shuffle == "files" else None
+    batches = micro_batches(
+        ray.train.get_dataset_shard("train"),
+        config.micro_batch_size,
+        shuffle_buffer,
+        config.seed + worker.rank,
+    )
     for _ in range(state.step * config.grad_accum + state.skipped_batches):  # seen before the checkpoint
         next(batches)
     return state, batches
