@@ -17,6 +17,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -100,10 +101,13 @@ def start_run(
     artifacts: dict[str, Any],
     run_id: str | None = None,
     artifact_root: str | None = None,
+    tags: dict[str, Any] | None = None,
+    datasets: list[DatasetEntry] | None = None,
 ) -> str:
-    """Create (or, with `run_id`, reopen) the run; log params and JSON artifacts. Returns the run id."""
+    """Create (or, with `run_id`, reopen) the run; log params, tags, the datasets it reads and JSON
+    artifacts. Returns the run id."""
     from mlflow import MlflowClient
-    from mlflow.entities import Param
+    from mlflow.entities import Param, RunTag
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
@@ -122,15 +126,47 @@ def start_run(
     except Exception as error:  # connection, permission and schema errors all stop the run here
         raise RaydpoError(f"MLflow tracking at {tracking_uri} is not usable: {one_line(error)}") from None
     run_id = run.info.run_id
-    entries = [Param(key, _param_value(value)) for key, value in sorted(flatten(params).items())]
+    entries = [Param(key, _param_value(value)) for key, value in flatten(params).items()]
+    labels = [RunTag(key, _param_value(value)) for key, value in flatten(tags or {}).items()]
     for start in range(0, len(entries), 100):  # MLflow takes at most 100 params per batch
         client.log_batch(run_id, params=entries[start : start + 100], synchronous=True)
+    for start in range(0, len(labels), 100):
+        client.log_batch(run_id, tags=labels[start : start + 100], synchronous=True)
+    if datasets:
+        client.log_inputs(run_id, datasets=[entry.to_mlflow() for entry in datasets])
     with tempfile.TemporaryDirectory() as tmp:
         for name, value in artifacts.items():
             path = Path(tmp) / name
             path.write_text(json.dumps(value, indent=2, default=str))
             client.log_artifact(run_id, str(path))
     return run_id
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A dataset a run reads, as MLflow's Datasets panel shows it: a precompute split, its digest (the
+    cache key) and its counts as the profile."""
+
+    name: str  # e.g. "cache/train"
+    digest: str  # the cache key
+    source: str  # the split's path or URI
+    context: str  # "training" or "eval", MLflow's dataset context tag
+    profile: dict[str, Any]
+    columns: list[str]
+
+    def to_mlflow(self):
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(
+            name=self.name,
+            digest=self.digest[:32],  # MLflow stores at most 36 characters; the full key is in the profile
+            source_type="s3" if self.source.startswith("s3://") else "local",
+            source=json.dumps({"uri": self.source}),
+            schema=json.dumps({"columns": self.columns}),
+            profile=json.dumps(self.profile, default=str),
+        )
+        return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, self.context)])
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

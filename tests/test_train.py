@@ -170,17 +170,32 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
-    params = run.data.params
+    # params: the settings under their own names and the plan; the inputs' identity in tags
+    params, tags = run.data.params, run.data.tags
     manifest = json.loads((train_cache / "train" / "manifest.json").read_text())
-    assert params["cache.train.key"] == manifest["key"]
+    assert params["beta"] == "0.1" and params["learning_rate"] == "0.001"
+    assert params["loss_type"] == "sigmoid" and params["zero_stage"] == "3"
+    assert params["plan.train_rows"] == str(manifest["counts"]["written"] - NONFINITE_ROWS)
+    assert not any(name.startswith(("cache.", "raydpo.")) for name in params)
+    assert tags["raydpo.cache.train.key"] == manifest["key"]
     assert (
-        params["cache.train.fingerprints.model.weights_sha256"]
+        tags["raydpo.cache.train.fingerprints.model.weights_sha256"]
         == manifest["fingerprints"]["model"]["weights_sha256"]
     )
-    assert params["cache.train.nonfinite_reference"] == str(NONFINITE_ROWS)
-    assert params["run.train_rows"] == str(manifest["counts"]["written"] - NONFINITE_ROWS)
-    assert params["run.reference.same_as_policy"] == "true"
-    assert params["train.loss_type"] == "sigmoid" and params["train.zero_stage"] == "3"
+    assert tags["raydpo.cache.train.nonfinite_reference"] == str(NONFINITE_ROWS)
+    assert tags["raydpo.reference.same_as_policy"] == "true"
+
+    # the Datasets panel: both caches, keyed by the cache key, with their counts
+    inputs = {entry.dataset.name: entry for entry in run.inputs.dataset_inputs}
+    assert set(inputs) == {"raydpo-cache/train", "raydpo-cache/eval"}
+    train_input = inputs["raydpo-cache/train"]
+    assert train_input.dataset.digest == manifest["key"][:32]
+    assert (
+        json.loads(train_input.dataset.profile)["usable_pairs"]
+        == manifest["counts"]["written"] - NONFINITE_ROWS
+    )
+    assert json.loads(train_input.dataset.source)["uri"] == str(train_cache / "train")
+    assert {(tag.key, tag.value) for tag in train_input.tags} == {("mlflow.data.context", "training")}
     artifacts = {a.path for a in client.list_artifacts(base_run.run_id)}
     assert {"deepspeed_config.json", "manifest_train.json", "manifest_eval.json"} <= artifacts
     assert run.data.tags["raydpo.model_path"] == base_run.model_path

@@ -176,7 +176,9 @@ def _start_mlflow_run(
         tracking_uri,
         config.experiment,
         run_name=config.run_name or default_run_name(config),
-        params=_run_params(config, plan, reference, manifests, counts),
+        params=_run_params(config, plan),
+        tags=_run_tags(reference, manifests, counts),
+        datasets=[_dataset_entry(name, splits[name], counts[name]) for name in splits],
         artifacts={
             "deepspeed_config.json": ds_config,
             **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
@@ -186,13 +188,42 @@ def _start_mlflow_run(
     )
 
 
-def _run_params(config, plan: RunPlan, reference, manifests, counts) -> dict[str, Any]:
-    """The MLflow params of the run: its settings, its plan and reference, and the caches it reads."""
+def _run_params(config, plan: RunPlan) -> dict[str, Any]:
+    """The MLflow params: the settings under their own names (beta, learning_rate, ... as the UI lists
+    them), then the plan's figures. What identifies the inputs goes to tags and datasets."""
+    plan_values = {f"plan.{name}": value for name, value in plan.to_dict().items()}
+    return {**_loggable_settings(config), **plan_values}
+
+
+def _run_tags(reference, manifests, counts) -> dict[str, Any]:
+    """The inputs' identity as tags: the reference and the caches (keys, fingerprints, settings)."""
     return {
-        "train": _loggable_settings(config),
-        "run": {**plan.to_dict(), "reference": reference},
-        "cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
+        "raydpo.reference": reference,
+        "raydpo.cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
     }
+
+
+def _dataset_entry(name: str, split: cache.CacheSplit, counts: dict[str, int]):
+    from raydpo.tracking import DatasetEntry
+
+    manifest = split.manifest
+    return DatasetEntry(
+        name=f"raydpo-cache/{name}",
+        digest=manifest.key,
+        source=split.path,
+        context="training" if name == "train" else "eval",
+        profile={
+            "key": manifest.key,
+            "pairs": counts["rows"],
+            "usable_pairs": counts["usable"],
+            "rows_read": manifest.counts.read,
+            "rows_rejected": manifest.counts.rejected,
+            "tokens": manifest.throughput.tokens,
+            "model": manifest.model,
+            "source": manifest.source,
+        },
+        columns=list(manifest.schema),
+    )
 
 
 def _artifact_root(tracking_uri: str) -> str | None:
