@@ -142,6 +142,37 @@ def start_run(
     return run_id
 
 
+def log_external_model(
+    tracking_uri: str, run_id: str, name: str, path: str, step: int, params: dict[str, Any]
+) -> str:
+    """Register the final model in the run's "Logged models" as an external model: MLflow records
+    where it is (`raydpo.model_path`) without copying its weights. Returns the model id.
+
+    Load it with `transformers.AutoModelForCausalLM.from_pretrained(<raydpo.model_path tag>)`."""
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models.model import MLMODEL_FILE_NAME
+    from mlflow.models.utils import get_external_mlflow_model_spec
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    model = client.create_logged_model(
+        experiment_id,
+        name=name,
+        source_run_id=run_id,
+        tags={MLFLOW_MODEL_IS_EXTERNAL: "true", "raydpo.model_path": path},
+        params={key: _param_value(value) for key, value in params.items()},
+        model_type="transformers",
+    )
+    with tempfile.TemporaryDirectory() as tmp:  # the MLmodel stub that lets the registry take it
+        get_external_mlflow_model_spec(model).save(os.path.join(tmp, MLMODEL_FILE_NAME))
+        client.log_model_artifacts(model.model_id, tmp)
+    client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+    client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step)])
+    return model.model_id
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
     """A dataset a run reads, as MLflow's Datasets panel shows it: a precompute split, its digest (the

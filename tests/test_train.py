@@ -200,6 +200,13 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
     assert {"deepspeed_config.json", "manifest_train.json", "manifest_eval.json"} <= artifacts
     assert run.data.tags["raydpo.model_path"] == base_run.model_path
 
+    # "Logged models": the final model, where it is, without a copy of its weights
+    model = client.get_logged_model(run.data.tags["raydpo.model_id"])
+    assert model.status.name == "READY" and model.source_run_id == base_run.run_id
+    assert model.tags["raydpo.model_path"] == base_run.model_path
+    assert model.tags["mlflow.model.isExternal"] == "true"
+    assert [output.model_id for output in run.outputs.model_outputs] == [model.model_id]
+
 
 def test_saved_model_loads_generates_and_moved(base_run, toy_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer

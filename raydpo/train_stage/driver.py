@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,20 +118,31 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
             f"the latest checkpoint in {cache.join(storage_path, RUN_NAME)}"
         ) from error
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
-    _record_finished(fs, run_dir, state, outcome, model_output)
+    _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
     fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
     return TrainResult(
         result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
     )
 
 
-def _record_finished(fs, run_dir: str, state: dict[str, Any], outcome: WorkerOutcome, model_output: str):
-    """Mark the run finished in MLflow and in run.json, once the model is published whole."""
+def _record_finished(
+    fs, run_dir: str, state: dict[str, Any], outcome: WorkerOutcome, model_output: str, config, plan
+):
+    """Mark the run finished in MLflow (the model among its logged models) and in run.json, once the
+    model is published whole."""
     from mlflow import MlflowClient
+
+    from raydpo.tracking import log_external_model
 
     if not cache.published(model_output):
         raise TrainingFailed(f"training ended without a complete model in {model_output}")
     client = MlflowClient(tracking_uri=state["tracking_uri"])
+    params = {"base_model": config.model, "loss_type": config.loss_type, "beta": config.beta}
+    name = re.sub(r"[^\w-]+", "-", config.run_name or default_run_name(config)).strip("-") or "model"
+    model_id = log_external_model(
+        state["tracking_uri"], state["run_id"], name, model_output, plan.total_steps, params
+    )
+    client.set_tag(state["run_id"], "raydpo.model_id", model_id)
     client.set_tag(state["run_id"], "raydpo.model_path", model_output)
     client.set_tag(state["run_id"], "raydpo.prefix_sharing", str(outcome.prefix_sharing).lower())
     client.set_terminated(state["run_id"], "FINISHED")
