@@ -46,6 +46,7 @@ def run_settings(toy_model, cache_dir, output, **overrides):
         "warmup_ratio": 0.2,
         "max_failures": 0,
         "logits_chunk_tokens": 97,
+        "system_metrics_seconds": 1,
         **overrides,
     }
 
@@ -199,6 +200,10 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
     artifacts = {a.path for a in client.list_artifacts(base_run.run_id)}
     assert {"deepspeed_config.json", "manifest_train.json", "manifest_eval.json"} <= artifacts
     assert run.data.tags["raydpo.model_path"] == base_run.model_path
+
+    # MLflow's system metrics, from the one node's local rank 0
+    system = {name for name in run.data.metrics if name.startswith("system/")}
+    assert {"system/node0/cpu_utilization_percentage", "system/node0/system_memory_usage_megabytes"} <= system
 
     # "Logged models": the final model, where it is, without a copy of its weights
     model = client.get_logged_model(run.data.tags["raydpo.model_id"])

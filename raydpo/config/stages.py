@@ -286,6 +286,13 @@ class TrainConfig:
     mlflow_tracking_uri: str | None = setting(
         None, help="Tracking server; default: $MLFLOW_TRACKING_URI, else a SQLite file in the run directory."
     )
+    system_metrics_seconds: float = setting(
+        10.0,
+        help=(
+            "Every N seconds, one worker per node logs its node's CPU, memory, disk, network and GPU use to "
+            "the MLflow run (`system/node<i>/...`, MLflow's system metrics); 0 turns it off."
+        ),
+    )
     experiment: str = setting("raydpo", help="MLflow experiment name.")
     run_name: str | None = setting(
         None,
@@ -317,6 +324,8 @@ class TrainConfig:
         )
         check_positive(self, "max_steps", "eval_steps", "checkpoint_steps", "lora_r", allow_none=True)
         check_positive(self, "keep_checkpoints")
+        if not isinstance(self.system_metrics_seconds, (int, float)) or self.system_metrics_seconds < 0:
+            raise RaydpoError(f"system_metrics_seconds must be >= 0, got {self.system_metrics_seconds!r}")
         if not isinstance(self.max_failures, int) or self.max_failures < -1:
             raise RaydpoError(
                 f"max_failures must be an integer >= -1 (-1: unlimited), got {self.max_failures!r}"

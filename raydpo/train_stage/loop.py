@@ -71,6 +71,7 @@ class Worker:
     prefix_sharing: bool
     memory_at_start: float
     zero3_loading: Any  # alive while ZeRO-3 is in use; dropped before the final save
+    system_metrics: Any = None  # MLflow's SystemMetricsMonitor, on local rank 0 of each node
     final_metrics: dict[str, float] = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)
 
@@ -131,7 +132,28 @@ def setup(plan: WorkerPlan) -> Worker:
         prefix_sharing=decide_prefix_sharing(engine, config.prefix_sharing, rank),
         memory_at_start=memory_at_start,
         zero3_loading=loading,
+        system_metrics=_system_metrics(plan),
     )
+
+
+def _system_metrics(plan: WorkerPlan):
+    """MLflow's system metrics for this worker's node, from its local rank 0; None elsewhere or if off."""
+    import ray.train
+
+    context = ray.train.get_context()
+    if not plan.config.system_metrics_seconds or context.get_local_rank() != 0:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        plan.run_id,
+        sampling_interval=plan.config.system_metrics_seconds,
+        resume_logging=True,  # a restarted worker group continues the steps
+        node_id=f"node{context.get_node_rank()}",
+        tracking_uri=plan.tracking_uri,
+    )
+    monitor.start()
+    return monitor
 
 
 def _cpu_allocator(device: torch.device, config: TrainConfig, rank: int) -> str | None:
@@ -268,6 +290,8 @@ def finish(worker: Worker, runtime: float) -> WorkerOutcome | None:
     )
     memory = ("train_runtime", "peak_memory_gb", "peak_memory_above_start_gb")
     worker.tracker.log({name: metrics[name] for name in memory}, total_steps)
+    if worker.system_metrics is not None:
+        worker.system_metrics.finish()
     worker.zero3_loading = None  # the final save loads the base model on rank 0 alone (LoRA merge)
     model_path = save_final_model(worker.engine, worker.plan, worker.rank)
     ray.train.report({"step": total_steps, **metrics})
