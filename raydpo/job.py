@@ -19,8 +19,14 @@ from raydpo import cache
 from raydpo.config import PrecomputeConfig, TrainConfig, as_dict, coerce
 
 PLOT_NAME = "training_curves.png"
+LENGTHS_NAME = "token_lengths.png"
 REPORT_NAME = "report.json"
-PLOTTED = ("loss", "rewards/accuracies", "rewards/margins")
+PLOTTED = {
+    "loss": "DPO loss",
+    "rewards/accuracies": "share of pairs",
+    "rewards/margins": "beta x log-ratio gap",
+}
+LENGTH_SAMPLE_ROWS = 100_000  # pairs read for the length histogram (the first part files)
 
 
 @dataclass
@@ -30,7 +36,8 @@ class JobResult:
     report: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> str:
-        lines = [f"{key}: {_format(value)}" for key, value in self.report.items()]
+        lines = [f"{key}: {_format(value)}" for key, value in self.report.items() if key != "notes"]
+        lines += [f"note: {note}" for note in self.report.get("notes", [])]
         return "\n".join(lines)
 
 
@@ -62,16 +69,18 @@ def run(
     trained = train_stage.train(train_config)
     report = build_report(cached, trained)
     report["plot"] = cache.join(trained.output, PLOT_NAME)
+    report["lengths_plot"] = cache.join(trained.output, LENGTHS_NAME)
     with tempfile.TemporaryDirectory(prefix="raydpo-report-") as directory:
-        plot = plot_curves(trained, os.path.join(directory, PLOT_NAME))
+        plot = plot_curves(trained, train_config, os.path.join(directory, PLOT_NAME))
+        lengths = plot_lengths(cached.train, os.path.join(directory, LENGTHS_NAME))
         path = os.path.join(directory, REPORT_NAME)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=2)
         fs, run_dir = cache.resolve(trained.output)
-        for written in (plot, path):
+        for written in (plot, lengths, path):
             with open(written, "rb") as handle:
                 cache.write_bytes_atomic(fs, f"{run_dir}/{os.path.basename(written)}", handle.read())
-        _log_report(trained, report, [plot, path])
+        _log_report(trained, report, [plot, lengths, path])
     return JobResult(precompute=cached, train=trained, report=report)
 
 
@@ -96,10 +105,39 @@ def build_report(cached, trained) -> dict[str, Any]:
         "final_eval_rewards/margins": metrics.get("eval_rewards/margins"),
         "model_path": trained.model_path,
         "mlflow_run_id": trained.run_id,
+        "notes": report_notes(cached, metrics),
     }
 
 
-def plot_curves(trained, path: str) -> str:
+LENGTH_REJECT = "prompt fills max_length"
+
+
+def report_notes(cached, metrics: dict[str, float]) -> list[str]:
+    """What a user should know to read the figures: rows lost to max_length, an eval at chance."""
+    notes = []
+    for split in (cached.train, cached.eval):
+        if split is None:
+            continue
+        counts = split.counts
+        cut = sum(n for reason, n in counts.reject_reasons.items() if reason.startswith(LENGTH_REJECT))
+        if cut:
+            max_length = split.manifest.settings.get("max_length")
+            notes.append(
+                f"{split.name}: {cut} of {counts.read} rows ({cut / counts.read:.0%}) were rejected because "
+                f"their prompt alone fills max_length {max_length}; raise --max-length, or set "
+                "--max-prompt-length to keep the end of long prompts"
+            )
+    accuracy = metrics.get("eval_rewards/accuracies")
+    if accuracy is not None and accuracy <= 0.5:
+        notes.append(
+            f"eval reward accuracy {accuracy:.2f} is at or below chance (0.5), and the margin "
+            f"{metrics.get('eval_rewards/margins', float('nan')):.3g}: expected for a small or untrained "
+            "model, a run of a few steps, or eval data unlike the training data; it is a real measurement"
+        )
+    return notes
+
+
+def plot_curves(trained, config: TrainConfig, path: str) -> str:
     """Loss, reward accuracy and reward margin over steps (train, and eval where evaluated)."""
     import matplotlib
 
@@ -108,8 +146,8 @@ def plot_curves(trained, path: str) -> str:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=trained.tracking_uri)
-    figure, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.2))
-    for axis, name in zip(axes, PLOTTED, strict=True):
+    figure, axes = plt.subplots(1, len(PLOTTED), figsize=(4 * len(PLOTTED), 3.6))
+    for axis, (name, unit) in zip(axes, PLOTTED.items(), strict=True):
         for prefix, style in (("", "-"), ("eval_", "o--")):
             history = sorted(
                 (m.step, m.value) for m in client.get_metric_history(trained.run_id, prefix + name)
@@ -119,7 +157,62 @@ def plot_curves(trained, path: str) -> str:
                 axis.plot(steps, values, style, label="eval" if prefix else "train")
         axis.set_title(name)
         axis.set_xlabel("step")
+        axis.set_ylabel(unit)
         axis.legend()
+    model = os.path.basename(config.model.rstrip("/"))
+    losses = config.loss_type if isinstance(config.loss_type, str) else ",".join(config.loss_type)
+    figure.suptitle(f"{model}: {losses} loss, beta={config.beta}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def plot_lengths(result, path: str) -> str:
+    """Histograms of the prompt and completion token lengths of a split's pairs (up to
+    LENGTH_SAMPLE_ROWS of them), with max_length and max_prompt_length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    split = cache.open_split(result.path)
+    columns = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
+    rows = 0
+    for file in split.files:
+        table = pq.read_table(file, filesystem=split.filesystem, columns=list(columns))
+        for name in columns:
+            columns[name].append(table.column(name).to_numpy())
+        rows += table.num_rows
+        if rows >= LENGTH_SAMPLE_ROWS:
+            break
+    values = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
+    settings = split.manifest.settings
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    prompt, completion = axes
+    prompt.hist(values["prompt_length"], bins=40, color="tab:blue")
+    prompt.set_title("prompt")
+    completion.hist(
+        [values["chosen_length"], values["rejected_length"]],
+        bins=40,
+        label=["chosen", "rejected"],
+        stacked=False,
+    )
+    completion.set_title("completion")
+    for axis in axes:
+        axis.set_xlabel("tokens (after truncation)")
+        axis.set_ylabel("pairs")
+    marks = [("max_length", settings.get("max_length"), "tab:red")]
+    marks.append(("max_prompt_length", settings.get("max_prompt_length"), "tab:orange"))
+    for label, value, color in marks:
+        if value:
+            for axis in axes:
+                axis.axvline(value, color=color, linestyle="--", label=f"{label} {value}")
+    prompt.legend()
+    completion.legend()
+    figure.suptitle(f"token lengths of {min(rows, len(values['prompt_length']))} training pairs")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

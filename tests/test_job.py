@@ -124,12 +124,17 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
     assert report["model_path"] == str(tmp_path / "run" / "model")
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "run" / "token_lengths.png").stat().st_size > 10_000
+    manifest = json.loads((tmp_path / "cache" / "train" / "manifest.json").read_text())
+    cut = sum(n for reason, n in manifest["counts"]["reject_reasons"].items() if "fills max_length" in reason)
+    assert cut == 0 or any(f"{cut} of 24 rows" in note for note in report["notes"]), report["notes"]
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     run = client.get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 4]
     assert "report/precompute_pairs_per_second" in run.data.metrics
-    assert {"training_curves.png", "report.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"training_curves.png", "token_lengths.png", "report.json"} <= artifacts
 
 
 def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
