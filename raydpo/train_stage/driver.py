@@ -345,6 +345,8 @@ def _trainer(
 
     def read(split: cache.CacheSplit):
         ds = ray.data.read_parquet(split.files, filesystem=split.filesystem, columns=columns)
+        ds = ray.data.Dataset.copy(ds, _deep_copy=True)  # its own Data context, not the process's
+        ds.context.enable_progress_bars = False  # the steps' progress line says how far training is
         return ds.map_batches(drop_nonfinite, batch_format="pyarrow", fn_kwargs={"names": reference})
 
     train = read(splits["train"])

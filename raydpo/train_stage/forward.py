@@ -81,8 +81,8 @@ def loss_inputs(
 ) -> LossInputs:
     """Policy log-probs from the forward, reference log-probs from the cache, combined as configured."""
 
-    def cached(name: str) -> torch.Tensor:
-        return torch.as_tensor(columns[name], dtype=torch.float32, device=device)
+    def cached(name: str) -> torch.Tensor:  # a copy: Ray Data hands read-only arrays
+        return torch.tensor(columns[name], dtype=torch.float32, device=device)
 
     if settings.ld_alpha is not None:
         chosen, rejected = (

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,6 +109,8 @@ def setup(plan: WorkerPlan) -> Worker:
 
     config = plan.config
     rank = ray.train.get_context().get_world_rank()
+    # DeepSpeed calls torch.distributed APIs torch deprecates, once per collective: known noise
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     transformers.set_seed(config.seed)
     allocator = _cpu_allocator(device, config, rank)
@@ -251,7 +254,22 @@ def log_step(worker: Worker, state: TrainState, window: MetricWindow, step: int)
         num_tokens=state.num_tokens,
     )
     worker.tracker.log(metrics, step)
+    if worker.rank == 0:
+        print(progress_line(worker, metrics, step), flush=True)
     return metrics
+
+
+def progress_line(worker: Worker, metrics: dict[str, float], step: int) -> str:
+    """`step 4/8 (50%)  loss 0.6931  accuracy 0.50  12.3 pairs/s  ETA 0:00:40`, from rank 0."""
+    total = worker.plan.run.total_steps
+    seconds = worker.step_seconds
+    eta = (total - step) * sum(seconds) / len(seconds) if seconds else float("nan")
+    eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+    return (
+        f"step {step}/{total} ({step / total:.0%})  loss {metrics.get('loss', float('nan')):.4f}  "
+        f"accuracy {metrics.get('rewards/accuracies', float('nan')):.2f}  "
+        f"{metrics.get('samples_per_second', 0.0):.1f} pairs/s  ETA {eta_text}"
+    )
 
 
 @torch.no_grad()
