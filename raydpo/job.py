@@ -92,6 +92,7 @@ def build_report(cached, trained) -> dict[str, Any]:
         "pairs_written": train_split.counts.written,
         "pairs_rejected": train_split.counts.rejected,
         "eval_pairs": cached.eval.counts.written if cached.eval else 0,
+        "eval_pairs_evaluated": int(metrics.get("eval_pairs", 0)),
         "cache_tokens": stats.tokens,
         "precompute_reused": train_split.cached,
         "precompute_pairs_per_second": stats.pairs_per_s,

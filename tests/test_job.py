@@ -122,6 +122,7 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
 
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["model_path"] == str(tmp_path / "run" / "model")
+    assert report["eval_pairs_evaluated"] == report["eval_pairs"] > 0  # every eval pair, over 2 workers
     assert (tmp_path / "run" / "model" / "model.safetensors").exists()
     assert (tmp_path / "run" / "training_curves.png").stat().st_size > 10_000
     assert (tmp_path / "run" / "token_lengths.png").stat().st_size > 10_000

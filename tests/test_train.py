@@ -161,6 +161,8 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
         assert sorted(metric_history(base_run, name)) == list(range(1, STEPS + 1)), name
     for name in ("eval_loss", "eval_rewards/accuracies", "eval_logps/chosen"):
         assert sorted(metric_history(base_run, name)) == [3, STEPS], name
+    eval_written = json.loads((train_cache / "eval" / "manifest.json").read_text())["counts"]["written"]
+    assert metric_history(base_run, "eval_pairs") == {3: eval_written, STEPS: eval_written}  # none dropped
     learning_rates = metric_history(base_run, "learning_rate")
     assert learning_rates[STEPS] == 0.0 and max(learning_rates.values()) == pytest.approx(1e-3)
     num_tokens = metric_history(base_run, "num_tokens")

@@ -374,6 +374,9 @@ def _trainer(
             worker_runtime_env=runtime_env,
         ),
         datasets=datasets,
-        # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs
-        dataset_config=ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs.
+        # The eval split is not split: every worker streams it whole and scores its share (`evaluate`).
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)
+        ),
     )

@@ -245,6 +245,7 @@ def log_step(worker: Worker, state: TrainState, window: MetricWindow, step: int)
     if step == 1 and worker.checks.reference is not None:
         metrics.update(worker.checks.reference)
     state.num_tokens += int(metrics.pop("_tokens"))
+    metrics.pop("_pairs")
     if state.skipped_batches:
         metrics["skipped_nonfinite_batches"] = state.skipped_batches
     metrics.update(
@@ -274,21 +275,39 @@ def progress_line(worker: Worker, metrics: dict[str, float], step: int) -> str:
 
 @torch.no_grad()
 def evaluate(worker: Worker) -> dict[str, float]:
-    """The loss and metrics over the whole eval split, prefixed `eval_` as TRL's are."""
+    """The loss and metrics over the whole eval split, every pair counted once, prefixed `eval_` as
+    TRL's are.
+
+    Every worker streams the whole eval split and scores every world_size-th micro-batch of it. Under
+    ZeRO-3 each forward is a collective, so a worker left with fewer micro-batches than another (the
+    last round, when the count does not divide) scores its first one again and does not count it."""
     import ray.train
 
     worker.engine.eval()
     window = MetricWindow(worker.device)
+    world, rank = worker.plan.run.world_size, worker.rank
     shard = ray.train.get_dataset_shard("eval")
-    for columns in shard.iter_batches(batch_size=worker.config.micro_batch_size, batch_format="numpy"):
-        window.add(
-            loss_on_batch(worker.engine, columns, worker.settings, worker.plan.pad_token_id, worker.device)
-        )
+    first, total, scored = None, 0, 0
+    for index, columns in enumerate(
+        shard.iter_batches(batch_size=worker.config.micro_batch_size, batch_format="numpy")
+    ):
+        first = columns if first is None else first
+        total = index + 1
+        if index % world == rank:
+            window.add(forward_batch(worker, columns))
+            scored += 1
+    for _ in range(-(-total // world) - scored):  # the rounds other workers still take part in
+        forward_batch(worker, first)
     metrics = window.reduce()
     metrics.pop("_tokens")
+    metrics["pairs"] = metrics.pop("_pairs")  # every eval pair once: the report checks it
     metrics["runtime"] = time.perf_counter() - window.started
     metrics.pop("tokens_per_second")
     return {f"eval_{name}": value for name, value in metrics.items()}
+
+
+def forward_batch(worker: Worker, columns: dict[str, Any]):
+    return loss_on_batch(worker.engine, columns, worker.settings, worker.plan.pad_token_id, worker.device)
 
 
 # ---- the end -----------------------------------------------------------------------------------------

@@ -86,6 +86,7 @@ class MetricWindow:
         metrics["tokens_per_second"] = s["tokens"] / elapsed
         metrics["samples_per_second"] = s["pairs"] / elapsed
         metrics["_tokens"] = s["tokens"]
+        metrics["_pairs"] = s["pairs"]
         return metrics
 
 

@@ -57,8 +57,8 @@ def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> Run
             f"{config.micro_batch_size} x {config.grad_accum} accumulation = {pairs_per_step} pairs; "
             "use fewer workers or a smaller batch"
         )
-    if eval_rows is not None and eval_rows < world:
-        raise RaydpoError(f"the eval split has {eval_rows} usable pairs, fewer than the {world} workers")
+    if eval_rows is not None and eval_rows == 0:
+        raise RaydpoError("the eval split has no pairs with finite reference log-probs")
     if config.max_steps is not None:
         epochs = math.ceil(config.max_steps * pairs_per_step / train_rows)
         while (epochs * train_rows // world) // per_worker_step < config.max_steps:
