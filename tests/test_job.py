@@ -184,22 +184,35 @@ def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
     assert state["config"]["micro_batch_size"] == 2  # from the smoke config's train section
 
 
-def test_quickstart_notebook_executes(tmp_path):
-    import nbformat
-    from nbclient import NotebookClient
-
-    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
-    NotebookClient(
-        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
-    ).execute()
-    text = "\n".join(
-        output.get("text", "")
+def notebook_text(notebook) -> str:
+    """The text of a notebook's code-cell outputs (streams and plain-text results)."""
+    return "\n".join(
+        output.get("text", "") or output.get("data", {}).get("text/plain", "")
         for cell in notebook.cells
         if cell.cell_type == "code"
         for output in cell.outputs
     )
-    assert "trained 6 steps" in text
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    """It runs under one directory of its own, and its stored outputs carry no machine paths or
+    library warnings."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.read(ROOT / "examples" / "quickstart.ipynb", as_version=4)
+    stored = notebook_text(notebook)
+    assert "trained 6 steps" in stored and "WORKDIR" in stored
+    assert not any(mark in stored for mark in ("/tmp/", "/home/", "/root/", "WARNING", "Warning"))
+    monkeypatch.setenv("RAYDPO_QUICKSTART_DIR", str(tmp_path / "quickstart"))
+    NotebookClient(
+        notebook, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
+    assert "trained 6 steps" in notebook_text(notebook)
     assert (tmp_path / "quickstart" / "run" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "quickstart-elsewhere").exists() and sorted(
+        p.name for p in tmp_path.iterdir()
+    ) == ["quickstart"]
 
 
 def test_sweep_reuses_one_precompute(ray_session, tmp_path, capsys):
