@@ -627,7 +627,7 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
     [
         ({"num_workers": 4, "micro_batch_size": 8}, 20, None, "cannot fill one step"),
         ({}, 0, None, "no training pairs with finite reference"),
-        ({"num_workers": 3}, 100, 2, "eval split has 2 usable pairs"),
+        ({"num_workers": 3}, 100, 0, "eval split has no pairs with finite reference"),
     ],
 )
 def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, message):

@@ -198,9 +198,17 @@ class StepChecks:
         return packed.tolist()
 
     def _nonfinite(self, loss: torch.Tensor, pair_ids: Any, step: int) -> None:
-        """Stop with the step and this rank's pair ids, or (skip_nonfinite_loss) skip the micro-batch."""
-        ids = [str(pair_id) for pair_id in pair_ids]
-        where = f"step {step}, worker {self.rank} (loss {loss.item():.4g}), pairs {ids}"
+        """Stop naming the step and the pair ids of a worker whose loss was non-finite (every rank gets
+        here together, so they gather them), or (skip_nonfinite_loss) skip the micro-batch."""
+        import torch.distributed as dist
+
+        own = (self.rank, loss.item(), [str(pair_id) for pair_id in pair_ids]) if _nonfinite(loss) else None
+        gathered = [own]
+        if dist.is_initialized():
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, own)
+        rank, value, ids = next(entry for entry in gathered if entry is not None)
+        where = f"step {step}, worker {rank} (loss {value:.4g}), pairs {ids}"
         if not self.config.skip_nonfinite_loss:
             raise FloatingPointError(
                 f"non-finite loss on some worker at {where}; skip_nonfinite_loss skips such batches"
