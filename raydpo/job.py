@@ -179,18 +179,18 @@ def plot_lengths(result, path: str) -> str:
     import numpy as np
     import pyarrow.parquet as pq
 
-    split = cache.open_split(result.path)
+    fs, root = cache.resolve(result.path)  # the split was verified when training opened it
     columns = {"prompt_length": [], "chosen_length": [], "rejected_length": []}
     rows = 0
-    for file in split.files:
-        table = pq.read_table(file, filesystem=split.filesystem, columns=list(columns))
+    for name in result.manifest.data_files:
+        table = pq.read_table(f"{root}/{name}", filesystem=fs, columns=list(columns))
         for name in columns:
             columns[name].append(table.column(name).to_numpy())
         rows += table.num_rows
         if rows >= LENGTH_SAMPLE_ROWS:
             break
     values = {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in columns.items()}
-    settings = split.manifest.settings
+    settings = result.manifest.settings
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     prompt, completion = axes
     prompt.hist(values["prompt_length"], bins=40, color="tab:blue")

@@ -32,6 +32,7 @@ from raydpo.cache.schema import (
 )
 from raydpo.cache.split import CacheSplit, open_split, read_manifest, read_output
 from raydpo.cache.store import (
+    concurrently,
     is_uri,
     join,
     list_parts,
@@ -75,6 +76,7 @@ __all__ = [
     "RowRanges",
     "Throughput",
     "cache_key",
+    "concurrently",
     "data_schema",
     "file_sha256",
     "is_uri",

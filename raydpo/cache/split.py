@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from raydpo.cache.manifest import Manifest
 from raydpo.cache.schema import MANIFEST, data_schema
-from raydpo.cache.store import join, location, resolve, split_state
+from raydpo.cache.store import concurrently, join, location, resolve, split_state
 from raydpo.errors import RaydpoError
 
 
@@ -75,7 +75,6 @@ def open_split(path: str) -> CacheSplit:
 
 def _footer_rows(fs: pafs.FileSystem, root: str, path: str, manifest: Manifest) -> list[int]:
     """The row count of every file the manifest lists, from the footers (read concurrently)."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def rows(name: str) -> int:
         try:
@@ -83,9 +82,7 @@ def _footer_rows(fs: pafs.FileSystem, root: str, path: str, manifest: Manifest) 
         except (OSError, pa.ArrowInvalid) as error:
             raise RaydpoError(f"{path}: {name} is missing or corrupt ({error}); recompute it") from None
 
-    names = [entry.path for entry in manifest.files]
-    with ThreadPoolExecutor(max(1, min(16, len(names)))) as pool:
-        return list(pool.map(rows, names))
+    return concurrently(rows, [entry.path for entry in manifest.files])
 
 
 def read_output(path: str, split: str = "train") -> CacheSplit:

@@ -125,16 +125,22 @@ def write_part(fs: pafs.FileSystem, directory: str, table: pa.Table, metadata: d
     write_table_atomic(fs, f"{directory}/{name}", table, metadata)
 
 
-def read_footers(fs: pafs.FileSystem, paths: list[str], threads: int = 16) -> list[pq.FileMetaData]:
-    """The Parquet footers of PATHS, read concurrently (on an object store each is a round trip).
-
-    Raises what a failed read raises: OSError for the storage, ArrowInvalid for a file that is torn."""
+def concurrently(function, items: list, threads: int = 16) -> list:
+    """FUNCTION of each item, in order, from a few threads: for reads whose time is an object store's
+    round trip. The first exception raised is raised."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if len(paths) < 2:
-        return [pq.read_metadata(path, filesystem=fs) for path in paths]
-    with ThreadPoolExecutor(min(threads, len(paths))) as pool:
-        return list(pool.map(lambda path: pq.read_metadata(path, filesystem=fs), paths))
+    if len(items) < 2:
+        return [function(item) for item in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
+def read_footers(fs: pafs.FileSystem, paths: list[str]) -> list[pq.FileMetaData]:
+    """The Parquet footers of PATHS, read concurrently.
+
+    Raises what a failed read raises: OSError for the storage, ArrowInvalid for a file that is torn."""
+    return concurrently(lambda path: pq.read_metadata(path, filesystem=fs), paths)
 
 
 def split_state(path: str) -> str:

@@ -89,13 +89,11 @@ def required_columns(config: TrainConfig) -> list[str]:
     return TOKEN_COLUMNS + reference
 
 
-def finite_rows(split: cache.CacheSplit, columns: list[str], threads: int = 16) -> dict[str, int]:
+def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
     """Check the schema and count the rows whose reference values are all finite (the others are skipped).
 
     Only the reference columns are read (8 bytes a row), a file at a time in a few threads, so the
     driver's memory stays that of one file and an object store's latency overlaps."""
-    from concurrent.futures import ThreadPoolExecutor
-
     schema = pq.read_schema(split.files[0], filesystem=split.filesystem) if split.files else None
     missing = [name for name in columns if schema is None or name not in schema.names]
     if missing:
@@ -106,8 +104,7 @@ def finite_rows(split: cache.CacheSplit, columns: list[str], threads: int = 16) 
         table = pq.read_table(path, filesystem=split.filesystem, columns=reference)
         return table.num_rows, int(pc.sum(_finite_mask(table, reference)).as_py() or 0)
 
-    with ThreadPoolExecutor(max(1, min(threads, len(split.files)))) as pool:
-        counted = list(pool.map(count, split.files))
+    counted = cache.concurrently(count, split.files)
     rows, usable = sum(n for n, _ in counted), sum(k for _, k in counted)
     return {"rows": rows, "usable": usable, "nonfinite_reference": rows - usable}
 
