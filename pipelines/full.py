@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from raydpo.config import PrecomputeConfig, from_mapping, load
+from raydpo.console import keep_log_in
 from raydpo.errors import run_command
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
@@ -63,17 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         train_section = values.get("train")
 
         import raydpo
+        from raydpo.job import train_config_for
 
         if train_section is None:
+            keep_log_in(config.output)
             result = raydpo.precompute(config)
             print("precompute:\n  " + result.summary().replace("\n", "\n  "))
         else:
+            keep_log_in(train_config_for(config, train_section).output)  # the run directory
             job = raydpo.run(config, train_section)
             print("precompute:\n  " + job.precompute.summary().replace("\n", "\n  "))
             print("train:\n  " + job.train.summary().replace("\n", "\n  "))
             print("report:\n  " + job.summary().replace("\n", "\n  "))
 
-    return run_command("full.py", command)
+    return run_command("full.py", command, log="job")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full import SMOKE_CONFIG, precompute_config  # noqa: E402
 
 from raydpo.config import apply_overrides, load  # noqa: E402
+from raydpo.console import keep_log_in  # noqa: E402
 from raydpo.errors import RaydpoError, run_command  # noqa: E402
 from raydpo.tracking import resolve_tracking_uri  # noqa: E402
 
@@ -54,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         base_output = base.get("output", "raydpo-sweep")
         # one MLflow store for the whole sweep (default: SQLite in the sweep's directory)
         base.setdefault("mlflow_tracking_uri", resolve_tracking_uri(None, base_output))
+        keep_log_in(base_output)
         runs = []
         for index, overrides in enumerate(combinations):
             name = "-".join(f"{key.removeprefix('train.')}={value}" for key, value in overrides.items())
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{index + 1}/{len(combinations)}] {name}: {job.train.summary().splitlines()[0]}")
         print("\n" + table(runs))
 
-    return run_command("sweep.py", command)
+    return run_command("sweep.py", command, log="sweep")
 
 
 def table(runs) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from raydpo.config import PrecomputeConfig, TrainConfig, from_mapping, load, missing_required
+from raydpo.console import keep_log_in
 from raydpo.errors import RaydpoError, run_command
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
@@ -172,14 +173,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "precompute":
             from raydpo.precompute_stage import precompute
 
-            result = precompute(_config(PrecomputeConfig, args, "precompute"))
+            config = _config(PrecomputeConfig, args, "precompute")
+            keep_log_in(config.output)
+            result = precompute(config)
         else:
             from raydpo.train_stage import train
 
-            result = train(_config(TrainConfig, args, "train"))
+            config = _config(TrainConfig, args, "train")
+            keep_log_in(config.output)
+            result = train(config)
         print(result.summary())
 
-    return run_command(f"raydpo {args.command}", command)
+    return run_command(f"raydpo {args.command}", command, log=args.command)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ RAY_ADDRESS = "RAY_ADDRESS"
 GCS_PORT = "RAY_GCS_SERVER_PORT"
 PROBE_SECONDS = 3.0  # a live GCS accepts at once; a dead head's port refuses or stays silent
 NODE_SECONDS = 120.0  # for a task on each node to start and answer
+_joined = False  # whether init_ray connected this process to Ray
 
 
 def init_ray(address: str | None, **options: Any) -> str:
@@ -40,8 +41,10 @@ def init_ray(address: str | None, **options: Any) -> str:
     `options` go to `ray.init` when a local instance is started (num_cpus, include_dashboard, ...)."""
     import ray
 
+    global _joined
     if ray.is_initialized():
         return ray.get_runtime_context().gcs_address
+    _joined = True
     log_to_driver = options.pop("log_to_driver", True)
     target = join_address(address)
     if target is None:
@@ -54,6 +57,18 @@ def init_ray(address: str | None, **options: Any) -> str:
     pinned = canonicalize_bootstrap_address(target)  # "localhost" becomes an address other nodes can use
     ray.init(address=pinned, log_to_driver=log_to_driver, runtime_env=_pinned_env(pinned))
     return pinned
+
+
+def leave_ray() -> None:
+    """Disconnect from Ray (and stop the local instance) if `init_ray` connected this process; a
+    connection made before it (a notebook's `ray.init()`) is left alone. Entry points call it when
+    their command ends, so that workers' late lines do not trail the command's last line."""
+    global _joined
+    if _joined:
+        import ray
+
+        ray.shutdown()
+        _joined = False
 
 
 def join_address(address: str | None) -> str | None:

@@ -301,14 +301,18 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
         model.set_attn_implementation("sdpa")
         segmented, reason = False, check_prefix_sharing(model)
     if reason is None:
-        logger.info(
-            "prefix sharing: attention %s", "a segment at a time" if segmented else "through a 4D mask"
-        )
+        logger.debug("prefix sharing: attention %s", attention_mode(model))
         return True
     if setting == "on":
         raise ValueError(f"prefix_sharing=on: {reason}")
     logger.warning("prefix sharing is off: %s", reason)
     return False
+
+
+def attention_mode(model: torch.nn.Module) -> str:
+    """How a model that shares prefixes attends: a segment at a time, or through a 4D mask."""
+    segmented = model.config._attn_implementation == ATTENTION_NAME
+    return "a segment at a time" if segmented else "through a 4D mask"
 
 
 def _use_segmented_attention(model: torch.nn.Module) -> bool:

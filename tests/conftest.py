@@ -181,10 +181,43 @@ def run_cli(
     )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def run_cli_on_terminal(*args: str, timeout: float = 600) -> tuple[int, str]:
+    """`raydpo ...` with stdout and stderr on a pseudo-terminal, as in a user's shell: returns the exit
+    code and what the terminal received (line ends as the program wrote them)."""
+    import pty
+    import select
+
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raydpo.cli", *args],
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+        env={**environment, "COLUMNS": "200"},
+    )
+    os.close(follower)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([leader], [], [], 1.0)
+            if not ready:
+                if process.poll() is not None:
+                    break  # exited, and nothing more arrives (a child may still hold the terminal)
+                continue
+            try:
+                chunk = os.read(leader, 1 << 16)
+            except OSError:  # EIO: every holder of the terminal has closed it
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        code = process.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        os.close(leader)
+        if process.poll() is None:
+            process.kill()
+    return code, b"".join(chunks).decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
 # the ports a Ray node's agents take; each node of a test gets its own (the session's instance holds

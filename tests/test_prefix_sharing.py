@@ -35,7 +35,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from raydpo import attention
 from raydpo.data import RowError, canonical_pair
 from raydpo.layout import pack_pairs, pack_shared
-from raydpo.logprobs import check_prefix_sharing, completion_logps, use_prefix_sharing
+from raydpo.logprobs import attention_mode, check_prefix_sharing, completion_logps, use_prefix_sharing
 from raydpo.tokenize import pad_token_id, tokenize_pair
 
 WINDOW = 16  # shorter than every sequence below: the sliding layers' mask matters
@@ -225,10 +225,11 @@ def test_sdpa_models_attend_a_segment_at_a_time(tokenizer, tmp_path, caplog):
     torch.manual_seed(0)
     built = architectures(len(tokenizer))
     llama, gemma2 = built["llama"].eval(), built["gemma2"].eval()
-    with caplog.at_level(logging.INFO, logger="raydpo.logprobs"):
+    with caplog.at_level(logging.DEBUG, logger="raydpo.logprobs"):
         assert use_prefix_sharing(llama, "auto") and use_prefix_sharing(gemma2, "auto")
     assert llama.config._attn_implementation == attention.ATTENTION_NAME
     assert gemma2.config._attn_implementation == "eager"
+    assert (attention_mode(llama), attention_mode(gemma2)) == ("a segment at a time", "through a 4D mask")
     assert [r.getMessage() for r in caplog.records] == [
         "prefix sharing: attention a segment at a time",
         "prefix sharing: attention through a 4D mask",

@@ -9,6 +9,7 @@ write Parquet part files (`CacheSink`) -> verify and write the manifest (`finish
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -25,6 +26,7 @@ from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse
 from raydpo.errors import RaydpoError, one_line
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
+from raydpo.precompute_stage.progress import Progress, report
 from raydpo.precompute_stage.scorer import ReferenceScorer, cpu_threads
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
 from raydpo.tokenize import (
@@ -133,10 +135,25 @@ def precompute(
             "lower --num-actors or --cpus-per-actor",
         )
     result = PrecomputeResult(output=cache.location(config.output))
-    with cache.output_lock(config.output):
+    with cache.output_lock(config.output), _progress_bars_off():
         for name, (source, split) in sources.items():
             result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
     return result
+
+
+@contextlib.contextmanager
+def _progress_bars_off():
+    """Ray Data's progress bars (one per operator and dataset) off for the datasets made meanwhile: the
+    stage prints a line of its own (`Progress`)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    before = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = before
 
 
 def _precompute_split(
@@ -168,14 +185,24 @@ def _precompute_split(
     started = time.perf_counter()
     runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the tasks and actors
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
-    prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env)
-    scored = _scored(prepared, config, tokenizer, settings, runtime_env)
-    sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file)
-    _in_order(scored).write_datasink(
-        sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
-    )
+    with Progress(name, total=_known_rows(ds, dataset_fingerprint, config.limit)) as progress:
+        prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env, progress.tally)
+        scored = _scored(prepared, config, tokenizer, settings, runtime_env, progress.tally)
+        sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally)
+        _in_order(scored).write_datasink(
+            sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
+        )
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
+
+
+def _known_rows(ds, fingerprint: dict[str, Any], limit: int | None) -> int | None:
+    """The input's row count where it is known without reading the data (a Hugging Face or in-memory
+    dataset is held in blocks of known size), else None."""
+    if fingerprint["kind"] not in ("huggingface", "ray_dataset"):
+        return None
+    rows = ds.count()
+    return rows if limit is None else min(rows, limit)
 
 
 def _settings(config: PrecomputeConfig) -> dict[str, Any]:
@@ -195,7 +222,12 @@ def _settings(config: PrecomputeConfig) -> dict[str, Any]:
 
 
 def _prepared(
-    ds, config: PrecomputeConfig, tokenizer_digest: str, done_rows: cache.RowRanges, runtime_env: dict | None
+    ds,
+    config: PrecomputeConfig,
+    tokenizer_digest: str,
+    done_rows: cache.RowRanges,
+    runtime_env: dict | None,
+    progress=None,
 ):
     """DS validated and tokenized by CPU tasks into PREPARED_SCHEMA; the rows in DONE_ROWS (already
     written by an earlier run) come out as "done", unparsed."""
@@ -213,13 +245,19 @@ def _prepared(
             "max_prompt_length": config.max_prompt_length,
             # a few ranges in the usual case; a large list travels once through the object store
             "done_rows": (ray.put(done_rows) if len(done_rows) > 1024 else done_rows) if done_rows else None,
+            "progress": progress,
         },
         runtime_env=runtime_env,
     )
 
 
 def _scored(
-    prepared, config: PrecomputeConfig, tokenizer, settings: dict[str, Any], runtime_env: dict | None
+    prepared,
+    config: PrecomputeConfig,
+    tokenizer,
+    settings: dict[str, Any],
+    runtime_env: dict | None,
+    progress=None,
 ):
     """PREPARED scored on an actor pool of reference models, `batch_size * sort_window` rows a call."""
     import ray.data
@@ -252,6 +290,7 @@ def _scored(
                 "prefix_sharing": config.prefix_sharing,
                 "num_threads": config.cpu_threads_per_actor
                 or cpu_threads(config.cpus_per_actor, config.num_actors),
+                "progress": progress,
             },
         )
 
@@ -315,6 +354,7 @@ def prepare_batch(
     max_length: int | None,
     max_prompt_length: int | None,
     done_rows=None,
+    progress=None,
 ) -> pa.Table:
     """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject (or as
     "done", unparsed, where an earlier run of the same key wrote it)."""
@@ -349,6 +389,8 @@ def prepare_batch(
             rejected=tokens.rejected_ids,
             truncated=tokens.truncated,
         )
+    statuses = out["status"]
+    report(progress, read=len(statuses), rejected=statuses.count("rejected"), done=statuses.count("done"))
     return pa.table(out, schema=PREPARED_SCHEMA)
 
 

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 from raydpo import cache
 from raydpo.faults import fault_point
 from raydpo.numerics import load_causal_lm, resolve_dtype
+from raydpo.precompute_stage.progress import report
 
 FORWARD_TOKENS = "_forward_tokens"  # padded tokens each pair took in its forward (for the padding figure)
 COMPUTED_TOKENS = "_computed_tokens"  # tokens of each pair the model computed (the prompt once if shared)
@@ -54,6 +55,7 @@ class ReferenceScorer:
         num_threads: int | None = None,
         cpus: float = 1.0,
         pool_size: int = 1,
+        progress=None,
     ):
         import torch
 
@@ -71,6 +73,7 @@ class ReferenceScorer:
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
         self.store_token_logps = store_token_logps
+        self.progress = progress  # a `progress.Tally` handle, or None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -113,6 +116,7 @@ class ReferenceScorer:
                 else (pa.int64() if name in (FORWARD_TOKENS, COMPUTED_TOKENS) else pa.float32())
             )
             out = out.append_column(name, pa.array(values, type=dtype))
+        report(self.progress, scored=len(ok), tokens=sum(columns[COMPUTED_TOKENS]))
         return out
 
     def _output_names(self) -> list[str]:

@@ -24,6 +24,7 @@ from raydpo import cache
 from raydpo.config import PrecomputeConfig
 from raydpo.errors import RaydpoError
 from raydpo.faults import fault_point
+from raydpo.precompute_stage.progress import report
 from raydpo.precompute_stage.scorer import COMPUTED_TOKENS, FORWARD_TOKENS
 
 
@@ -31,9 +32,10 @@ class CacheSink(Datasink):
     """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, in files of at most
     rows_per_file rows, each written atomically."""
 
-    def __init__(self, path: str, key: str, store_token_logps: bool, rows_per_file: int):
+    def __init__(self, path: str, key: str, store_token_logps: bool, rows_per_file: int, progress=None):
         self.path = path  # a path or URI: the workers resolve it, with their own credentials
         self.key = key
+        self.progress = progress  # a `progress.Tally` handle, or None
         self.schema = cache.data_schema(store_token_logps)
         self.rows_per_file = rows_per_file
         self.totals: dict[str, Any] = {}
@@ -59,6 +61,7 @@ class CacheSink(Datasink):
                 data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
                 for part in self._files(data):
                     cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, part_metadata(part, self.key))
+                    report(self.progress, written=part.num_rows)
                     fault_point("precompute.write")
             if rejected.num_rows:
                 totals["rejected"] += rejected.num_rows

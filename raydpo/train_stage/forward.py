@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from raydpo.layout import PackedPairs, SharedPairs, pack_batch
-from raydpo.logprobs import CompletionLogps, completion_logps, use_prefix_sharing
+from raydpo.logprobs import CompletionLogps, attention_mode, completion_logps, use_prefix_sharing
 from raydpo.losses import LossInputs, LossOutput, LossSettings, ld_combine, preference_loss, wpo_weights
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,12 @@ def decide_prefix_sharing(engine, setting: str, rank: int) -> bool:
     scorer: PolicyScorer = engine.module
     scorer.shared = use_prefix_sharing(scorer.model, setting)
     if rank == 0:
-        logger.info("prefix sharing: %s", "on (each prompt computed once)" if scorer.shared else "off")
+        if scorer.shared:
+            logger.info(
+                "prefix sharing: on, each prompt computed once (attention %s)", attention_mode(scorer.model)
+            )
+        else:
+            logger.info("prefix sharing: off")
     return scorer.shared
 
 
