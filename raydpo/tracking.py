@@ -89,8 +89,22 @@ def local_store_dir(tracking_uri: str) -> str | None:
     return tracking_uri if os.path.isabs(tracking_uri) else None
 
 
-# MLflow 3's UI opens an experiment in the mode this tag names; untagged, it may open on GenAI traces
+# MLflow 3's experiment kind: its UI (3.17) shows it in the experiment's header and list
 EXPERIMENT_KIND, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+MLFLOW_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def run_page(tracking_uri: str, run_id: str) -> str:
+    """The run's page in MLflow's UI, in the model-training view, and for a local store the command that
+    serves it. MLflow 3.17's UI opens every experiment in its GenAI view (traces, "No data available")
+    unless the address names the view: the experiment-kind tag is not consulted."""
+    from mlflow import MlflowClient
+
+    experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+    served = tracking_uri.startswith(("http://", "https://"))
+    base = tracking_uri.rstrip("/") if served else MLFLOW_UI
+    page = f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    return page if served else f"{page} (serve it with: mlflow ui --backend-store-uri {tracking_uri})"
 
 
 def start_run(

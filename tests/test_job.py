@@ -3,11 +3,13 @@ and the cluster launcher file against Ray's own schema."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -18,8 +20,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import AGENT_PORTS, free_port, run_cli
+from conftest import AGENT_PORTS, free_port, run_cli, run_cli_on_terminal
 from mlflow import MlflowClient
+
+from raydpo.console import ANSI
+from raydpo.tracking import MLFLOW_UI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,11 +142,106 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"training_curves.png", "token_lengths.png", "report.json"} <= artifacts
 
+    # the run as users see it: MLflow's UI served on the store, in a real browser, from the printed link
+    link = re.search(r"MLflow UI: (http://\S+)", logs).group(1)
+    with mlflow_ui(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}", tmp_path / "ui.log") as served:
+        pages = browse_run(link.replace(MLFLOW_UI, served), run, tmp_path / "screenshots")
+    assert pages["run"]["view"] == "machine_learning", pages  # the model-training view, not GenAI traces
+    shown = pages["run"]["text"]
+    assert "No data available" not in shown
+    for expected in (run.info.run_name, "raydpo-cache/train", "Logged models (1)", "Ready", "eval_loss"):
+        assert expected in shown, (expected, shown[:3000])
+    assert re.search(r"\bbeta\s+0\.1\b", shown) and re.search(r"\blearning_rate\s+0\.001\b", shown), shown
+    assert run.info.run_name in pages["experiment"]["text"]
+    for page in pages.values():
+        assert page["screenshot"].stat().st_size > 50_000  # a rendered page, not a blank one
+
+
+@contextlib.contextmanager
+def mlflow_ui(store: str, log_path: Path):
+    """`mlflow server` on STORE at 127.0.0.1 (a free port) until the block ends; yields its address."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store, "--host", "127.0.0.1"]
+            + ["--port", str(port), "--workers", "1"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # stopped with its workers
+        )
+    address = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{address}/health", timeout=2).read()
+                break
+            except OSError:  # refused, reset or timed out while the server starts
+                assert server.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(1)
+        yield address
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # uvicorn waits for open connections to close
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# as the machine's network is closed: no background connections, no component or sync services
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def browse_run(link: str, run, screenshots: Path) -> dict[str, dict]:
+    """Open the run's page and its experiment's runs page in headless Chromium; each page's visible text,
+    view (the `workflowType` it settled on) and a full-page screenshot."""
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (`make test` installs Debian's chromium package)")
+    from playwright.sync_api import sync_playwright
+
+    screenshots.mkdir(parents=True, exist_ok=True)
+    experiment = link.split("/runs/")[0] + "/runs?workflowType=machine_learning"
+    pages = {}
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            for name, address, ready in (
+                ("run", link, ["Logged models (1)", "eval_loss", "raydpo-cache/train", "learning_rate"]),
+                ("experiment", experiment, [run.info.run_name]),
+            ):
+                page.goto(address)
+                for text in ready:  # the UI fills the page as its requests return; it keeps polling
+                    page.get_by_text(text, exact=False).first.wait_for(timeout=60_000)
+                path = screenshots / f"{name}.png"
+                page.screenshot(path=str(path), full_page=True)
+                view = re.search(r"workflowType=(\w+)", page.url)
+                pages[name] = {
+                    "text": page.inner_text("body"),
+                    "view": view.group(1) if view else None,
+                    "screenshot": path,
+                }
+        finally:
+            browser.close()
+    return pages
+
 
 def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
-    """`raydpo precompute` then `raydpo train` on the smoke config, in fresh processes, as users type them."""
+    """`raydpo precompute` then `raydpo train` on the smoke config, in fresh processes, as users type them:
+    precompute in a terminal (a live progress line), train into a pipe (plain lines). Each console is
+    short and free of the libraries' bookkeeping, which the full log in the output directory keeps."""
     smoke = str(ROOT / "pipelines" / "configs" / "smoke.yaml")
-    precompute = run_cli(
+    code, screen = run_cli_on_terminal(
         "precompute",
         "--config",
         smoke,
@@ -156,8 +256,18 @@ def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
         "--max-length",
         "256",
     )
-    assert precompute.returncode == 0, precompute.stderr[-3000:]
-    assert "24 rows read" in precompute.stdout
+    assert code == 0, screen[-3000:]
+    assert "train: 24 rows read" in screen
+    assert re.search(r"\r\x1b\[Kprecompute train  0:00:\d\d  \d+ rows read", screen), screen  # redrawn
+    status = [line for line in screen.split("\n") if "\x1b[Kprecompute train  " in line][-1]
+    assert " 24 rows read  " in status.split("\r\x1b[K")[-1], status  # left standing, complete
+    (log,) = (tmp_path / "cache" / "logs").glob("precompute-*.log")
+    assert ANSI.sub("", screen).strip().splitlines()[-1] == f"full log: {log}"  # Ray resets colours last
+    logged = log.read_text()
+    for bookkeeping in ("Execution plan of Dataset", "Data sink CacheSink finished"):
+        assert bookkeeping in logged and bookkeeping not in screen
+    assert screen.strip().count("\n") < 12, screen  # lines, each status line redrawn within one
+
     train = run_cli(
         "train",
         "--config",
@@ -182,6 +292,15 @@ def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
     state = json.loads((tmp_path / "run" / "run.json").read_text())
     assert state["status"] == "finished" and state["config"]["beta"] == 0.2
     assert state["config"]["micro_batch_size"] == 2  # from the smoke config's train section
+    shown = train.stdout + train.stderr
+    assert "\r" not in shown and "\x1b[K" not in shown  # not a terminal: plain lines
+    assert shown.count("step 2/2 (100%)") == 1, shown  # Ray Train prints the worker's line twice
+    (log,) = (tmp_path / "run" / "logs").glob("train-*.log")
+    assert train.stdout.strip().splitlines()[-1] == f"full log: {log}"
+    logged = log.read_text()
+    assert "step 2/2 (100%)" in logged
+    for bookkeeping in ("Started training worker group", "Setting up process group"):
+        assert bookkeeping in logged and bookkeeping not in shown
 
 
 def notebook_text(notebook) -> str:

@@ -181,12 +181,12 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
     assert params["plan.train_rows"] == str(manifest["counts"]["written"] - NONFINITE_ROWS)
     assert not any(name.startswith(("cache.", "raydpo.")) for name in params)
     assert tags["raydpo.cache.train.key"] == manifest["key"]
-    assert (
-        tags["raydpo.cache.train.fingerprints.model.weights_sha256"]
-        == manifest["fingerprints"]["model"]["weights_sha256"]
-    )
     assert tags["raydpo.cache.train.nonfinite_reference"] == str(NONFINITE_ROWS)
     assert tags["raydpo.reference.same_as_policy"] == "true"
+    ours = sorted(name for name in tags if name.startswith("raydpo."))
+    assert len(ours) <= 16 and not any("fingerprint" in name for name in ours), ours  # a short list
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "manifest_train.json")).read_text())
+    assert logged["fingerprints"] == manifest["fingerprints"]  # what stands behind the key
 
     # the Datasets panel: both caches, keyed by the cache key, with their counts
     inputs = {entry.dataset.name: entry for entry in run.inputs.dataset_inputs}

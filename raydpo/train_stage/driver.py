@@ -31,6 +31,7 @@ from raydpo.cluster import (
 from raydpo.config import TrainConfig, as_dict, coerce
 from raydpo.errors import RaydpoError, TrainingFailed, one_line
 from raydpo.tokenize import load_tokenizer, pad_token_id
+from raydpo.tracking import run_page
 from raydpo.train_stage import engine
 from raydpo.train_stage.checks import check_cache_matches, drop_nonfinite, finite_rows, required_columns
 from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
@@ -63,7 +64,8 @@ class TrainResult:
         return (
             f"trained {self.plan.total_steps} steps on {self.plan.train_rows} pairs "
             f"({self.plan.world_size} workers): {figures}\n"
-            f"model: {self.model_path}\nMLflow run {self.run_id} at {self.tracking_uri}"
+            f"model: {self.model_path}\nMLflow run {self.run_id} at {self.tracking_uri}\n"
+            f"MLflow UI: {run_page(self.tracking_uri, self.run_id)}"
         )
 
 
@@ -208,9 +210,11 @@ def _run_params(config, plan: RunPlan) -> dict[str, Any]:
 
 
 def _run_tags(reference, manifests, counts) -> dict[str, Any]:
-    """The inputs' identity as tags: the reference and the caches (keys, fingerprints, settings)."""
+    """The inputs' identity as a few tags, short enough to read in the run's Overview: the reference
+    model and its numerics, each cache's key, path and rows. The fingerprints and settings behind the
+    keys are in the manifest_<split>.json artifacts."""
     return {
-        "raydpo.reference": reference,
+        "raydpo.reference": {key: reference[key] for key in ("model", "same_as_policy", "numerics")},
         "raydpo.cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
     }
 
@@ -315,9 +319,6 @@ def _manifest_params(manifest: cache.Manifest, counts: dict[str, int]) -> dict[s
     return {
         "key": manifest.key,
         "path": manifest.source,
-        "model": manifest.model,
-        "fingerprints": {"model": manifest.fingerprints.model, "tokenizer": manifest.fingerprints.tokenizer},
-        "settings": manifest.settings,
         "rows": counts["rows"],
         "nonfinite_reference": counts["nonfinite_reference"],
     }
