@@ -67,7 +67,9 @@ def duplicate_rows(zh_rows) -> list[dict]:
     return [*rows, dict(rows[1])]
 
 
-def test_duplicates_keep_the_first_row_in_input_order(ray_session, toy_model, duplicate_rows, tmp_path):
+def test_duplicates_keep_the_first_row_in_input_order(
+    ray_session, toy_model, duplicate_rows, tmp_path, monkeypatch
+):
     """Each row in its own part file: the later copies (same content, or only the same id) are rejected
     with the reason, and the counts in the manifest are the rows on disk."""
     dataset = write_jsonl(tmp_path / "pairs.jsonl", duplicate_rows)
@@ -84,6 +86,35 @@ def test_duplicates_keep_the_first_row_in_input_order(ray_session, toy_model, du
         (3, DUPLICATE_REASON),
     ]
     assert_manifest_counts_rows_on_disk(output / "train")
+    assert_training_counts_finite_rows_from_footers(output / "train", monkeypatch)
+
+
+def assert_training_counts_finite_rows_from_footers(split_dir, monkeypatch) -> None:
+    """Each data file's footer counts its rows with a non-finite reference value; training's plan takes
+    the counts from there without reading the values, and reads the values of a file written without."""
+    from raydpo.train_stage import checks
+
+    columns = checks.TOKEN_COLUMNS + list(cache.REFERENCE_COLUMNS)
+    first = sorted((split_dir / cache.DATA_DIR).glob("part-*.parquet"))[0]
+    table = pq.read_table(first)
+    values = table.column("ref_chosen_logps").to_numpy().copy()
+    values[0] = np.nan
+    poisoned = table.set_column(
+        table.schema.get_field_index("ref_chosen_logps"), "ref_chosen_logps", pa.array(values, pa.float32())
+    )
+    key = pq.read_metadata(first).metadata[cache.KEY_METADATA].decode()
+    pq.write_table(poisoned.replace_schema_metadata(part_metadata(poisoned, key)), first)  # as the sink does
+    split = cache.open_split(str(split_dir))
+    expected = {"rows": split.num_rows, "usable": split.num_rows - 1, "nonfinite_reference": 1}
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the reference values were read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(checks.pq, "read_table", unread)
+        assert checks.finite_rows(split, columns) == expected
+    pq.write_table(poisoned.replace_schema_metadata(None), first)  # no raydpo footer: the values are read
+    assert checks.finite_rows(cache.open_split(str(split_dir)), columns) == expected
 
 
 def assert_manifest_counts_rows_on_disk(split) -> None:

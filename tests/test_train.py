@@ -19,8 +19,10 @@ from conftest import inject, kill_when_fired
 from mlflow import MlflowClient
 
 import raydpo
+from raydpo import cache
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.faults import fired
+from raydpo.precompute_stage.sink import part_metadata
 
 NONFINITE_ROWS = 2
 STEPS = 6
@@ -76,7 +78,10 @@ def with_nonfinite_rows(output: Path) -> Path:
     table = table.set_column(
         table.schema.get_field_index("ref_chosen_logps"), "ref_chosen_logps", pa.array(values, pa.float32())
     )
-    pq.write_table(table, part)  # same rows: the manifest still verifies, the values do not
+    key = pq.read_metadata(part).metadata[cache.KEY_METADATA].decode()
+    # as the precompute writes a file whose reference values are not finite: same rows (the manifest
+    # still verifies), its footer counting them
+    pq.write_table(table.replace_schema_metadata(part_metadata(table, key)), part)
     return output
 
 

@@ -10,9 +10,11 @@ Layout of one split (OUTPUT/train, OUTPUT/eval):
 
 Part files are named by a digest of the input rows they hold, so a retried write task rewrites the same
 file instead of adding a duplicate. Every row keeps its position in the input (`source_row`), and each
-part file's footer holds the ranges of those positions (`rows.ROWS_METADATA`) and, for rejects, the count
-of each reason: a rerun after a crash skips the rows already written, and the manifest's counts and its
-proof that every input row is there exactly once come from the footers, without reading the rows.
+part file's footer holds the ranges of those positions (`rows.ROWS_METADATA`), for rejects the count of
+each reason, and for pairs the count of rows with a non-finite reference value: a rerun after a crash
+skips the rows already written, the manifest's counts and its proof that every input row is there
+exactly once come from the footers without reading the rows, and so do training's counts of usable
+pairs.
 """
 
 from __future__ import annotations
@@ -67,6 +69,35 @@ REJECT_SCHEMA = pa.schema(
 )
 REASONS_METADATA = b"raydpo.reasons"  # a rejects file's count of each reason, as JSON, in its footer
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# the reference values a loss reads: the sums, or (LD-DPO) the shared and tail parts
+REFERENCE_SETS = (
+    REFERENCE_COLUMNS,
+    tuple(f"ref_{side}_logps_{part}" for side in ("chosen", "rejected") for part in ("shared", "tail")),
+)
+# a data file's count of rows with a non-finite value, for each of REFERENCE_SETS, as JSON in its footer
+NONFINITE_METADATA = b"raydpo.nonfinite_rows"
+
+
+def finite_mask(table: pa.Table, names) -> pa.ChunkedArray:
+    """Whether each row's values in the columns NAMES are all finite (a null is not)."""
+    import pyarrow.compute as pc
+
+    mask = None
+    for name in names:
+        finite = pc.fill_null(pc.is_finite(table.column(name)), False)
+        mask = finite if mask is None else pc.and_(mask, finite)
+    return mask
+
+
+def nonfinite_counts(table: pa.Table) -> dict[str, int]:
+    """For each of REFERENCE_SETS (named by its columns, comma-joined), the rows of TABLE with a
+    non-finite value among them."""
+    import pyarrow.compute as pc
+
+    return {
+        ",".join(names): table.num_rows - int(pc.sum(finite_mask(table, names)).as_py() or 0)
+        for names in REFERENCE_SETS
+    }
 
 
 def data_schema(store_token_logps: bool) -> pa.Schema:

@@ -4,6 +4,7 @@ Training and inspection read a precompute output only through here."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -11,7 +12,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo.cache.manifest import Manifest
-from raydpo.cache.schema import MANIFEST, data_schema
+from raydpo.cache.schema import MANIFEST, NONFINITE_METADATA, data_schema
 from raydpo.cache.store import concurrently, join, location, resolve, split_state
 from raydpo.errors import RaydpoError
 
@@ -25,6 +26,10 @@ class CacheSplit:
     manifest: Manifest
     files: list[str] = field(default_factory=list)
     filesystem: pafs.FileSystem | None = None
+    # per data file, from its footer: its rows, and its count of rows with non-finite reference values
+    # (`NONFINITE_METADATA`; None for a file whose footer has none)
+    file_rows: list[int] = field(default_factory=list)
+    nonfinite: list[dict[str, int] | None] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -66,23 +71,38 @@ def open_split(path: str) -> CacheSplit:
             else "not a precompute output"
         )
         raise RaydpoError(f"{path} is {what}; run `raydpo precompute` to (re)build it")
-    for entry, rows in zip(manifest.files, _footer_rows(fs, root, path, manifest), strict=True):
+    footers = dict(
+        zip((entry.path for entry in manifest.files), _footers(fs, root, path, manifest), strict=True)
+    )
+    for entry in manifest.files:
+        rows = footers[entry.path].num_rows
         if rows != entry.rows:
             raise RaydpoError(f"{path}: {entry.path} has {rows} rows, the manifest says {entry.rows}")
+    nonfinite = [
+        json.loads(counts) if (counts := (footers[name].metadata or {}).get(NONFINITE_METADATA)) else None
+        for name in manifest.data_files
+    ]
     files = [f"{root}/{name}" for name in manifest.data_files]
-    return CacheSplit(path=location(path), manifest=manifest, files=files, filesystem=fs)
+    return CacheSplit(
+        path=location(path),
+        manifest=manifest,
+        files=files,
+        filesystem=fs,
+        file_rows=[footers[name].num_rows for name in manifest.data_files],
+        nonfinite=nonfinite,
+    )
 
 
-def _footer_rows(fs: pafs.FileSystem, root: str, path: str, manifest: Manifest) -> list[int]:
-    """The row count of every file the manifest lists, from the footers (read concurrently)."""
+def _footers(fs: pafs.FileSystem, root: str, path: str, manifest: Manifest) -> list[pq.FileMetaData]:
+    """The footer of every file the manifest lists (read concurrently)."""
 
-    def rows(name: str) -> int:
+    def footer(name: str) -> pq.FileMetaData:
         try:
-            return pq.read_metadata(f"{root}/{name}", filesystem=fs).num_rows
+            return pq.read_metadata(f"{root}/{name}", filesystem=fs)
         except (OSError, pa.ArrowInvalid) as error:
             raise RaydpoError(f"{path}: {name} is missing or corrupt ({error}); recompute it") from None
 
-    return concurrently(rows, [entry.path for entry in manifest.files])
+    return concurrently(footer, [entry.path for entry in manifest.files])
 
 
 def read_output(path: str, split: str = "train") -> CacheSplit:

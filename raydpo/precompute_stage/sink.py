@@ -99,8 +99,9 @@ class CacheSink(Datasink):
 
 
 def part_metadata(table: pa.Table, key: str) -> dict[bytes, bytes]:
-    """A part file's footer metadata: its cache key, the ranges of its input rows, and for rejects the
-    count of each reason."""
+    """A part file's footer metadata: its cache key, the ranges of its input rows, for rejects the count
+    of each reason, and for pairs the count of rows with non-finite reference values (training plans
+    its steps from these counts without reading the values)."""
     metadata = {
         cache.KEY_METADATA: key.encode(),
         cache.ROWS_METADATA: cache.RowRanges.of(table.column("source_row").to_numpy()).to_json().encode(),
@@ -108,6 +109,8 @@ def part_metadata(table: pa.Table, key: str) -> dict[bytes, bytes]:
     if "reason" in table.column_names:
         reasons = Counter(table.column("reason").to_pylist())
         metadata[cache.REASONS_METADATA] = json.dumps(reasons, ensure_ascii=False).encode()
+    if cache.REFERENCE_COLUMNS[0] in table.column_names:
+        metadata[cache.NONFINITE_METADATA] = json.dumps(cache.nonfinite_counts(table)).encode()
     return metadata
 
 

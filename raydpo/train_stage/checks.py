@@ -92,34 +92,35 @@ def required_columns(config: TrainConfig) -> list[str]:
 def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
     """Check the schema and count the rows whose reference values are all finite (the others are skipped).
 
-    Only the reference columns are read (8 bytes a row), a file at a time in a few threads, so the
-    driver's memory stays that of one file and an object store's latency overlaps."""
+    The counts come from the data files' footers, where the precompute wrote them. A file without them
+    (written by other means) has its reference columns read (8 bytes a row), a file at a time in a few
+    threads, so the driver's memory stays that of one file and an object store's latency overlaps."""
     schema = pq.read_schema(split.files[0], filesystem=split.filesystem) if split.files else None
     missing = [name for name in columns if schema is None or name not in schema.names]
     if missing:
         raise RaydpoError(f"{split.path} lacks the columns {missing}: not a usable precompute output")
     reference = [name for name in columns if name.startswith("ref_")]
+    key = ",".join(reference)
+    noted = split.nonfinite if split.file_rows else [None] * len(split.files)
+    counted, unnoted = [], []
+    for path, rows, footer in zip(split.files, split.file_rows or noted, noted, strict=True):
+        if footer is not None and key in footer:
+            counted.append((rows, rows - footer[key]))
+        else:
+            unnoted.append(path)
 
     def count(path: str) -> tuple[int, int]:
         table = pq.read_table(path, filesystem=split.filesystem, columns=reference)
-        return table.num_rows, int(pc.sum(_finite_mask(table, reference)).as_py() or 0)
+        return table.num_rows, int(pc.sum(cache.finite_mask(table, reference)).as_py() or 0)
 
-    counted = cache.concurrently(count, split.files)
+    counted += cache.concurrently(count, unnoted)
     rows, usable = sum(n for n, _ in counted), sum(k for _, k in counted)
     return {"rows": rows, "usable": usable, "nonfinite_reference": rows - usable}
 
 
-def _finite_mask(table: pa.Table, names: list[str]) -> pa.ChunkedArray:
-    mask = None
-    for name in names:
-        finite = pc.fill_null(pc.is_finite(table.column(name)), False)
-        mask = finite if mask is None else pc.and_(mask, finite)
-    return mask
-
-
 def drop_nonfinite(batch: pa.Table, names: list[str]) -> pa.Table:
     """Ray Data transform: keep the rows whose reference values are finite."""
-    return batch.filter(_finite_mask(batch, names))
+    return batch.filter(cache.finite_mask(batch, names))
 
 
 # ---- in the workers: the values of a step ------------------------------------------------------------
