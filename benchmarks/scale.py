@@ -64,6 +64,7 @@ class PeakMemory:
 
         self.psutil, self.interval = psutil, interval
         self.driver = self.worker = 0
+        self.worker_title = ""  # the largest worker's process title at its peak: what it was running
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
 
@@ -82,7 +83,9 @@ class PeakMemory:
             for process in self.psutil.process_iter(["cmdline", "memory_info"]):
                 cmdline = process.info["cmdline"] or []
                 if cmdline and cmdline[0].startswith("ray::") and process.info["memory_info"]:
-                    self.worker = max(self.worker, process.info["memory_info"].rss)
+                    rss = process.info["memory_info"].rss
+                    if rss > self.worker:
+                        self.worker, self.worker_title = rss, cmdline[0].split()[0]
             self.stopped.wait(self.interval)
 
 
@@ -130,6 +133,7 @@ def measure(size: int, data: Path, model: Path, workdir: Path) -> dict:
         "pairs_per_s": counts.read / wall,
         "driver_peak_mib": memory.driver / 2**20,
         "worker_peak_mib": memory.worker / 2**20,
+        "worker_peak_title": memory.worker_title,
         "part_files": files,
         "rerun_s": rerun,
         "startup_files_s": startup["files"],
@@ -251,7 +255,8 @@ def main() -> None:
 def format_row(row: dict) -> str:
     return (
         f"{row['size']:>9} pairs: {row['wall_s']:7.1f} s, {row['pairs_per_s']:6.0f} pairs/s, driver peak "
-        f"{row['driver_peak_mib']:6.0f} MiB, largest worker {row['worker_peak_mib']:6.0f} MiB, "
+        f"{row['driver_peak_mib']:6.0f} MiB, largest worker {row['worker_peak_mib']:6.0f} MiB "
+        f"({row.get('worker_peak_title', '?')}), "
         f"{row['part_files']} part files, rerun {row['rerun_s']:.2f} s, training start-up "
         f"{row['startup_files_s']:.1f} s (shuffle files) / {row['startup_full_s']:.1f} s (full)"
     )
