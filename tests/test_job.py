@@ -151,7 +151,7 @@ def test_ray_job_submit_runs_both_stages(ray_head, tmp_path):
     assert "No data available" not in shown
     for expected in (run.info.run_name, "raydpo-cache/train", "Logged models (1)", "Ready", "eval_loss"):
         assert expected in shown, (expected, shown[:3000])
-    assert re.search(r"\bbeta\s+0\.1\b", shown) and re.search(r"\blearning_rate\s+0\.001\b", shown), shown
+    assert re.search(r"\bbeta\s+0\.1\b", shown) and re.search(r"\blearning_rate\s+0\.0005\b", shown), shown
     assert run.info.run_name in pages["experiment"]["text"]
     for page in pages.values():
         assert page["screenshot"].stat().st_size > 50_000  # a rendered page, not a blank one
