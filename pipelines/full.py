@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 from raydpo.config import PrecomputeConfig, from_mapping, load
-from raydpo.console import keep_log_in
-from raydpo.errors import run_command
+from raydpo.console import keep_log_in, run_command
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
 

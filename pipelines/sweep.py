@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from full import SMOKE_CONFIG, precompute_config  # noqa: E402
 
 from raydpo.config import apply_overrides, load  # noqa: E402
-from raydpo.console import keep_log_in  # noqa: E402
-from raydpo.errors import RaydpoError, run_command  # noqa: E402
+from raydpo.console import keep_log_in, run_command  # noqa: E402
+from raydpo.errors import RaydpoError  # noqa: E402
 from raydpo.tracking import resolve_tracking_uri  # noqa: E402
 
 SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "loss", "rewards/accuracies")

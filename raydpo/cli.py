@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from raydpo.config import PrecomputeConfig, TrainConfig, from_mapping, load, missing_required
-from raydpo.console import keep_log_in
-from raydpo.errors import RaydpoError, run_command
+from raydpo.console import keep_log_in, run_command
+from raydpo.errors import RaydpoError
 
 PRECOMPUTE_SHORT_HELP = "compute the reference log-probs once and cache them as Parquet"
 TRAIN_SHORT_HELP = "train the policy with DPO on a precompute output (Ray Train + DeepSpeed ZeRO-3)"

@@ -26,8 +26,10 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from raydpo.errors import RaydpoError, TrainingFailed, one_line
 
 LOGS_DIR = "logs"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -234,6 +236,37 @@ def run_log(name: str) -> Iterator[RunLog]:
         _active, _log = None, None
         for fd in (1, 2):
             os.dup2(saved[fd], fd)
+
+
+def run_command(prog: str, command: Callable[[], None], log: str | None = None) -> int:
+    """Run an entry point's body: one line on stderr and exit code 2 for bad input, 1 for a failed run.
+
+    With `log` (a name: "train"), the command's whole output also goes to a log file (`run_log`),
+    whose path is the last line on stdout, or for a failed run the line before the error on stderr."""
+    from raydpo.cluster import leave_ray
+
+    with run_log(log) if log else contextlib.nullcontext() as session:
+        try:
+            command()
+        except RaydpoError as error:
+            message, code = f"{prog}: error: {one_line(error, limit=None)}", 2
+        except TrainingFailed as error:
+            message, code = f"{prog}: {one_line(error, limit=None)}", 1
+        else:
+            message, code = None, 0
+        if session is not None:
+            leave_ray()  # inside the log: Ray's shutdown and the workers' last lines are filtered too
+        if session is not None and message:
+            session.file.write(message + "\n")
+    if session is not None:
+        where = session.keep()
+        if code == 2:  # bad input: the one line says it all; a log outside an output is not kept
+            session.discard()
+        else:
+            print(f"full log: {where}", file=sys.stderr if code else sys.stdout, flush=True)
+    if message:
+        print(message, file=sys.stderr)
+    return code
 
 
 def _pump(read_end: int, console: Console, fd: int, marker: str, seen: threading.Event) -> None:

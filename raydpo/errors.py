@@ -1,13 +1,13 @@
 """The exception types users see, and the one way an exception becomes the single line they read.
 
 Bad input raises `RaydpoError` (the CLI prints it as one line and exits with code 2); a run that started
-and failed raises `TrainingFailed` (exit code 1).
+and failed raises `TrainingFailed` (exit code 1). `console.run_command` is where entry points turn them
+into that line and code.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 # A line of a traceback that names the exception raised: `raydpo.train_stage.checks.SomeError: message`.
 _RAISED_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ")
@@ -40,39 +40,3 @@ def one_line(error: BaseException, limit: int | None = 300) -> str:
     raised = [line for line in lines if _RAISED_LINE.match(line)] if len(lines) > 1 else []
     text = raised[-1] if raised else " ".join(" ".join(lines).split())
     return text[:limit] or type(error).__name__
-
-
-def run_command(prog: str, command: Callable[[], None], log: str | None = None) -> int:
-    """Run an entry point's body: one line on stderr and exit code 2 for bad input, 1 for a failed run.
-
-    With `log` (a name: "train"), the command's whole output also goes to a log file (`console.run_log`),
-    whose path is the last line on stdout, or for a failed run the line before the error on stderr."""
-    import contextlib
-    import sys
-
-    from raydpo import console
-
-    with console.run_log(log) if log else contextlib.nullcontext() as session:
-        try:
-            command()
-        except RaydpoError as error:
-            message, code = f"{prog}: error: {one_line(error, limit=None)}", 2
-        except TrainingFailed as error:
-            message, code = f"{prog}: {one_line(error, limit=None)}", 1
-        else:
-            message, code = None, 0
-        if session is not None:
-            from raydpo.cluster import leave_ray
-
-            leave_ray()  # inside the log: Ray's shutdown and the workers' last lines are filtered too
-        if session is not None and message:
-            session.file.write(message + "\n")
-    if session is not None:
-        where = session.keep()
-        if code == 2:  # bad input: the one line says it all; a log outside an output is not kept
-            session.discard()
-        else:
-            print(f"full log: {where}", file=sys.stderr if code else sys.stdout, flush=True)
-    if message:
-        print(message, file=sys.stderr)
-    return code

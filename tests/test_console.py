@@ -73,7 +73,8 @@ def test_console_filters_noise_and_repeats_and_keeps_status_lines(terminal):
 COMMAND = r"""
 import os, subprocess, sys
 from raydpo import console
-from raydpo.errors import RaydpoError, TrainingFailed, run_command
+from raydpo.console import run_command
+from raydpo.errors import RaydpoError, TrainingFailed
 
 def command():
     console.keep_log_in(sys.argv[1])

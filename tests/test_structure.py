@@ -21,6 +21,7 @@ LAYERS = [
     {"data", "losses", "logprobs", "cluster"},
     {"tokenize"},
     {"cache"},
+    {"console"},
     {"precompute_stage", "train_stage"},
     {"job"},
     {"cli", "__init__"},
