@@ -61,8 +61,8 @@ def init_ray(address: str | None, **options: Any) -> str:
 
 def leave_ray() -> None:
     """Disconnect from Ray (and stop the local instance) if `init_ray` connected this process; a
-    connection made before it (a notebook's `ray.init()`) is left alone. Entry points call it when
-    their command ends, so that workers' late lines do not trail the command's last line."""
+    connection made by `ray.init()` is left alone. Entry points call it when a command that connected
+    ends, so that workers' late lines do not trail the command's last line."""
     global _joined
     if _joined:
         import ray

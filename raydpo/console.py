@@ -245,6 +245,8 @@ def run_command(prog: str, command: Callable[[], None], log: str | None = None) 
     whose path is the last line on stdout, or for a failed run the line before the error on stderr."""
     from raydpo.cluster import leave_ray
 
+    ray = sys.modules.get("ray")
+    connected_before = ray is not None and ray.is_initialized()  # a caller's connection is left alone
     with run_log(log) if log else contextlib.nullcontext() as session:
         try:
             command()
@@ -254,7 +256,7 @@ def run_command(prog: str, command: Callable[[], None], log: str | None = None) 
             message, code = f"{prog}: {one_line(error, limit=None)}", 1
         else:
             message, code = None, 0
-        if session is not None:
+        if session is not None and not connected_before:
             leave_ray()  # inside the log: Ray's shutdown and the workers' last lines are filtered too
         if session is not None and message:
             session.file.write(message + "\n")

@@ -217,6 +217,7 @@ def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, c
     )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "needs 'chosen' and 'rejected' columns" in err
+    assert ray_session.is_initialized()  # an in-process command leaves the caller's Ray connection up
     assert (
         cli_main(
             [
