@@ -79,11 +79,11 @@ _log: RunLog | None = None
 class Console:
     """The console side of a command's output: noise filtered, repeats dropped, status lines in place.
 
-    `out` and `err` are the file descriptors of the real console (duplicated before the tee took fd 1
-    and 2); `log` receives every line."""
+    `out` is the file descriptor of the real console's stdout (duplicated before the tee took fd 1; each
+    line names its own descriptor); `log` receives every line."""
 
-    def __init__(self, out: int, err: int, log, terminal: bool) -> None:
-        self.out, self.err, self.log, self.terminal = out, err, log, terminal
+    def __init__(self, out: int, log, terminal: bool) -> None:
+        self.out, self.log, self.terminal = out, log, terminal
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
         self.status_text = ""
         self.status_logged = float("-inf")  # when a status line last went to the log
@@ -209,7 +209,7 @@ def run_log(name: str) -> Iterator[RunLog]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
-    console = Console(saved[1], saved[2], log.file, os.isatty(saved[1]))
+    console = Console(saved[1], log.file, os.isatty(saved[1]))
     markers = {}
     for fd in (1, 2):
         read_end, write_end = os.pipe()

@@ -32,7 +32,7 @@ def _drain(fd: int) -> str:
 def test_console_filters_noise_and_repeats_and_keeps_status_lines(terminal):
     out_read, out_write = os.pipe()
     log = io.StringIO()
-    screen = console.Console(out_write, out_write, log, terminal=terminal)
+    screen = console.Console(out_write, log, terminal=terminal)
     lines = [
         "2026-12-02 00:40:09,402\tINFO streaming_executor.py:215 -- Starting execution of Dataset d_0. Full",
         "\x1b[36m(RayTrainWorker pid=7)\x1b[0m step 1/8 (12%)  loss 0.6931  accuracy 0.00",

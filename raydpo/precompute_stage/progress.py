@@ -51,7 +51,7 @@ class Progress:
         import ray
 
         self.label, self.total = label, total
-        self.tally = ray.remote(num_cpus=0)(Tally).options(name=None).remote()
+        self.tally = ray.remote(num_cpus=0)(Tally).remote()
         self.started = time.monotonic()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
