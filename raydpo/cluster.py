@@ -209,6 +209,15 @@ def preloaded(library: str) -> bool:
         return False
 
 
+def allocator_in_effect(requested: str, who: str) -> str:
+    """The allocator this process runs with ("mimalloc" or "system"); a warning naming WHO if it is not
+    the one REQUESTED (the preload failed)."""
+    allocator = "mimalloc" if preloaded(MIMALLOC_LIBRARY) else "system"
+    if allocator != requested:
+        logger.warning("%s: cpu_allocator=%s is not in effect (preload failed)", who, requested)
+    return allocator
+
+
 def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:
     """On a single machine, actors that take every CPU leave none for Ray Data's read and transform
     tasks, and Ray would wait forever; say so instead. (A cluster can add nodes, so it is not checked.)"""

@@ -79,6 +79,15 @@ class PrecomputeConfig:
             "least `cpus_per_actor`), so one actor on a small machine uses all of its cores."
         ),
     )
+    cpu_allocator: str = setting(
+        "mimalloc",
+        help=(
+            'Memory allocator of CPU scorer actors: "mimalloc" (preloaded from the cmeel-mimalloc wheel) or '
+            "\"system\" (the C library's malloc). With glibc's malloc a scorer's heap fragments under "
+            "forwards of varying shapes and grows with the number of pairs; see docs/benchmarks.md."
+        ),
+        choices=CPU_ALLOCATORS,
+    )
     max_actor_restarts: int = setting(
         3, help="Times Ray restarts a dead scorer actor (its unfinished batches are retried on the new one)."
     )

@@ -20,7 +20,13 @@ import numpy as np
 import pyarrow as pa
 
 from raydpo import cache
-from raydpo.cluster import check_cpu_headroom, check_shared_paths, init_ray, worker_env
+from raydpo.cluster import (
+    check_cpu_headroom,
+    check_shared_paths,
+    cpu_allocator_env,
+    init_ray,
+    worker_env,
+)
 from raydpo.config import PrecomputeConfig, coerce
 from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse_row, reject_id, row_text
 from raydpo.errors import RaydpoError, one_line
@@ -187,7 +193,9 @@ def _precompute_split(
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
     with Progress(name, total=_known_rows(ds, dataset_fingerprint, config.limit)) as progress:
         prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env, progress.tally)
-        scored = _scored(prepared, config, tokenizer, settings, runtime_env, progress.tally)
+        # CPU scorers allocate with `cpu_allocator`: glibc's heap grows with the pairs scored
+        scorer_env = worker_env(None if config.gpus_per_actor else cpu_allocator_env(config.cpu_allocator))
+        scored = _scored(prepared, config, tokenizer, settings, scorer_env, progress.tally)
         sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally)
         _in_order(scored).write_datasink(
             sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
@@ -290,6 +298,7 @@ def _scored(
                 "prefix_sharing": config.prefix_sharing,
                 "num_threads": config.cpu_threads_per_actor
                 or cpu_threads(config.cpus_per_actor, config.num_actors),
+                "cpu_allocator": config.cpu_allocator,
                 "progress": progress,
             },
         )

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydpo import cache
+from raydpo.cluster import allocator_in_effect
 from raydpo.faults import fault_point
 from raydpo.numerics import load_causal_lm, resolve_dtype
 from raydpo.precompute_stage.progress import report
@@ -55,6 +56,7 @@ class ReferenceScorer:
         num_threads: int | None = None,
         cpus: float = 1.0,
         pool_size: int = 1,
+        cpu_allocator: str | None = None,
         progress=None,
     ):
         import torch
@@ -64,6 +66,8 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or cpu_threads(cpus, pool_size))
+            if cpu_allocator:
+                allocator_in_effect(cpu_allocator, "reference scorer")
         dtype = resolve_dtype(dtype, on_gpu=self.device.type == "cuda")
         loaded = load_causal_lm(model, dtype, attn_implementation, trust_remote_code)
         self.model = loaded.to(self.device).eval()

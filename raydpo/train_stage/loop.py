@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from raydpo.cluster import MIMALLOC_LIBRARY, preloaded
+from raydpo.cluster import allocator_in_effect
 from raydpo.config import TrainConfig
 from raydpo.faults import fault_point
 from raydpo.losses import LossSettings
@@ -160,14 +160,7 @@ def _system_metrics(plan: WorkerPlan):
 
 
 def _cpu_allocator(device: torch.device, config: TrainConfig, rank: int) -> str | None:
-    if device.type != "cpu":
-        return None
-    allocator = "mimalloc" if preloaded(MIMALLOC_LIBRARY) else "system"
-    if allocator != config.cpu_allocator:
-        logger.warning(
-            "rank %d: cpu_allocator=%s is not in effect (preload failed)", rank, config.cpu_allocator
-        )
-    return allocator
+    return allocator_in_effect(config.cpu_allocator, f"rank {rank}") if device.type == "cpu" else None
 
 
 def resume(worker: Worker) -> tuple[TrainState, Iterator[dict[str, Any]]]:
