@@ -80,24 +80,35 @@ def test_scorer_actor_killed_mid_run(
 
 
 def test_driver_killed_mid_run_resumes_to_a_clean_result(toy_model, pairs_file, clean, tmp_path, reliability):
-    """The whole job (driver, its local Ray instance, every actor) is SIGKILLed after the first part file;
-    the same command run again recomputes only the missing pairs."""
+    """The whole job (driver, its local Ray instance, every actor) is SIGKILLed while its scorer stalls in
+    its 4th call, once the pairs of the first calls are in part files (the input is one block: each call's
+    pairs are written as they are scored, not when the whole block is); the same command run again
+    recomputes only the missing pairs."""
     output = tmp_path / "out"
     command = [sys.executable, "-m", "raydpo.cli", "precompute", "--model", str(toy_model)]
     command += ["--dataset", str(pairs_file), "--output", str(output)]
     for key, value in SETTINGS.items():
         command += [f"--{key.replace('_', '-')}", str(value)]
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    faulty = {**env, FAULT_ENV: "precompute.write:1:stall", FAULT_DIR_ENV: str(tmp_path)}
+    faulty = {**env, FAULT_ENV: "precompute.score:4:stall", FAULT_DIR_ENV: str(tmp_path)}
     job = subprocess.Popen(
         command, env=faulty, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    kill_when_fired(tmp_path, "precompute.write", target=lambda: job.pid)
-    assert job.wait(timeout=300) == -signal.SIGKILL
     split = output / "train"
+
+    def written() -> int:
+        return len(list((split / "data").glob("part-*.parquet")))
+
+    watcher = kill_when_fired(
+        tmp_path, "precompute.score", target=lambda: job.pid, ready=lambda: written() >= 2, timeout=180
+    )
+    watcher.join(timeout=200)
+    if job.poll() is None:  # the first calls' pairs never reached a file: end the stalled job
+        os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait(timeout=60) == -signal.SIGKILL
     assert not (split / "manifest.json").exists() and (split / "_pending.json").exists()
-    kept = len(list((split / "data").glob("part-*.parquet")))
-    assert kept >= 1
+    kept = written()
+    assert kept >= 2, f"{kept} part files written while the scorer stalled in its 4th call"
     with pytest.raises(raydpo.RaydpoError, match="unfinished"):
         raydpo.read_output(str(output))
 
@@ -112,8 +123,8 @@ def test_driver_killed_mid_run_resumes_to_a_clean_result(toy_model, pairs_file, 
         "precompute-2-driver-killed",
         "precompute",
         "the whole job dies mid-run; the operator reruns the same command",
-        "`raydpo precompute` (driver and its local Ray instance) is killed with SIGKILL (process group) after "
-        "its first part file is written, then run again",
+        "`raydpo precompute` (driver and its local Ray instance) is killed with SIGKILL (process group) while "
+        "its scorer stalls in its 4th call (of 6), after the first calls' pairs are written, then run again",
         "after the kill: no manifest, `read_output` refuses the directory as unfinished; the rerun kept the "
         f"written files and recomputed the rest; {counts['read']} pairs in, {counts['written']} written + "
         f"{counts['rejected']} rejected; lost {outcome['lost']}, duplicated {outcome['duplicated']}; tokens "

@@ -270,9 +270,12 @@ def _scored(
     """PREPARED scored on an actor pool of reference models, `batch_size * sort_window` rows a call."""
     import ray.data
 
+    # One scorer call per block of its batch's rows, each returning its block: a read block (up to 128 MiB
+    # of rows) would otherwise come back scored as one block, written only when all of it is done.
+    calls = prepared.repartition(target_num_rows_per_block=config.batch_size * config.sort_window)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return prepared.map_batches(
+        return calls.map_batches(
             ReferenceScorer,
             batch_format="pyarrow",
             batch_size=config.batch_size * config.sort_window,

@@ -50,29 +50,32 @@ class CacheSink(Datasink):
         fs, root = cache.resolve(self.path)
         totals: Counter = Counter()
         reasons: Counter = Counter()
-        for block in blocks:
-            table = BlockAccessor.for_block(block).to_arrow()
-            status = table.column("status")
-            accepted = table.filter(pc.equal(status, "ok"))
-            rejected = table.filter(pc.equal(status, "rejected"))
-            totals["done"] += table.num_rows - accepted.num_rows - rejected.num_rows
-            if accepted.num_rows:
-                self._account(totals, accepted)
-                data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
-                for part in self._files(data):
-                    cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, part_metadata(part, self.key))
-                    report(self.progress, written=part.num_rows)
-                    fault_point("precompute.write")
-            if rejected.num_rows:
-                totals["rejected"] += rejected.num_rows
-                reasons.update(rejected.column("reason").to_pylist())
-                rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
-                for part in self._files(rejects):
-                    cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, part_metadata(part, self.key))
+        # the blocks of one write (at least rows_per_file rows, in order) make its files together
+        tables = [BlockAccessor.for_block(block).to_arrow() for block in blocks]
+        if not tables:
+            return {"totals": {}, "reasons": {}}
+        table = pa.concat_tables(tables)
+        status = table.column("status")
+        accepted = table.filter(pc.equal(status, "ok"))
+        rejected = table.filter(pc.equal(status, "rejected"))
+        totals["done"] += table.num_rows - accepted.num_rows - rejected.num_rows
+        if accepted.num_rows:
+            self._account(totals, accepted)
+            data = _with_lengths(accepted).select(self.schema.names).cast(self.schema)
+            for part in self._files(data):
+                cache.write_part(fs, f"{root}/{cache.DATA_DIR}", part, part_metadata(part, self.key))
+                report(self.progress, written=part.num_rows)
+                fault_point("precompute.write")
+        if rejected.num_rows:
+            totals["rejected"] += rejected.num_rows
+            reasons.update(rejected.column("reason").to_pylist())
+            rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
+            for part in self._files(rejects):
+                cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, part_metadata(part, self.key))
         return {"totals": dict(totals), "reasons": dict(reasons)}
 
     def _files(self, table: pa.Table) -> list[pa.Table]:
-        """A block's rows in files of at most rows_per_file (Ray Data may hand over larger blocks)."""
+        """A write's rows in files of at most rows_per_file (Ray Data may hand over more rows)."""
         return [
             table.slice(start, self.rows_per_file) for start in range(0, table.num_rows, self.rows_per_file)
         ]
