@@ -83,7 +83,10 @@ def test_precompute_writes_to_s3_and_a_rerun_reads_it_back(s3_cache, s3, toy_mod
     stored = keys(s3, "raydpo/cache/train")
     parts = [key for key in stored if key.startswith("data/part-")]
     assert "manifest.json" in stored and "_pending.json" not in stored
-    assert len(parts) == -(-counts.written // SETTINGS["rows_per_file"])
+    data = [entry for entry in s3_cache.train.manifest.files if entry.is_data]
+    assert sorted(parts) == sorted(entry.path for entry in data)  # the manifest lists the bucket's files
+    assert sum(entry.rows for entry in data) == counts.written
+    assert all(0 < entry.rows <= SETTINGS["rows_per_file"] for entry in data)
     assert not any(Path(key).name.startswith(".") for key in stored)  # no temporary file left behind
 
     again = raydpo.precompute(precompute_settings(toy_model, sample_dir, "s3://raydpo/cache"))
