@@ -11,10 +11,12 @@ fresh process with its own local Ray instance and prints:
 - training start-up: from `raydpo.train` to the start of step 1 (one worker, one step), with the
   streaming shuffle (`shuffle="files"`, the default) and with the full one (`shuffle="full"`).
 
-With `--kill`, the largest size is also run as `raydpo precompute`, SIGKILLed after a quarter of its part
-files, and run again: the rerun's "resumed" count and wall time show what was not recomputed.
+With `--kill`, the largest size (or `--kill-size N`) is also run as `raydpo precompute`, SIGKILLed when the
+part file of its first quarter of rows is written, and run again: the rerun's "resumed" count and wall time
+show what was not recomputed.
 
     python benchmarks/scale.py --sizes 10000 100000 1000000 --kill
+    python benchmarks/scale.py --sizes --kill --kill-size 300000   # only the kill and the resume
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 SHARD_ROWS = 50_000
 MAX_LENGTH = 128
+ROWS_PER_FILE = 2048  # the precompute's default
 
 
 def write_data(folder: Path, size: int, language: str) -> Path:
@@ -151,8 +154,9 @@ def _step1_start(result, started_wall: float) -> float:
     return logged - step - started_wall
 
 
-def kill_and_resume(size: int, data: Path, model: Path, workdir: Path, part_files: int) -> dict:
-    """`raydpo precompute` killed with SIGKILL after a quarter of its part files, then run again."""
+def kill_and_resume(size: int, data: Path, model: Path, workdir: Path) -> dict:
+    """`raydpo precompute` killed with SIGKILL after the part file of its first quarter of rows (a write
+    takes ROWS_PER_FILE input rows), then run again."""
     from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired
 
     output = workdir / "killed"
@@ -171,7 +175,7 @@ def kill_and_resume(size: int, data: Path, model: Path, workdir: Path, part_file
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     faults = workdir / "faults"
     faults.mkdir()
-    at = max(1, part_files // 4)
+    at = max(1, size // (4 * ROWS_PER_FILE))
     job = subprocess.Popen(
         command,
         env={**env, FAULT_ENV: f"precompute.write:{at}:stall", FAULT_DIR_ENV: str(faults)},
@@ -198,10 +202,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--data", choices=["en", "zh"], default="zh")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "raydpo-scale")
     parser.add_argument("--kill", action="store_true", help="also kill and resume the largest size")
+    parser.add_argument("--kill-size", type=int, help="the size to kill and resume (default: the largest)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # a child: measure this size
     args = parser.parse_args()
 
@@ -235,20 +240,23 @@ def main() -> None:
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(format_row(rows[-1]), flush=True)
 
-    first, last = rows[0], rows[-1]
-    print(
-        f"\n{last['size']} against {first['size']} pairs: driver peak RSS "
-        f"{last['driver_peak_mib'] / first['driver_peak_mib']:.2f}x (target <= 1.2x), pairs/s "
-        f"{last['pairs_per_s'] / first['pairs_per_s']:.2f}x (target >= 0.95x)"
-    )
-    if args.kill:
-        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
-            data = args.workdir / f"data-{args.data}-{last['size']}"
-            outcome = kill_and_resume(last["size"], data, model, Path(workdir), last["part_files"])
+    if rows:
+        first, last = rows[0], rows[-1]
         print(
-            f"killed after {outcome['killed_after_s']:.0f} s; the rerun took {outcome['resume_wall_s']:.0f} s "
-            f"(a full run {last['wall_s']:.0f} s): {outcome['resumed']} of {outcome['read']} rows kept, "
-            f"{outcome['read'] - outcome['resumed']} computed"
+            f"\n{last['size']} against {first['size']} pairs: driver peak RSS "
+            f"{last['driver_peak_mib'] / first['driver_peak_mib']:.2f}x (target <= 1.2x), pairs/s "
+            f"{last['pairs_per_s'] / first['pairs_per_s']:.2f}x (target >= 0.95x)"
+        )
+    if args.kill:
+        size = args.kill_size or max(args.sizes)
+        data = write_data(args.workdir / f"data-{args.data}-{size}", size, args.data)
+        with tempfile.TemporaryDirectory(dir=args.workdir) as workdir:
+            outcome = kill_and_resume(size, data, model, Path(workdir))
+        full = {row["size"]: row["wall_s"] for row in rows}.get(size)
+        print(
+            f"{size} pairs killed after {outcome['killed_after_s']:.0f} s; the rerun took "
+            f"{outcome['resume_wall_s']:.0f} s" + (f" (a full run {full:.0f} s)" if full else "") + ": "
+            f"{outcome['resumed']} of {outcome['read']} rows kept, {outcome['read'] - outcome['resumed']} computed"
         )
 
 
