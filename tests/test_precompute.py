@@ -262,6 +262,28 @@ def test_cpu_scorer_threads_share_the_machine():
     assert cpu_threads(cores + 2, 1) == cores + 2
 
 
+@pytest.mark.parametrize("allocator", ["mimalloc", "system"])
+def test_cpu_scorer_actors_allocate_with_cpu_allocator(ray_session, toy_model, allocator):
+    """The scorer actor, started with the runtime env the pipeline gives it, runs with `cpu_allocator`
+    (with glibc's malloc its heap grew with the pairs scored)."""
+    import ray
+
+    from raydpo.config import PrecomputeConfig
+    from raydpo.precompute_stage.pipeline import scorer_env
+    from raydpo.precompute_stage.scorer import ReferenceScorer
+
+    config = PrecomputeConfig(model=str(toy_model), cpu_allocator=allocator)
+    actor = (
+        ray.remote(ReferenceScorer)
+        .options(num_cpus=0, runtime_env=scorer_env(config))
+        .remote(model=str(toy_model), cpu_allocator=allocator)
+    )
+    try:
+        assert ray.get(actor.__ray_call__.remote(lambda scorer: scorer.cpu_allocator)) == allocator
+    finally:
+        ray.kill(actor)
+
+
 def test_weight_digest_is_chunked_sha256(tmp_path):
     """Weight files are hashed in chunks (Python 3.10 has no `hashlib.file_digest`), to the same digest."""
     import hashlib

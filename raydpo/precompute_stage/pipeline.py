@@ -193,15 +193,19 @@ def _precompute_split(
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
     with Progress(name, total=_known_rows(ds, dataset_fingerprint, config.limit)) as progress:
         prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env, progress.tally)
-        # CPU scorers allocate with `cpu_allocator`: glibc's heap grows with the pairs scored
-        scorer_env = worker_env(None if config.gpus_per_actor else cpu_allocator_env(config.cpu_allocator))
-        scored = _scored(prepared, config, tokenizer, settings, scorer_env, progress.tally)
+        scored = _scored(prepared, config, tokenizer, settings, scorer_env(config), progress.tally)
         sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally)
         _in_order(scored).write_datasink(
             sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
         )
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
+
+
+def scorer_env(config: PrecomputeConfig) -> dict[str, Any] | None:
+    """The scorer actors' runtime env: the stage's, and on CPUs `cpu_allocator` preloaded (with glibc's
+    malloc a scorer's heap grows with the pairs it scores)."""
+    return worker_env(None if config.gpus_per_actor else cpu_allocator_env(config.cpu_allocator))
 
 
 def _known_rows(ds, fingerprint: dict[str, Any], limit: int | None) -> int | None:

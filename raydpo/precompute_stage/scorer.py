@@ -66,8 +66,12 @@ class ReferenceScorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or cpu_threads(cpus, pool_size))
-            if cpu_allocator:
-                allocator_in_effect(cpu_allocator, "reference scorer")
+        # the allocator this actor runs with on CPUs ("mimalloc" or "system"); None on GPUs or if not asked
+        self.cpu_allocator = (
+            allocator_in_effect(cpu_allocator, "reference scorer")
+            if cpu_allocator and self.device.type == "cpu"
+            else None
+        )
         dtype = resolve_dtype(dtype, on_gpu=self.device.type == "cuda")
         loaded = load_causal_lm(model, dtype, attn_implementation, trust_remote_code)
         self.model = loaded.to(self.device).eval()
