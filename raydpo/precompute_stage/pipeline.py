@@ -195,8 +195,11 @@ def _precompute_split(
         prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env, progress.tally)
         scored = _scored(prepared, config, tokenizer, settings, scorer_env(config), progress.tally)
         sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally)
+        # The writes take no CPU slot: each is short, and a tokenizing task holds its slot for the whole of
+        # its input file (paced by the scorers), so with the slots taken by tokenizing and scoring, writes
+        # needing one would wait until a file is done while scored pairs pile up unwritten.
         _in_order(scored).write_datasink(
-            sink, ray_remote_args={"runtime_env": runtime_env} if runtime_env else None
+            sink, ray_remote_args={"num_cpus": 0, **({"runtime_env": runtime_env} if runtime_env else {})}
         )
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
@@ -248,6 +251,9 @@ def _prepared(
     return ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
+        # a scorer call's rows at a time: a read block (a whole input file) is tokenized and handed on
+        # in pieces, so the scorers start after the first piece rather than after the file
+        batch_size=config.batch_size * config.sort_window,
         fn_kwargs={
             "tokenizer_path": config.tokenizer or config.model,
             "trust_remote_code": config.trust_remote_code,
@@ -311,15 +317,24 @@ def _scored(
         )
 
 
-def _in_order(ds):
-    """DS set to keep its blocks in order, on its own copy of the Data context.
+STREAM_BLOCK_BYTES = 2**20  # what a task's output gathers before it is handed on (Ray Data's: 128 MiB)
 
-    A dataset shares its context with the datasets it derives from (a caller's `ray.data.Dataset`
-    among them), and some share the process-wide `DataContext`; a copy changes neither."""
+
+def _in_order(ds):
+    """DS set to keep its blocks in order and to stream them in small blocks, on its own copy of the Data
+    context.
+
+    With Ray Data's default block size, a task's output is handed on when the task ends: an input file
+    read and tokenized whole before the scorers see a pair of it, and its scored pairs written when all
+    are scored. Blocks of STREAM_BLOCK_BYTES keep reading, tokenizing, scoring and writing going
+    together. A dataset shares its context with the datasets it derives from (a caller's
+    `ray.data.Dataset` among them), and some share the process-wide `DataContext`; a copy changes
+    neither."""
     import ray.data
 
     ordered = ray.data.Dataset.copy(ds, _deep_copy=True)
     ordered.context.execution_options.preserve_order = True
+    ordered.context.target_max_block_size = STREAM_BLOCK_BYTES
     return ordered
 
 
