@@ -251,9 +251,6 @@ def _prepared(
     return ds.map_batches(
         prepare_batch,
         batch_format="pyarrow",
-        # a scorer call's rows at a time: a read block (a whole input file) is tokenized and handed on
-        # in pieces, so the scorers start after the first piece rather than after the file
-        batch_size=config.batch_size * config.sort_window,
         fn_kwargs={
             "tokenizer_path": config.tokenizer or config.model,
             "trust_remote_code": config.trust_remote_code,
