@@ -12,7 +12,7 @@ fresh process with its own local Ray instance and prints:
   streaming shuffle (`shuffle="files"`, the default) and with the full one (`shuffle="full"`).
 
 With `--kill`, the largest size (or `--kill-size N`) is also run as `raydpo precompute`, SIGKILLed when the
-part file of its first quarter of rows is written, and run again: the rerun's "resumed" count and wall time
+scorer stalls in the call after its first quarter of rows, and run again: the rerun's "resumed" count and wall time
 show what was not recomputed.
 
     python benchmarks/scale.py --sizes 10000 100000 1000000 --kill
@@ -38,7 +38,7 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 SHARD_ROWS = 50_000
 MAX_LENGTH = 128
-ROWS_PER_FILE = 2048  # the precompute's default
+CALL_ROWS = 64 * 8  # rows of a scorer call: the batch size below times the default sort window
 
 
 def write_data(folder: Path, size: int, language: str) -> Path:
@@ -155,8 +155,8 @@ def _step1_start(result, started_wall: float) -> float:
 
 
 def kill_and_resume(size: int, data: Path, model: Path, workdir: Path) -> dict:
-    """`raydpo precompute` killed with SIGKILL after the part file of its first quarter of rows (a write
-    takes ROWS_PER_FILE input rows), then run again."""
+    """`raydpo precompute` killed with SIGKILL while its scorer (one actor: its calls are counted in one
+    process) stalls in call size / (4 * CALL_ROWS) + 1, about a quarter of the way in, then run again."""
     from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired
 
     output = workdir / "killed"
@@ -175,16 +175,16 @@ def kill_and_resume(size: int, data: Path, model: Path, workdir: Path) -> dict:
     env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     faults = workdir / "faults"
     faults.mkdir()
-    at = max(1, size // (4 * ROWS_PER_FILE))
+    at = max(1, size // (4 * CALL_ROWS)) + 1
     job = subprocess.Popen(
         command,
-        env={**env, FAULT_ENV: f"precompute.write:{at}:stall", FAULT_DIR_ENV: str(faults)},
+        env={**env, FAULT_ENV: f"precompute.score:{at}:stall", FAULT_DIR_ENV: str(faults)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     started = time.perf_counter()
-    while fired(faults, "precompute.write") is None and job.poll() is None:
+    while fired(faults, "precompute.score") is None and job.poll() is None:
         time.sleep(0.5)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()

@@ -146,9 +146,9 @@ def failing_store(s3_server):
 def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors(
     s3_cache, s3, toy_model, sample_dir, failing_store, workdir, reliability
 ):
-    """The whole job is SIGKILLed after its first part file reached the bucket. A resume whose part-file
-    reads fail stops with a one-line error and deletes nothing; a part file torn on the store is deleted
-    and recomputed; the rerun finishes with the pairs of an undisturbed run."""
+    """The whole job is SIGKILLed while its scorer stalls, once part files reached the bucket. A resume
+    whose part-file reads fail stops with a one-line error and deletes nothing; a part file torn on the
+    store is deleted and recomputed; the rerun finishes with the pairs of an undisturbed run."""
     output, prefix = "s3://raydpo/killed", "raydpo/killed/train"
     command = [sys.executable, "-m", "raydpo.cli", "precompute", "--model", str(toy_model)]
     command += ["--dataset", str(sample_dir / "dpo_en_demo.json"), "--output", output]
@@ -159,13 +159,24 @@ def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors
     faults.mkdir()
     job = subprocess.Popen(
         command,
-        env={**env, FAULT_ENV: "precompute.write:2:stall", FAULT_DIR_ENV: str(faults)},
+        env={**env, FAULT_ENV: "precompute.score:4:stall", FAULT_DIR_ENV: str(faults)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    kill_when_fired(faults, "precompute.write", target=lambda: job.pid)
-    assert job.wait(timeout=300) == -signal.SIGKILL
+
+    # the scorer (one actor: its calls are counted in one process) stalls in its 4th call; the job is
+    # killed once the first calls' pairs are in two data files
+    def in_bucket() -> int:
+        return sum(key.startswith("data/part-") for key in keys(s3, prefix))
+
+    watcher = kill_when_fired(
+        faults, "precompute.score", target=lambda: job.pid, ready=lambda: in_bucket() >= 2, timeout=180
+    )
+    watcher.join(timeout=200)
+    if job.poll() is None:  # the pairs never reached the bucket: end the stalled job
+        os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait(timeout=60) == -signal.SIGKILL
     written = keys(s3, prefix)
     parts = [key for key in written if key.startswith(("data/part-", "rejects/part-"))]
     assert "_pending.json" in written and "manifest.json" not in written and len(parts) >= 2
@@ -198,9 +209,9 @@ def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors
         "object storage",
         "the job writing to s3:// dies mid-run; a part file is torn on the store; the resume meets read "
         "errors",
-        "`raydpo precompute --output s3://...` (local S3-compatible server) is killed with SIGKILL after its "
-        "2nd part file; the 1st is cut in half on the store; a rerun through an endpoint that answers part "
-        "reads with 503, then a plain rerun",
+        "`raydpo precompute --output s3://...` (local S3-compatible server) is killed with SIGKILL while its "
+        "scorer stalls in its 4th call (of 4), with 2 data files in the bucket; one is cut in half on the "
+        "store; a rerun through an endpoint that answers part reads with 503, then a plain rerun",
         "the read-error rerun stopped with a one-line 'rerun' error and deleted nothing; the plain rerun "
         f"deleted the torn file, kept {kept} pairs and recomputed {PAIRS - kept - counts.rejected}; "
         "same pair ids and values (1e-4) as an undisturbed run; nothing written to the working directory",
