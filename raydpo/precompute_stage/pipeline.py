@@ -189,10 +189,10 @@ def _precompute_split(
         return SplitResult(name, inputs.path, True, cache.open_split(inputs.path).manifest)
 
     started = time.perf_counter()
-    runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the tasks and actors
+    runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the scorers and the writers
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
     with Progress(name, total=_known_rows(ds, dataset_fingerprint, config.limit)) as progress:
-        prepared = _prepared(ds, config, tokenizer_digest, done_rows, runtime_env, progress.tally)
+        prepared = _prepared(ds, config, tokenizer_digest, done_rows, progress.tally)
         scored = _scored(prepared, config, tokenizer, settings, scorer_env(config), progress.tally)
         sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally)
         # The writes take no CPU slot: each is short, and a tokenizing task holds its slot for the whole of
@@ -241,11 +241,14 @@ def _prepared(
     config: PrecomputeConfig,
     tokenizer_digest: str,
     done_rows: cache.RowRanges,
-    runtime_env: dict | None,
     progress=None,
 ):
     """DS validated and tokenized by CPU tasks into PREPARED_SCHEMA; the rows in DONE_ROWS (already
-    written by an earlier run) come out as "done", unparsed."""
+    written by an earlier run) come out as "done", unparsed.
+
+    The tasks get no runtime env of their own (tokenizing has no fault point): the read fuses with them
+    only where the two ask for the same. Unfused, a read task paused until its output is consumed holds
+    a CPU slot, and on a small machine whose other slot the scorer holds the tokenizing never starts."""
     import ray
 
     return ds.map_batches(
@@ -262,7 +265,6 @@ def _prepared(
             "done_rows": (ray.put(done_rows) if len(done_rows) > 1024 else done_rows) if done_rows else None,
             "progress": progress,
         },
-        runtime_env=runtime_env,
     )
 
 
