@@ -198,7 +198,7 @@ def _precompute_split(
         # The writes take no CPU slot: each is short, and a tokenizing task holds its slot for the whole of
         # its input file (paced by the scorers), so with the slots taken by tokenizing and scoring, writes
         # needing one would wait until a file is done while scored pairs pile up unwritten.
-        _in_order(scored).write_datasink(
+        _streamed(scored).write_datasink(
             sink, ray_remote_args={"num_cpus": 0, **({"runtime_env": runtime_env} if runtime_env else {})}
         )
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
@@ -279,15 +279,15 @@ def _scored(
     """PREPARED scored on an actor pool of reference models, `batch_size * sort_window` rows a call."""
     import ray.data
 
-    # One scorer call per block of its batch's rows, each returning its block: a read block (up to 128 MiB
-    # of rows) would otherwise come back scored as one block, written only when all of it is done.
-    calls = prepared.repartition(target_num_rows_per_block=config.batch_size * config.sort_window)
+    # one scorer call per block of a call's rows, each returning its block, which goes on to the writers
+    call_rows = config.batch_size * config.sort_window
+    calls = prepared.repartition(target_num_rows_per_block=call_rows)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return calls.map_batches(
             ReferenceScorer,
             batch_format="pyarrow",
-            batch_size=config.batch_size * config.sort_window,
+            batch_size=call_rows,
             # two calls in flight per actor: one running, one queued; the queue does not grow with the data
             compute=ray.data.ActorPoolStrategy(size=config.num_actors, max_tasks_in_flight_per_actor=2),
             num_gpus=config.gpus_per_actor or None,
@@ -319,7 +319,7 @@ def _scored(
 STREAM_BLOCK_BYTES = 2**20  # what a task's output gathers before it is handed on (Ray Data's: 128 MiB)
 
 
-def _in_order(ds):
+def _streamed(ds):
     """DS set to keep its blocks in order and to stream them in small blocks, on its own copy of the Data
     context.
 
