@@ -298,3 +298,16 @@ def kill_when_fired(
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
     return thread
+
+
+def kill_job_when_fired(
+    job: subprocess.Popen, directory: Path, point: str, ready, timeout: float = 180
+) -> None:
+    """SIGKILL JOB's process group (started with `start_new_session=True`) once fault `point` stalls a
+    process of it and `ready()` holds; past TIMEOUT the group is killed anyway, so the test's checks of
+    what the job had written fail rather than hang."""
+    watcher = kill_when_fired(directory, point, target=lambda: job.pid, ready=ready, timeout=timeout)
+    watcher.join(timeout=timeout + 20)
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+    assert job.wait(timeout=60) == -signal.SIGKILL

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import inject, kill_when_fired, to_conversational, write_jsonl
+from conftest import inject, kill_job_when_fired, kill_when_fired, to_conversational, write_jsonl
 
 import raydpo
 from raydpo.cache import DATA_SCHEMA
@@ -99,13 +98,7 @@ def test_driver_killed_mid_run_resumes_to_a_clean_result(toy_model, pairs_file, 
     def written() -> int:
         return len(list((split / "data").glob("part-*.parquet")))
 
-    watcher = kill_when_fired(
-        tmp_path, "precompute.score", target=lambda: job.pid, ready=lambda: written() >= 2, timeout=180
-    )
-    watcher.join(timeout=200)
-    if job.poll() is None:  # the first calls' pairs never reached a file: end the stalled job
-        os.killpg(job.pid, signal.SIGKILL)
-    assert job.wait(timeout=60) == -signal.SIGKILL
+    kill_job_when_fired(job, tmp_path, "precompute.score", ready=lambda: written() >= 2)
     assert not (split / "manifest.json").exists() and (split / "_pending.json").exists()
     kept = written()
     assert kept >= 2, f"{kept} part files written while the scorer stalled in its 4th call"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import torch
-from conftest import S3_ENDPOINT, inject, kill_when_fired
+from conftest import S3_ENDPOINT, inject, kill_job_when_fired, kill_when_fired
 
 import raydpo
 from raydpo.cache import DATA_SCHEMA
@@ -183,13 +182,7 @@ def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors
     def in_bucket() -> int:
         return sum(key.startswith("data/part-") for key in keys(s3, prefix))
 
-    watcher = kill_when_fired(
-        faults, "precompute.score", target=lambda: job.pid, ready=lambda: in_bucket() >= 2, timeout=180
-    )
-    watcher.join(timeout=200)
-    if job.poll() is None:  # the pairs never reached the bucket: end the stalled job
-        os.killpg(job.pid, signal.SIGKILL)
-    assert job.wait(timeout=60) == -signal.SIGKILL
+    kill_job_when_fired(job, faults, "precompute.score", ready=lambda: in_bucket() >= 2)
     written = settled(s3, prefix)  # a writer caught mid-upload by the kill may still finish it
     parts = [key for key in written if key.startswith(("data/part-", "rejects/part-"))]
     assert "_pending.json" in written and "manifest.json" not in written and len(parts) >= 2
