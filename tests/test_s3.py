@@ -186,6 +186,8 @@ def test_precompute_to_s3_resumes_after_a_kill_keeping_parts_through_read_errors
     written = settled(s3, prefix)  # a writer caught mid-upload by the kill may still finish it
     parts = [key for key in written if key.startswith(("data/part-", "rejects/part-"))]
     assert "_pending.json" in written and "manifest.json" not in written and len(parts) >= 2
+    data_parts = sum(key.startswith("data/part-") for key in written)
+    assert data_parts >= 2, f"{data_parts} data files in the bucket while the scorer stalled in its 4th call"
     with pytest.raises(RaydpoError, match="unfinished"):
         raydpo.read_output(output)
 
