@@ -39,8 +39,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # raydpo from the working tree
 
-from raydpo.layout import pack_pairs  # noqa: E402
-from raydpo.logprobs import completion_logps  # noqa: E402
+from raydpo.layout import pack_batch, pack_pairs  # noqa: E402
+from raydpo.logprobs import attention_mode, completion_logps, use_prefix_sharing  # noqa: E402
 from raydpo.losses import LossInputs, LossSettings, preference_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs this is run on; --peak-tflops overrides.
@@ -194,12 +194,12 @@ def measure(name: str, step, args, pairs: Pairs, model, timer: Timer, training: 
     }
 
 
-def scorer_steps(model, args, device):
+def scorer_steps(model, args, device, shared: bool = False):
     pad = 0
 
     @torch.inference_mode()
     def raydpo_step(start, batch):
-        packed = pack_pairs(*batch, pad).to(device)
+        packed = pack_batch(*batch, pad, shared).to(device)
         completion_logps(model, packed, args.chunk_tokens).sums.float().cpu()
 
     @torch.inference_mode()
@@ -210,7 +210,7 @@ def scorer_steps(model, args, device):
     return raydpo_step, trl_step
 
 
-def train_steps(policy, reference, args, pairs: Pairs, device):
+def train_steps(policy, reference, args, pairs: Pairs, device, shared: bool = False):
     pad = 0
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, fused=fused)
@@ -222,7 +222,7 @@ def train_steps(policy, reference, args, pairs: Pairs, device):
 
     def raydpo_step(start, batch):
         ref_chosen, ref_rejected = cached[start].chunk(2)
-        packed = pack_pairs(*batch, pad).to(device)
+        packed = pack_batch(*batch, pad, shared).to(device)
         chosen, rejected = completion_logps(policy, packed, args.chunk_tokens).sums.chunk(2)
         dpo_loss(chosen, rejected, ref_chosen, ref_rejected).backward()
         optimizer.step()
@@ -251,6 +251,9 @@ def attention_kernels(requested: list[str], device: torch.device) -> list[str]:
                 continue
             if device.type != "cuda":
                 continue
+        if kernel == "flex_attention" and device.type != "cuda":
+            print("flex_attention: FlexAttention has no backward on CPU; skipped")
+            continue
         kernels.append(kernel)
     return kernels
 
@@ -320,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--size", choices=sorted(SIZES), default="qwen2-0.5b")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    parser.add_argument("--attn", nargs="+", default=["sdpa", "flash_attention_2"])
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "flex_attention", "flash_attention_2"])
     parser.add_argument("--batch-size", type=int, default=8, help="pairs per forward (2x sequences)")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--completion-len", type=int, default=512)
@@ -350,26 +353,35 @@ def main(argv: list[str] | None = None) -> None:
         f"{machine}; torch {torch.__version__}; {args.size} in {args.dtype}; {args.batch_size} pairs per "
         f"forward, prompt ~{args.prompt_len} + completion ~{args.completion_len} tokens; peak {peak:g} TFLOP/s"
     )
+    print(f"prompt:completion tokens {prompt_completion_ratio(pairs)}")
     results = []
     for attn in attention_kernels(args.attn, device):
         if "precompute" in args.stages:
             model = build_model(args.size, attn, dtype, device).eval()
             raydpo_step, trl_step = scorer_steps(model, args, device)
-            pair = [
-                measure(f"precompute raydpo ({attn})", raydpo_step, args, pairs, model, timer, False, peak),
+            rows = [
                 measure(f"precompute TRL-style ({attn})", trl_step, args, pairs, model, timer, False, peak),
+                measure(f"precompute raydpo ({attn})", raydpo_step, args, pairs, model, timer, False, peak),
             ]
-            results += report(pair)
+            if shares_prefixes(model, args, pairs, device):
+                shared_step, _ = scorer_steps(model, args, device, shared=True)
+                name = f"precompute raydpo shared ({attn}, {attention_mode(model)})"
+                rows.append(measure(name, shared_step, args, pairs, model, timer, False, peak))
+            results += report(rows)
             del model
         if "train" in args.stages:
             policy = build_model(args.size, attn, dtype, device).train()
             reference = build_model(args.size, attn, dtype, device).eval()
             raydpo_step, trl_step = train_steps(policy, reference, args, pairs, device)
-            pair = [
-                measure(f"train raydpo ({attn})", raydpo_step, args, pairs, policy, timer, True, peak),
+            rows = [
                 measure(f"train TRL-online-style ({attn})", trl_step, args, pairs, policy, timer, True, peak),
+                measure(f"train raydpo ({attn})", raydpo_step, args, pairs, policy, timer, True, peak),
             ]
-            results += report(pair)
+            if shares_prefixes(policy, args, pairs, device):
+                shared_step, _ = train_steps(policy, reference, args, pairs, device, shared=True)
+                name = f"train raydpo shared ({attn}, {attention_mode(policy)})"
+                rows.append(measure(name, shared_step, args, pairs, policy, timer, True, peak))
+            results += report(rows)
             del policy, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -379,17 +391,50 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({**figures, "stages": stages}, indent=2))
 
 
-def report(pair: list[dict]) -> list[dict]:
-    ours, theirs = pair
-    for row in pair:
+def prompt_completion_ratio(pairs: Pairs) -> str:
+    prompt = sum(len(p) for p in pairs.prompts)
+    completion = sum(len(c) + len(r) for c, r in zip(pairs.chosen, pairs.rejected, strict=True))
+    return f"{prompt:,} : {completion:,} ({prompt / (2 * prompt + completion):.0%} of two sequences' tokens)"
+
+
+def shares_prefixes(model, args, pairs: Pairs, device) -> bool:
+    """Switch `model` to prefix sharing where its kernel passes the load-time check (as both stages do;
+    SDPA becomes segment-wise attention) and print the gap of shared to unshared sums on one batch."""
+    attn = model.config._attn_implementation
+    try:
+        if not use_prefix_sharing(model, "on"):
+            return False
+    except ValueError as error:
+        print(f"  shared ({attn}): skipped: {error}")
+        return False
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        batch = pairs.batch(0, args.batch_size)
+        shared = completion_logps(model, pack_batch(*batch, 0, True).to(device), args.chunk_tokens).sums
+        unshared = completion_logps(model, pack_pairs(*batch, 0).to(device), args.chunk_tokens).sums
+    model.train(was_training)
+    gap = ((shared.float() - unshared.float()).abs() / unshared.float().abs().clamp_min(1.0)).max().item()
+    print(f"  shared ({attn}, {attention_mode(model)}): sums within {gap:.2g} relative of unshared")
+    return True
+
+
+def report(rows: list[dict]) -> list[dict]:
+    """Print each row, then raydpo's rows against the first (TRL's) on the same kernel.
+
+    Tokens count both sequences of a pair, the prompt twice, as TRL counts them, in every row: with the
+    prompt shared, tokens/s and MFU are what the unshared computation would need for the same pairs."""
+    theirs = rows[0]
+    for row in rows:
         print(
-            f"{row['name']:<40} {row['step_s'] * 1000:9.1f} ms/step {row['tokens_per_s']:12,.0f} tokens/s "
+            f"{row['name']:<58} {row['step_s'] * 1000:9.1f} ms/step {row['tokens_per_s']:12,.0f} tokens/s "
             f"MFU {row['mfu']:6.1%} peak {row['peak_gib']:6.2f} GiB"
         )
-    speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
-    memory = ours["peak_gib"] / theirs["peak_gib"] if theirs["peak_gib"] else float("nan")
-    print(f"  -> raydpo {speed:.2f}x the tokens/s at {memory:.2f}x the peak memory")
-    return pair
+    for ours in rows[1:]:
+        speed = ours["tokens_per_s"] / theirs["tokens_per_s"]
+        memory = ours["peak_gib"] / theirs["peak_gib"] if theirs["peak_gib"] else float("nan")
+        print(f"  -> {ours['name']}: {speed:.2f}x TRL's tokens/s at {memory:.2f}x its peak memory")
+    return rows
 
 
 if __name__ == "__main__":

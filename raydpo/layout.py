@@ -175,10 +175,47 @@ def shared_attention_mask(
             ~mask, torch.finfo(dtype).min
         )
 
+    return _per_layer_type(config, formatted)
+
+
+def shared_block_mask(batch: SharedPairs, model: torch.nn.Module) -> Any:
+    """The mask of `shared_attention_mask` as FlexAttention's `BlockMask` (or one per layer type).
+
+    The kernel skips the blocks of keys a block of queries cannot see, so a row costs about what its
+    two causal sequences cost without the prompt's repeat, with no `[T, T]` mask in memory; the
+    transformers `flex_attention` kernel takes it as it is and applies the model's soft-capping."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    segments, positions = batch.segments, batch.position_ids
+    pairs, width = segments.shape
+
+    def block_mask(window: int | None):
+        def visible(row, head, query, key):
+            query_segment, key_segment = segments[row, query], segments[row, key]
+            allowed = (
+                (key <= query)
+                & (key_segment != PAD)
+                & ((query_segment != REJECTED) | (key_segment != CHOSEN))
+            )
+            if window is not None:
+                allowed = allowed & (positions[row, query] - positions[row, key] < window)
+            return allowed
+
+        # compiled on a GPU, as transformers builds its own block masks: no [B, T, T] tensor of the mask
+        return create_block_mask(
+            visible, pairs, None, width, width, device=segments.device, _compile=segments.is_cuda
+        )
+
+    return _per_layer_type(model.config, block_mask)
+
+
+def _per_layer_type(config: Any, build) -> Any:
+    """`build(window)` for a model whose attention layers share one window, else a mapping from each
+    layer type to its own (how transformers takes masks that differ between layers)."""
     windows = layer_windows(config)
     if len(windows) == 1:
-        return formatted(next(iter(windows.values())))
-    return {layer_type: formatted(window) for layer_type, window in windows.items()}
+        return build(next(iter(windows.values())))
+    return {layer_type: build(window) for layer_type, window in windows.items()}
 
 
 def layer_windows(config: Any) -> dict[str, int | None]:

@@ -31,6 +31,7 @@ from raydpo.layout import (
     pack_pairs,
     pack_shared,
     shared_attention_mask,
+    shared_block_mask,
 )
 
 logger = logging.getLogger(__name__)
@@ -104,8 +105,8 @@ def completion_logps(
 
 def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
     """How the body attends over shared rows: a segment at a time where the model runs
-    `prefix_sdpa_forward` and no sliding window is shorter than the rows' positions, else through a
-    dense 4D mask."""
+    `prefix_sdpa_forward` and no sliding window is shorter than the rows' positions, through a block
+    mask where it runs `flex_attention`, else through a dense 4D mask."""
     implementation = model.config._attn_implementation
     if implementation == ATTENTION_NAME:
         lengths = batch.segment_lengths()
@@ -114,6 +115,8 @@ def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
             # a 4D mask goes to the attention as it is; the segments say what each query sees
             placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
             return {"attention_mask": placeholder, "prefix_segments": lengths}
+    if implementation == "flex_attention":
+        return {"attention_mask": shared_block_mask(batch, model)}
     boolean = implementation in ("sdpa", ATTENTION_NAME)
     return {"attention_mask": shared_attention_mask(batch, model, boolean)}
 
@@ -250,9 +253,17 @@ def check_head_path(model: torch.nn.Module, vocab_size: int, atol: float = 1e-3)
 def check_prefix_sharing(model: torch.nn.Module, rtol: float | None = None) -> str | None:
     """Whether `model` scores a shared-prefix batch as it scores the two sequences apart, on a tiny input
     of two pairs of unequal lengths. Returns None when it does, else the reason it does not (an
-    attention kernel that takes no 4D mask, a layer type or an architecture that ignores the mask)."""
+    attention kernel that takes no 4D mask, a layer type or an architecture that ignores the mask,
+    FlexAttention on CPU)."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    if model.config._attn_implementation == "flex_attention" and device.type == "cpu":
+        # inductor's CPU template fails to compile windowed block masks once shapes turn dynamic,
+        # and FlexAttention has no backward on CPU: the block mask is for GPUs
+        return (
+            "flex_attention runs shared-prefix rows on GPUs only; on CPU use attn_implementation=sdpa "
+            "(it attends a segment at a time)"
+        )
     was_training = model.training
     model.eval()  # dropout would tell the two layouts apart
     try:
@@ -310,9 +321,12 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
 
 
 def attention_mode(model: torch.nn.Module) -> str:
-    """How a model that shares prefixes attends: a segment at a time, or through a 4D mask."""
-    segmented = model.config._attn_implementation == ATTENTION_NAME
-    return "a segment at a time" if segmented else "through a 4D mask"
+    """How a model that shares prefixes attends: a segment at a time, through a block mask, or through
+    a 4D mask."""
+    implementation = model.config._attn_implementation
+    if implementation == ATTENTION_NAME:
+        return "a segment at a time"
+    return "through a block mask" if implementation == "flex_attention" else "through a 4D mask"
 
 
 def _use_segmented_attention(model: torch.nn.Module) -> bool:

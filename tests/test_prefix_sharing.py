@@ -30,6 +30,7 @@ from transformers import (
     Qwen2MoeConfig,
     Qwen2MoeForCausalLM,
 )
+from transformers.integrations import flex_attention as transformers_flex
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from raydpo import attention
@@ -108,9 +109,24 @@ def columns(pairs) -> tuple[list[list[int]], ...]:
 
 
 @contextlib.contextmanager
+def uncompiled_flex_attention():
+    """transformers' `flex_attention` kernel with FlexAttention run eagerly: inductor's CPU template
+    for FlexAttention does not compile masks that read tensors, and the GPU kernel is what it is for
+    (`benchmarks/gpu.py` checks it there). The eager path applies the same block mask and score_mod."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def eager(query, key, value, training=False, **kwargs):
+        return flex_attention(query, key, value, **kwargs)
+
+    with mock.patch.object(transformers_flex, "compile_friendly_flex_attention", eager):
+        yield
+
+
+@contextlib.contextmanager
 def attending(model: torch.nn.Module, kernel: str):
-    """The model attending over shared rows through a dense 4D `mask`, or a `segment` at a time in
-    blocks of 16 queries (so the sample's completions take several blocks), and with "checkpointed"
+    """The model attending over shared rows through a dense 4D `mask`, a `segment` at a time in
+    blocks of 16 queries (so the sample's completions take several blocks), or FlexAttention's block
+    mask (`flex`, run eagerly; the rows span several 128-key blocks), and with "checkpointed"
     recomputing each layer in backward (training mode, as `activation_checkpointing` runs it);
     restored afterwards."""
     implementation = model.config._attn_implementation
@@ -121,8 +137,10 @@ def attending(model: torch.nn.Module, kernel: str):
         assert implementation == "sdpa", "segment-wise attention replaces SDPA only"
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
+    if kernel.startswith("flex"):
+        model.set_attn_implementation("flex_attention")
     try:
-        with mock.patch.object(attention, "QUERY_BLOCK", 16):
+        with mock.patch.object(attention, "QUERY_BLOCK", 16), uncompiled_flex_attention():
             yield
     finally:
         model.set_attn_implementation(implementation)
@@ -133,7 +151,8 @@ def attending(model: torch.nn.Module, kernel: str):
 @pytest.mark.parametrize(
     ("name", "kernel"),
     [(name, "mask") for name in ("llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe")]
-    + [(name, "segments") for name in ("llama", "qwen2", "mistral", "gpt2", "qwen2_moe")],  # SDPA models
+    + [(name, "segments") for name in ("llama", "qwen2", "mistral", "gpt2", "qwen2_moe")]  # SDPA models
+    + [(name, "flex") for name in ("gemma2", "mistral")],  # soft-capping and windows in a block mask
 )
 def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     model = models[name]
@@ -141,6 +160,7 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     with attending(model, kernel), torch.inference_mode():
         unshared = completion_logps(model, pack_pairs(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
         shared = completion_logps(model, pack_shared(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
+        reason = check_prefix_sharing(model)
     torch.testing.assert_close(shared.lengths, unshared.lengths, rtol=0, atol=0)
     for field in ("sums", "shared_sums", "tail_sums", "logits_sums"):
         torch.testing.assert_close(
@@ -154,34 +174,64 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
             rtol=1e-5,
             atol=1e-5,
         )
-    assert check_prefix_sharing(model) is None
+    if kernel == "flex":  # the compiled kernel is for GPUs: on CPU, prefix sharing stays off
+        assert reason is not None and "GPUs only" in reason
+    else:
+        assert reason is None
 
 
 @pytest.mark.parametrize(
     ("name", "kernel"),
-    [("llama", "mask"), ("llama", "segments"), ("llama", "segments-checkpointed"), ("gemma2", "mask")],
+    [
+        ("llama", "mask"),
+        ("llama", "segments"),
+        ("llama", "segments-checkpointed"),
+        ("gemma2", "mask"),
+    ],
 )
 def test_gradients_equal_unshared(models, tokenizer, pairs, name, kernel):
     """The prompt's gradient is the sum of both branches' gradients: every parameter's gradient of one
     DPO-like objective equals the unshared one's, within 1e-5 of its norm (elements near zero are sums
     of terms taken in another order, so an element-wise relative bound would measure rounding)."""
     model = models[name]
+    with attending(model, kernel):
+        assert_gradients_equal(model, tokenizer, pairs, torch.device("cpu"))
+
+
+def assert_gradients_equal(model, tokenizer, pairs, device: torch.device) -> None:
     pad = pad_token_id(tokenizer)
-    weights = torch.linspace(0.5, 2.0, 2 * len(pairs))  # a different upstream gradient per sequence
+    weights = torch.linspace(0.5, 2.0, 2 * len(pairs), device=device)  # an upstream gradient per sequence
 
     def gradients(batch) -> dict[str, torch.Tensor]:
         model.zero_grad()
-        (completion_logps(model, batch, chunk_tokens=61).sums * weights).sum().backward()
+        (completion_logps(model, batch.to(device), chunk_tokens=61).sums * weights).sum().backward()
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
-    with attending(model, kernel):
-        unshared = gradients(pack_pairs(*columns(pairs), pad))
-        shared = gradients(pack_shared(*columns(pairs), pad))
+    unshared = gradients(pack_pairs(*columns(pairs), pad))
+    shared = gradients(pack_shared(*columns(pairs), pad))
     model.zero_grad()
     assert shared.keys() == unshared.keys() and len(shared) == len(list(model.parameters()))
     for parameter, expected in unshared.items():
         gap = (shared[parameter] - expected).norm() / expected.norm()
         assert gap <= 1e-5, f"{parameter}: relative gap {gap:.3g}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention compiles and runs backward on GPUs")
+@pytest.mark.parametrize("name", ["gemma2", "mistral"])
+def test_flex_block_mask_on_gpu(tokenizer, pairs, name):
+    """The compiled FlexAttention kernel over shared rows: soft-capping, alternating windowed layers,
+    a window shorter than the rows; the values and every gradient of the unshared rows (fp32)."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = architectures(len(tokenizer))[name].to(device).eval()
+    model.set_attn_implementation("flex_attention")
+    assert check_prefix_sharing(model) is None and attention_mode(model) == "through a block mask"
+    pad = pad_token_id(tokenizer)
+    with torch.inference_mode():
+        unshared = completion_logps(model, pack_pairs(*columns(pairs), pad).to(device)).sums
+        shared = completion_logps(model, pack_shared(*columns(pairs), pad).to(device)).sums
+    torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-6)
+    assert_gradients_equal(model, tokenizer, pairs, device)
 
 
 def test_layout(tokenizer):
@@ -237,3 +287,17 @@ def test_sdpa_models_attend_a_segment_at_a_time(tokenizer, tmp_path, caplog):
     llama.save_pretrained(tmp_path)
     assert attention.ATTENTION_NAME not in (tmp_path / "config.json").read_text()
     assert json.loads((tmp_path / "config.json").read_text()).get("attn_implementation") in (None, "sdpa")
+
+
+def test_flex_attention_on_cpu_keeps_prefix_sharing_off(tokenizer, caplog):
+    """FlexAttention's block mask is for GPUs: on CPU `auto` leaves sharing off saying why, `on` stops."""
+    torch.manual_seed(0)
+    llama = architectures(len(tokenizer))["llama"].eval()
+    llama.set_attn_implementation("flex_attention")
+    with caplog.at_level(logging.WARNING, logger="raydpo.logprobs"):
+        assert not use_prefix_sharing(llama, "auto")
+    assert "use attn_implementation=sdpa" in caplog.records[-1].getMessage()
+    with pytest.raises(
+        ValueError, match="prefix_sharing=on: flex_attention runs shared-prefix rows on GPUs only"
+    ):
+        use_prefix_sharing(llama, "on")
