@@ -39,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # raydpo from the working tree
 
+from raydpo import attention  # noqa: E402
 from raydpo.layout import pack_batch, pack_pairs  # noqa: E402
 from raydpo.logprobs import attention_mode, completion_logps, use_prefix_sharing  # noqa: E402
 from raydpo.losses import LossInputs, LossSettings, preference_loss  # noqa: E402
@@ -363,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
                 measure(f"precompute TRL-style ({attn})", trl_step, args, pairs, model, timer, False, peak),
                 measure(f"precompute raydpo ({attn})", raydpo_step, args, pairs, model, timer, False, peak),
             ]
-            if shares_prefixes(model, args, pairs, device):
+            for _ in shared_variants(model, args, pairs, device):
                 shared_step, _ = scorer_steps(model, args, device, shared=True)
                 name = f"precompute raydpo shared ({attn}, {attention_mode(model)})"
                 rows.append(measure(name, shared_step, args, pairs, model, timer, False, peak))
@@ -377,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                 measure(f"train TRL-online-style ({attn})", trl_step, args, pairs, policy, timer, True, peak),
                 measure(f"train raydpo ({attn})", raydpo_step, args, pairs, policy, timer, True, peak),
             ]
-            if shares_prefixes(policy, args, pairs, device):
+            for _ in shared_variants(policy, args, pairs, device):
                 shared_step, _ = train_steps(policy, reference, args, pairs, device, shared=True)
                 name = f"train raydpo shared ({attn}, {attention_mode(policy)})"
                 rows.append(measure(name, shared_step, args, pairs, policy, timer, True, peak))
@@ -397,16 +398,32 @@ def prompt_completion_ratio(pairs: Pairs) -> str:
     return f"{prompt:,} : {completion:,} ({prompt / (2 * prompt + completion):.0%} of two sequences' tokens)"
 
 
-def shares_prefixes(model, args, pairs: Pairs, device) -> bool:
+def shared_variants(model, args, pairs: Pairs, device):
     """Switch `model` to prefix sharing where its kernel passes the load-time check (as both stages do;
-    SDPA becomes segment-wise attention) and print the gap of shared to unshared sums on one batch."""
+    SDPA becomes segment-wise attention), then yield once per way its shared rows can attend (SDPA on
+    a GPU in 16 bits: one varlen call per layer, and a segment at a time), having printed the gap of
+    shared to unshared sums on one batch."""
     attn = model.config._attn_implementation
     try:
         if not use_prefix_sharing(model, "on"):
-            return False
+            return
     except ValueError as error:
         print(f"  shared ({attn}): skipped: {error}")
-        return False
+        return
+    parameter = next(model.parameters())
+    varlen_options = [True, False] if attention.use_varlen(parameter.device, parameter.dtype) else [None]
+    for varlen in varlen_options:
+        if varlen is not None:
+            attention.USE_VARLEN = varlen
+        print(
+            f"  shared ({attn}, {attention_mode(model)}): sums within {shared_gap(model, args, pairs, device):.2g} "
+            "relative of unshared"
+        )
+        yield
+    attention.USE_VARLEN = True
+
+
+def shared_gap(model, args, pairs: Pairs, device) -> float:
     was_training = model.training
     model.eval()
     with torch.inference_mode():
@@ -414,9 +431,7 @@ def shares_prefixes(model, args, pairs: Pairs, device) -> bool:
         shared = completion_logps(model, pack_batch(*batch, 0, True).to(device), args.chunk_tokens).sums
         unshared = completion_logps(model, pack_pairs(*batch, 0).to(device), args.chunk_tokens).sums
     model.train(was_training)
-    gap = ((shared.float() - unshared.float()).abs() / unshared.float().abs().clamp_min(1.0)).max().item()
-    print(f"  shared ({attn}, {attention_mode(model)}): sums within {gap:.2g} relative of unshared")
-    return True
+    return ((shared.float() - unshared.float()).abs() / unshared.float().abs().clamp_min(1.0)).max().item()
 
 
 def report(rows: list[dict]) -> list[dict]:

@@ -13,17 +13,26 @@ Queries of a branch go in blocks of `QUERY_BLOCK`, each against the keys up to i
 only a block-wide strip of masked keys is computed beyond the causal triangle. The cost is the
 unshared attention minus the prompt's repeat: P^2/2 + C(P + C/2) + R(P + R/2). Padding is skipped.
 
+On a GPU in 16 bits the same attention is one variable-length flash call per layer for the whole
+batch (`torch.nn.attention.varlen`): each row is two sequences, `prompt | chosen` over its own keys
+and `rejected` over the prompt's and its own keys, causal aligned to the last key; the prompt's keys
+are gathered twice, its queries computed once. `VarlenPlan` holds the gathers, built once per batch.
+
 The function is registered with transformers' `AttentionInterface` as `ATTENTION_NAME`; given no
 `prefix_segments`, it is transformers' own SDPA, so the model keeps scoring two-row batches as before.
 """
 
 from __future__ import annotations
 
+import importlib.util
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "raydpo_prefix_sdpa"
 QUERY_BLOCK = 128
+USE_VARLEN = True  # the variable-length flash kernel where it runs (CUDA, 16-bit); else segment-wise SDPA
 
 
 def register() -> None:
@@ -44,17 +53,21 @@ def prefix_sdpa_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     prefix_segments: tuple[tuple[int, int, int], ...] | None = None,
+    prefix_plan: VarlenPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D].
 
-    `prefix_segments` holds each row's (prompt, chosen, rejected) lengths; without it this is SDPA."""
+    `prefix_segments` holds each row's (prompt, chosen, rejected) lengths; without it this is SDPA.
+    With a `prefix_plan` (and no dropout, which the flash call does not take) it is one varlen call."""
     if prefix_segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if prefix_plan is not None and not (dropout and module.training):
+        return _varlen_forward(query, key, value, prefix_plan, scaling), None
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -111,3 +124,98 @@ def _causal(
             )
         )
     return torch.cat(blocks, dim=1)
+
+
+@dataclass(frozen=True)
+class VarlenPlan:
+    """Where a batch of shared rows' queries and keys go in one variable-length attention call.
+
+    Row `b`, position `t` of the batch is flat index `b * width + t`. Queries are the rows' positions
+    in order, padding left out; each row gives the sequences `prompt | chosen` (keys: the same
+    positions) and `rejected` (keys: the prompt's positions, then its own)."""
+
+    query_index: torch.Tensor  # [Nq] flat positions of the queries, in row order
+    key_index: torch.Tensor  # [Nk] flat positions of each sequence's keys
+    cu_query: torch.Tensor  # [S + 1] int32, sequence starts in the queries
+    cu_key: torch.Tensor  # [S + 1] int32, sequence starts in the keys
+    max_query: int
+    max_key: int
+    width: int
+
+
+def use_varlen(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether shared rows on `device` in `dtype` go through the variable-length flash kernel."""
+    return (
+        USE_VARLEN
+        and device.type == "cuda"
+        and dtype in (torch.float16, torch.bfloat16)
+        and importlib.util.find_spec("torch.nn.attention.varlen") is not None  # torch >= 2.10
+    )
+
+
+def varlen_plan(prefix_segments: tuple[tuple[int, int, int], ...], width: int, device) -> VarlenPlan:
+    query_index, key_index, query_lengths, key_lengths = [], [], [], []
+    for row, (prompt, chosen, rejected) in enumerate(prefix_segments):
+        start = row * width
+        query_index.append(torch.arange(start, start + prompt + chosen + rejected))
+        key_index.append(torch.arange(start, start + prompt + chosen))
+        query_lengths.append(prompt + chosen)
+        key_lengths.append(prompt + chosen)
+        if rejected:
+            branch = start + prompt + chosen
+            key_index += [torch.arange(start, start + prompt), torch.arange(branch, branch + rejected)]
+            query_lengths.append(rejected)
+            key_lengths.append(prompt + rejected)
+
+    def starts(lengths: list[int]) -> torch.Tensor:
+        return F.pad(torch.tensor(lengths).cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
+
+    return VarlenPlan(
+        query_index=torch.cat(query_index).to(device),
+        key_index=torch.cat(key_index).to(device),
+        cu_query=starts(query_lengths),
+        cu_key=starts(key_lengths),
+        max_query=max(query_lengths),
+        max_key=max(key_lengths),
+        width=width,
+    )
+
+
+def _varlen_forward(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: VarlenPlan, scaling: float | None
+) -> torch.Tensor:
+    batch, heads, width, dim = query.shape
+
+    def flat(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [N, H, D]
+        return states.transpose(1, 2).reshape(batch * width, states.shape[1], -1)[index]
+
+    out = _varlen_kernel(
+        flat(query, plan.query_index),
+        flat(key, plan.key_index),
+        flat(value, plan.key_index),
+        plan,
+        scaling,
+    )
+    rows = out.new_zeros(batch * width, heads, value.shape[-1]).index_copy(0, plan.query_index, out)
+    return rows.view(batch, width, heads, value.shape[-1])
+
+
+def _varlen_kernel(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: VarlenPlan, scaling: float | None
+) -> torch.Tensor:
+    """Causal attention of each sequence's queries over its keys, aligned to the last key (flash's
+    convention when a sequence has fewer queries than keys): [Nq, H, D] -> [Nq, H, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(
+        query,
+        key,
+        value,
+        plan.cu_query,
+        plan.cu_key,
+        plan.max_query,
+        plan.max_key,
+        scale=scaling,
+        window_size=(-1, 0),
+        enable_gqa=query.shape[1] != key.shape[1],
+    )

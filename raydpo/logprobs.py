@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from raydpo.attention import ATTENTION_NAME
+from raydpo.attention import ATTENTION_NAME, use_varlen, varlen_plan
 from raydpo.attention import register as register_attention
 from raydpo.config import PREFIX_SHARING
 from raydpo.errors import one_line
@@ -105,7 +105,8 @@ def completion_logps(
 
 def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
     """How the body attends over shared rows: a segment at a time where the model runs
-    `prefix_sdpa_forward` and no sliding window is shorter than the rows' positions, through a block
+    `prefix_sdpa_forward` and no sliding window is shorter than the rows' positions (one varlen call
+    per layer where `use_varlen`), through a block
     mask where it runs `flex_attention`, else through a dense 4D mask."""
     implementation = model.config._attn_implementation
     if implementation == ATTENTION_NAME:
@@ -113,8 +114,12 @@ def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
         windows = [window for window in layer_windows(model.config).values() if window is not None]
         if not windows or max(p + max(c, r) for p, c, r in lengths) <= min(windows):
             # a 4D mask goes to the attention as it is; the segments say what each query sees
-            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=batch.input_ids.device)
-            return {"attention_mask": placeholder, "prefix_segments": lengths}
+            device = batch.input_ids.device
+            placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
+            plan = None
+            if use_varlen(device, next(model.parameters()).dtype):
+                plan = varlen_plan(lengths, batch.input_ids.shape[1], device)
+            return {"attention_mask": placeholder, "prefix_segments": lengths, "prefix_plan": plan}
     if implementation == "flex_attention":
         return {"attention_mask": shared_block_mask(batch, model)}
     boolean = implementation in ("sdpa", ATTENTION_NAME)
@@ -325,7 +330,9 @@ def attention_mode(model: torch.nn.Module) -> str:
     a 4D mask."""
     implementation = model.config._attn_implementation
     if implementation == ATTENTION_NAME:
-        return "a segment at a time"
+        parameter = next(model.parameters())
+        varlen = use_varlen(parameter.device, parameter.dtype)
+        return "a segment at a time" + (" (varlen)" if varlen else "")
     return "through a block mask" if implementation == "flex_attention" else "through a 4D mask"
 
 

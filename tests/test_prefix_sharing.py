@@ -33,7 +33,7 @@ from transformers import (
 from transformers.integrations import flex_attention as transformers_flex
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from raydpo import attention
+from raydpo import attention, logprobs
 from raydpo.data import RowError, canonical_pair
 from raydpo.layout import pack_pairs, pack_shared
 from raydpo.logprobs import attention_mode, check_prefix_sharing, completion_logps, use_prefix_sharing
@@ -123,9 +123,33 @@ def uncompiled_flex_attention():
 
 
 @contextlib.contextmanager
+def reference_varlen():
+    """Shared rows through `VarlenPlan` (one variable-length call per layer, as on a GPU in 16 bits),
+    with the flash kernel, which needs a GPU, replaced by its definition: each sequence's queries
+    causally over its keys, aligned to the last key, by the segment-wise SDPA tested above."""
+
+    def kernel(query, key, value, plan, scaling):
+        groups = query.shape[1] // key.shape[1]
+        out = []
+        for sequence in range(len(plan.cu_query) - 1):
+            queries = slice(*plan.cu_query[sequence : sequence + 2].tolist())
+            keys = slice(*plan.cu_key[sequence : sequence + 2].tolist())
+            k, v = (s[keys].transpose(0, 1).repeat_interleave(groups, dim=0) for s in (key, value))
+            out.append(attention._causal(query[queries].transpose(0, 1), k, v, 0.0, scaling).transpose(0, 1))
+        return torch.cat(out)
+
+    with (
+        mock.patch.object(logprobs, "use_varlen", lambda device, dtype: True),
+        mock.patch.object(attention, "_varlen_kernel", kernel),
+    ):
+        yield
+
+
+@contextlib.contextmanager
 def attending(model: torch.nn.Module, kernel: str):
     """The model attending over shared rows through a dense 4D `mask`, a `segment` at a time in
-    blocks of 16 queries (so the sample's completions take several blocks), or FlexAttention's block
+    blocks of 16 queries (so the sample's completions take several blocks), through a `varlen` plan,
+    or FlexAttention's block
     mask (`flex`, run eagerly; the rows span several 128-key blocks), and with "checkpointed"
     recomputing each layer in backward (training mode, as `activation_checkpointing` runs it);
     restored afterwards."""
@@ -133,14 +157,17 @@ def attending(model: torch.nn.Module, kernel: str):
     if kernel.endswith("checkpointed"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    if kernel.startswith("segments"):
+    varlen = contextlib.nullcontext()
+    if kernel.startswith(("segments", "varlen")):
         assert implementation == "sdpa", "segment-wise attention replaces SDPA only"
         attention.register()
         model.set_attn_implementation(attention.ATTENTION_NAME)
+    if kernel.startswith("varlen"):
+        varlen = reference_varlen()
     if kernel.startswith("flex"):
         model.set_attn_implementation("flex_attention")
     try:
-        with mock.patch.object(attention, "QUERY_BLOCK", 16), uncompiled_flex_attention():
+        with mock.patch.object(attention, "QUERY_BLOCK", 16), uncompiled_flex_attention(), varlen:
             yield
     finally:
         model.set_attn_implementation(implementation)
@@ -152,7 +179,8 @@ def attending(model: torch.nn.Module, kernel: str):
     ("name", "kernel"),
     [(name, "mask") for name in ("llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe")]
     + [(name, "segments") for name in ("llama", "qwen2", "mistral", "gpt2", "qwen2_moe")]  # SDPA models
-    + [(name, "flex") for name in ("gemma2", "mistral")],  # soft-capping and windows in a block mask
+    + [(name, "flex") for name in ("gemma2", "mistral")]  # soft-capping and windows in a block mask
+    + [(name, "varlen") for name in ("llama", "qwen2", "gpt2")],
 )
 def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     model = models[name]
@@ -186,6 +214,7 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
         ("llama", "mask"),
         ("llama", "segments"),
         ("llama", "segments-checkpointed"),
+        ("llama", "varlen"),
         ("gemma2", "mask"),
     ],
 )
@@ -287,6 +316,23 @@ def test_sdpa_models_attend_a_segment_at_a_time(tokenizer, tmp_path, caplog):
     llama.save_pretrained(tmp_path)
     assert attention.ATTENTION_NAME not in (tmp_path / "config.json").read_text()
     assert json.loads((tmp_path / "config.json").read_text()).get("attn_implementation") in (None, "sdpa")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel runs on GPUs")
+def test_varlen_on_gpu(tokenizer, pairs):
+    """An SDPA model in bf16 on a GPU attends over shared rows with one varlen call per layer: the
+    load-time check passes, the sums match the unshared rows to bf16 rounding, and backward runs."""
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    model = architectures(len(tokenizer))["qwen2"].to(device, torch.bfloat16).eval()
+    assert use_prefix_sharing(model, "on") and attention_mode(model) == "a segment at a time (varlen)"
+    pad = pad_token_id(tokenizer)
+    with torch.inference_mode():
+        unshared = completion_logps(model, pack_pairs(*columns(pairs), pad).to(device)).sums
+        shared = completion_logps(model, pack_shared(*columns(pairs), pad).to(device)).sums
+    torch.testing.assert_close(shared, unshared, rtol=2e-2, atol=1e-2)
+    completion_logps(model, pack_shared(*columns(pairs), pad).to(device)).sums.sum().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 
 def test_flex_attention_on_cpu_keeps_prefix_sharing_off(tokenizer, caplog):
