@@ -146,27 +146,39 @@ def pack_shared(
     return SharedPairs(input_ids, position_ids, segments, predecessors, targets)
 
 
+def visibility(batch: SharedPairs, window: int | None):
+    """Which keys each query of a SharedPairs row sees, as a FlexAttention `mask_mod`
+    `(row, head, query, key) -> bool` that also takes broadcastable index tensors.
+
+    Causal over the row, except that rejected positions never see chosen ones, and padding is never
+    seen. A sliding window limits the distance in positions (not in row offsets), as the model's own
+    masks do."""
+    segments, positions = batch.segments, batch.position_ids
+
+    def visible(row, head, query, key):
+        query_segment, key_segment = segments[row, query], segments[row, key]
+        allowed = (
+            (key <= query) & (key_segment != PAD) & ((query_segment != REJECTED) | (key_segment != CHOSEN))
+        )
+        if window is not None:
+            allowed = allowed & (positions[row, query] - positions[row, key] < window)
+        return allowed
+
+    return visible
+
+
 def shared_attention_mask(
     batch: SharedPairs, model: torch.nn.Module, boolean: bool
 ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """The 4D mask of a SharedPairs batch for `model`'s attention layers.
-
-    Causal over the row, except that rejected positions never see chosen ones, and padding is never
-    seen. Sliding-window layers also limit the distance in positions (not in row offsets) to their
-    window, as the model's own masks do. Models whose layers differ (full and sliding) get a mask per
-    layer type. The mask is `boolean` (what SDPA takes) or additive in the model's dtype (eager kernels).
-    """
-    config = model.config
-    segments, positions = batch.segments, batch.position_ids
-    width = segments.shape[1]
-    index = torch.arange(width, device=segments.device)
-    allowed = (index[None, :] <= index[:, None])[None]  # [1, T(query), T(key)]
-    allowed = allowed & (segments[:, None, :] != PAD)
-    allowed = allowed & ~((segments[:, :, None] == REJECTED) & (segments[:, None, :] == CHOSEN))
-    distance = positions[:, :, None] - positions[:, None, :]
+    """The 4D mask of a SharedPairs batch for `model`'s attention layers (`visibility` over every
+    query and key). Models whose layers differ (full and sliding) get a mask per layer type. The mask
+    is `boolean` (what SDPA takes) or additive in the model's dtype (eager kernels)."""
+    pairs, width = batch.segments.shape
+    index = torch.arange(width, device=batch.segments.device)
+    rows = torch.arange(pairs, device=batch.segments.device)[:, None, None]
 
     def formatted(window: int | None) -> torch.Tensor:
-        mask = allowed if window is None else allowed & (distance < window)
+        mask = visibility(batch, window)(rows, None, index[None, :, None], index[None, None, :])
         mask = mask[:, None]  # [B, 1, T, T], broadcast over heads
         if boolean:
             return mask
@@ -175,7 +187,7 @@ def shared_attention_mask(
             ~mask, torch.finfo(dtype).min
         )
 
-    return _per_layer_type(config, formatted)
+    return _per_layer_type(model.config, formatted)
 
 
 def shared_block_mask(batch: SharedPairs, model: torch.nn.Module) -> Any:
@@ -186,24 +198,18 @@ def shared_block_mask(batch: SharedPairs, model: torch.nn.Module) -> Any:
     transformers `flex_attention` kernel takes it as it is and applies the model's soft-capping."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    segments, positions = batch.segments, batch.position_ids
-    pairs, width = segments.shape
+    pairs, width = batch.segments.shape
 
     def block_mask(window: int | None):
-        def visible(row, head, query, key):
-            query_segment, key_segment = segments[row, query], segments[row, key]
-            allowed = (
-                (key <= query)
-                & (key_segment != PAD)
-                & ((query_segment != REJECTED) | (key_segment != CHOSEN))
-            )
-            if window is not None:
-                allowed = allowed & (positions[row, query] - positions[row, key] < window)
-            return allowed
-
         # compiled on a GPU, as transformers builds its own block masks: no [B, T, T] tensor of the mask
         return create_block_mask(
-            visible, pairs, None, width, width, device=segments.device, _compile=segments.is_cuda
+            visibility(batch, window),
+            pairs,
+            None,
+            width,
+            width,
+            device=batch.segments.device,
+            _compile=batch.segments.is_cuda,
         )
 
     return _per_layer_type(model.config, block_mask)
