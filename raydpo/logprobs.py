@@ -117,7 +117,7 @@ def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
             device = batch.input_ids.device
             placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
             plan = None
-            if use_varlen(device, next(model.parameters()).dtype):
+            if _uses_varlen(model):
                 plan = varlen_plan(lengths, batch.input_ids.shape[1], device)
             return {"attention_mask": placeholder, "prefix_segments": lengths, "prefix_plan": plan}
     if implementation == "flex_attention":
@@ -312,6 +312,11 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
         return False
     segmented = _use_segmented_attention(model)
     reason = check_prefix_sharing(model)
+    if reason is not None and segmented and _uses_varlen(model):
+        # a GPU whose torch has no flash kernel for it (pre-Ampere): the same attention, a call per segment
+        logger.warning("prefix sharing: the varlen kernel is off, attention a segment at a time: %s", reason)
+        model._raydpo_no_varlen = True
+        reason = check_prefix_sharing(model)
     if reason is not None and segmented:
         logger.warning("prefix sharing: segment-wise attention is off, a 4D mask is used: %s", reason)
         model.set_attn_implementation("sdpa")
@@ -330,10 +335,15 @@ def attention_mode(model: torch.nn.Module) -> str:
     a 4D mask."""
     implementation = model.config._attn_implementation
     if implementation == ATTENTION_NAME:
-        parameter = next(model.parameters())
-        varlen = use_varlen(parameter.device, parameter.dtype)
-        return "a segment at a time" + (" (varlen)" if varlen else "")
+        return "a segment at a time" + (" (varlen)" if _uses_varlen(model) else "")
     return "through a block mask" if implementation == "flex_attention" else "through a 4D mask"
+
+
+def _uses_varlen(model: torch.nn.Module) -> bool:
+    """Whether the model's shared rows go through one varlen call per layer (`attention.use_varlen`),
+    unless `use_prefix_sharing` found that kernel failing on this model's device."""
+    parameter = next(model.parameters())
+    return not getattr(model, "_raydpo_no_varlen", False) and use_varlen(parameter.device, parameter.dtype)
 
 
 def _use_segmented_attention(model: torch.nn.Module) -> bool:

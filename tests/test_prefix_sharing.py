@@ -318,6 +318,29 @@ def test_sdpa_models_attend_a_segment_at_a_time(tokenizer, tmp_path, caplog):
     assert json.loads((tmp_path / "config.json").read_text()).get("attn_implementation") in (None, "sdpa")
 
 
+def test_a_failing_varlen_kernel_falls_back_to_a_call_per_segment(tokenizer, caplog):
+    """A GPU whose torch has no flash kernel for varlen (pre-Ampere) keeps segment-wise attention, a
+    call per segment, saying why, rather than the dense 4D mask."""
+
+    def unsupported(*args):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.")
+
+    torch.manual_seed(0)
+    llama = architectures(len(tokenizer))["llama"].eval()
+    with (
+        mock.patch.object(logprobs, "use_varlen", lambda device, dtype: True),
+        mock.patch.object(attention, "_varlen_kernel", unsupported),
+        caplog.at_level(logging.DEBUG, logger="raydpo.logprobs"),
+    ):
+        assert use_prefix_sharing(llama, "on")
+        assert attention_mode(llama) == "a segment at a time"
+    assert [r.getMessage() for r in caplog.records] == [
+        "prefix sharing: the varlen kernel is off, attention a segment at a time: LlamaForCausalLM cannot take "
+        "a shared-prefix mask: FlashAttention only supports Ampere GPUs or newer.",
+        "prefix sharing: attention a segment at a time",
+    ]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel runs on GPUs")
 def test_varlen_on_gpu(tokenizer, pairs):
     """An SDPA model in bf16 on a GPU attends over shared rows with one varlen call per layer: the
