@@ -70,7 +70,7 @@ NOISE = re.compile(
     )
 )
 LOG_STATUS_SECONDS = 30.0  # the log keeps a terminal's status line this often, and its final state
-RECENT_LINES = 64  # a line seen among the last this many is not shown again (Ray Train prints some twice)
+RECENT_LINES = 64  # a line seen among the last this many is not shown again (Ray repeats some)
 
 _active: Console | None = None
 _log: RunLog | None = None

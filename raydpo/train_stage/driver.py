@@ -38,6 +38,10 @@ from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
 
 logger = logging.getLogger(__name__)
 
+# Ray Train redirects a worker's print to a logger that writes to the console, and also prints it where
+# Ray has wrapped stdout, which it always has: every progress line would reach the driver twice.
+TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
 RUN_STATE = "run.json"
 MODEL_DIR = "model"
 RUN_NAME = "raydpo"  # the Ray Train run name inside the storage path; fixed so a rerun can resume it
@@ -87,7 +91,9 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     storage_path = config.storage_path or cache.join(output, "checkpoints")
     state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest.key)
     _check_cluster(config, output, storage_path, tracking_uri)
-    runtime_env = worker_env(None if config.use_gpu else cpu_allocator_env(config.cpu_allocator))
+    runtime_env = worker_env(
+        {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_allocator_env(config.cpu_allocator))}
+    )
     ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
     run_id = _start_mlflow_run(
         config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
