@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
         "--workdir", type=Path, default=Path(".bench/gpu"), help="model, cache and run (--full)"
     )
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # lines survive a run cut short by a time limit
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -386,7 +387,12 @@ def main(argv: list[str] | None = None) -> None:
             del policy, reference
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        save(args, machine, results, None)  # after each kernel: a run cut short keeps what it measured
     stages = run_stages(args, args.workdir) if args.full else None
+    save(args, machine, results, stages)
+
+
+def save(args, machine: str, results: list[dict], stages: dict | None) -> None:
     if args.json:
         figures = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "results": results}
         args.json.write_text(json.dumps({**figures, "stages": stages}, indent=2))
