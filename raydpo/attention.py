@@ -140,7 +140,6 @@ class VarlenPlan:
     cu_key: torch.Tensor  # [S + 1] int32, sequence starts in the keys
     max_query: int
     max_key: int
-    width: int
 
 
 def use_varlen(device: torch.device, dtype: torch.dtype) -> bool:
@@ -177,14 +176,13 @@ def varlen_plan(prefix_segments: tuple[tuple[int, int, int], ...], width: int, d
         cu_key=starts(key_lengths),
         max_query=max(query_lengths),
         max_key=max(key_lengths),
-        width=width,
     )
 
 
 def _varlen_forward(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, plan: VarlenPlan, scaling: float | None
 ) -> torch.Tensor:
-    batch, heads, width, dim = query.shape
+    batch, heads, width, _ = query.shape
 
     def flat(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # [B, H, T, D] -> [N, H, D]
         return states.transpose(1, 2).reshape(batch * width, states.shape[1], -1)[index]
