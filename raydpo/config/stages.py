@@ -101,7 +101,10 @@ class PrecomputeConfig:
     dtype: str = setting("auto", help="Model dtype; auto: bf16 on GPU, fp32 on CPU.", choices=DTYPES)
     attn_implementation: str | None = setting(
         None,
-        help="Attention kernel passed to transformers (e.g. sdpa, flash_attention_2); None: its default.",
+        help=(
+            "Attention kernel passed to transformers (e.g. sdpa, flex_attention, flash_attention_2); None: its "
+            "default. Prefix sharing needs sdpa, eager or, on a GPU, flex_attention."
+        ),
     )
     logits_chunk_tokens: int = setting(
         2048,
@@ -231,8 +234,9 @@ class TrainConfig:
     attn_implementation: str | None = setting(
         None,
         help=(
-            "Attention kernel (sdpa, flash_attention_2, eager); default: the model's. In 16-bit dtypes it must "
-            "be the kernel the cache was scored with."
+            "Attention kernel (sdpa, flex_attention, flash_attention_2, eager); default: the model's. In 16-bit "
+            "dtypes it must be the kernel the cache was scored with. Prefix sharing needs sdpa, eager or, on a "
+            "GPU, flex_attention."
         ),
     )
     disable_dropout: bool = setting(
