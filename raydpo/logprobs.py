@@ -106,8 +106,8 @@ def completion_logps(
 def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
     """How the body attends over shared rows: a segment at a time where the model runs
     `prefix_sdpa_forward` and no sliding window is shorter than the rows' positions (one varlen call
-    per layer where `use_varlen`), through a block
-    mask where it runs `flex_attention`, else through a dense 4D mask."""
+    per layer where `use_varlen`), through a block mask where it runs `flex_attention`, else through
+    a dense 4D mask."""
     implementation = model.config._attn_implementation
     if implementation == ATTENTION_NAME:
         lengths = batch.segment_lengths()
