@@ -258,7 +258,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def initialize(module: torch.nn.Module, config: TrainConfig, ds_config: dict[str, Any], total_steps: int):
-    """The DeepSpeed engine around `module`, and the scheduler it steps (torch's AdamW and
+    """The DeepSpeed engine around `module`, and the scheduler it steps (torch's fused AdamW and
     transformers' schedule unless the DeepSpeed config names its own); checkpoints load weights-only."""
     import deepspeed
     import torch
@@ -266,8 +266,14 @@ def initialize(module: torch.nn.Module, config: TrainConfig, ds_config: dict[str
 
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
+        # fused: one pass over each parameter and its moments, on CPUs too; the Trainer's (and TRL's)
+        # default optimizer, adamw_torch_fused
         optimizer = torch.optim.AdamW(
-            param_groups(module, config.weight_decay), lr=config.learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS
+            param_groups(module, config.weight_decay),
+            lr=config.learning_rate,
+            betas=ADAM_BETAS,
+            eps=ADAM_EPS,
+            fused=True,
         )
     if "scheduler" not in ds_config and optimizer is not None:
         scheduler = transformers.get_scheduler(
