@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # raydpo from the 
 
 from raydpo import attention  # noqa: E402
 from raydpo.layout import pack_batch, pack_pairs  # noqa: E402
-from raydpo.logprobs import attention_mode, completion_logps, use_prefix_sharing  # noqa: E402
+from raydpo.logprobs import attention_mode, completion_logps, packs_rows, use_prefix_sharing  # noqa: E402
 from raydpo.losses import LossInputs, LossSettings, preference_loss  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s) of the GPUs this is run on; --peak-tflops overrides.
@@ -200,7 +200,7 @@ def scorer_steps(model, args, device, shared: bool = False):
 
     @torch.inference_mode()
     def raydpo_step(start, batch):
-        packed = pack_batch(*batch, pad, shared).to(device)
+        packed = pack_batch(*batch, pad, shared, shared and packs_rows(model)).to(device)
         completion_logps(model, packed, args.chunk_tokens).sums.float().cpu()
 
     @torch.inference_mode()
@@ -223,7 +223,7 @@ def train_steps(policy, reference, args, pairs: Pairs, device, shared: bool = Fa
 
     def raydpo_step(start, batch):
         ref_chosen, ref_rejected = cached[start].chunk(2)
-        packed = pack_batch(*batch, pad, shared).to(device)
+        packed = pack_batch(*batch, pad, shared, shared and packs_rows(policy)).to(device)
         chosen, rejected = completion_logps(policy, packed, args.chunk_tokens).sums.chunk(2)
         dpo_loss(chosen, rejected, ref_chosen, ref_rejected).backward()
         optimizer.step()
@@ -434,7 +434,8 @@ def shared_gap(model, args, pairs: Pairs, device) -> float:
     model.eval()
     with torch.inference_mode():
         batch = pairs.batch(0, args.batch_size)
-        shared = completion_logps(model, pack_batch(*batch, 0, True).to(device), args.chunk_tokens).sums
+        layout = pack_batch(*batch, 0, True, packs_rows(model)).to(device)
+        shared = completion_logps(model, layout, args.chunk_tokens).sums
         unshared = completion_logps(model, pack_pairs(*batch, 0).to(device), args.chunk_tokens).sums
     model.train(was_training)
     return ((shared.float() - unshared.float()).abs() / unshared.float().abs().clamp_min(1.0)).max().item()

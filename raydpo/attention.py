@@ -12,6 +12,8 @@ into its segments and each segment attends to exactly the keys it may see:
 Queries of a branch go in blocks of `QUERY_BLOCK`, each against the keys up to its last query, so
 only a block-wide strip of masked keys is computed beyond the causal triangle. The cost is the
 unshared attention minus the prompt's repeat: P^2/2 + C(P + C/2) + R(P + R/2). Padding is skipped.
+A packed row (every pair of the batch end to end) costs the sum of its pairs' attention, not the
+square of its length, so packing removes the padding of the other layers at no cost here.
 
 On a GPU in 16 bits the same attention is one variable-length flash call per layer for the whole
 batch (`torch.nn.attention.varlen`): each row is two sequences, `prompt | chosen` over its own keys
@@ -52,14 +54,15 @@ def prefix_sdpa_forward(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    prefix_segments: tuple[tuple[int, int, int], ...] | None = None,
+    prefix_segments: tuple[tuple[int, int, int, int, int], ...] | None = None,
     prefix_plan: VarlenPlan | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [B, H, T, D], key/value [B, Hkv, T, D] -> [B, T, H, D].
 
-    `prefix_segments` holds each row's (prompt, chosen, rejected) lengths; without it this is SDPA.
-    With a `prefix_plan` (and no dropout, which the flash call does not take) it is one varlen call."""
+    `prefix_segments` holds each pair's (row, start, prompt, chosen, rejected), in row and position
+    order (`SharedPairs.segment_lengths`); without it this is SDPA. With a `prefix_plan` (and no
+    dropout, which the flash call does not take) it is one varlen call."""
     if prefix_segments is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -72,26 +75,30 @@ def prefix_sdpa_forward(
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     width = query.shape[2]
-    rows = []
-    for row, (prompt, chosen, rejected) in enumerate(prefix_segments):
+    pieces: list[list[torch.Tensor]] = [[] for _ in range(query.shape[0])]
+    for row, start, prompt, chosen, rejected in prefix_segments:
         q, k, v = query[row], key[row], value[row]  # [H, T, D]
-        pieces = []
+        branch = start + prompt  # the chosen branch starts here, the rejected one after it
         if prompt:
-            pieces.append(_causal(q[:, :prompt], k[:, :prompt], v[:, :prompt], dropout, scaling))
-        for start, length in ((prompt, chosen), (prompt + chosen, rejected)):
+            pieces[row].append(
+                _causal(q[:, start:branch], k[:, start:branch], v[:, start:branch], dropout, scaling)
+            )
+        for first, length in ((branch, chosen), (branch + chosen, rejected)):
             if not length:
                 continue
-            end = start + length
-            if start == prompt:
-                keys, values = k[:, :end], v[:, :end]
+            end = first + length
+            if first == branch:
+                keys, values = k[:, start:end], v[:, start:end]
             else:
-                keys = torch.cat((k[:, :prompt], k[:, start:end]), dim=1)
-                values = torch.cat((v[:, :prompt], v[:, start:end]), dim=1)
-            pieces.append(_causal(q[:, start:end], keys, values, dropout, scaling))
-        used = prompt + chosen + rejected
+                keys = torch.cat((k[:, start:branch], k[:, first:end]), dim=1)
+                values = torch.cat((v[:, start:branch], v[:, first:end]), dim=1)
+            pieces[row].append(_causal(q[:, first:end], keys, values, dropout, scaling))
+    rows = []
+    for row_pieces in pieces:
+        used = sum(piece.shape[1] for piece in row_pieces)
         if used < width:
-            pieces.append(q.new_zeros(q.shape[0], width - used, value.shape[-1]))
-        rows.append(torch.cat(pieces, dim=1))
+            row_pieces.append(query.new_zeros(query.shape[1], width - used, value.shape[-1]))
+        rows.append(torch.cat(row_pieces, dim=1))
     return torch.stack(rows).transpose(1, 2).contiguous(), None
 
 
@@ -152,10 +159,12 @@ def use_varlen(device: torch.device, dtype: torch.dtype) -> bool:
     )
 
 
-def varlen_plan(prefix_segments: tuple[tuple[int, int, int], ...], width: int, device) -> VarlenPlan:
+def varlen_plan(
+    prefix_segments: tuple[tuple[int, int, int, int, int], ...], width: int, device
+) -> VarlenPlan:
     query_index, key_index, query_lengths, key_lengths = [], [], [], []
-    for row, (prompt, chosen, rejected) in enumerate(prefix_segments):
-        start = row * width
+    for row, start, prompt, chosen, rejected in prefix_segments:
+        start += row * width
         query_index.append(torch.arange(start, start + prompt + chosen + rejected))
         key_index.append(torch.arange(start, start + prompt + chosen))
         query_lengths.append(prompt + chosen)

@@ -6,7 +6,8 @@
   mask that keeps the rejected tokens from seeing the chosen ones and position ids that restart the
   rejected branch at the prompt's end, so the prompt goes through the model once. The first token of
   each branch is scored from the last prompt position; backward through the prompt sums the
-  gradients of both branches.
+  gradients of both branches. Packed, the pairs of a batch lie end to end in a single row with no
+  padding, for attention that runs a segment at a time (`raydpo.attention`), where that costs nothing.
 """
 
 from __future__ import annotations
@@ -74,19 +75,26 @@ PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3  # segment of each position of a Shar
 
 @dataclass
 class SharedPairs:
-    """A batch of B pairs as B right-padded rows `prompt | chosen | rejected`: the prompt is computed once."""
+    """A batch of B pairs as right-padded rows of `prompt | chosen | rejected`: the prompt is computed once.
 
-    input_ids: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T]; the rejected branch restarts at the prompt's length
-    segments: torch.Tensor  # [B, T]: PROMPT, CHOSEN, REJECTED or PAD
-    predecessors: (
-        torch.Tensor
-    )  # [2B, C]: the row position whose output scores each completion token; -1: none
+    A row holds one pair, or (`packed`) every pair of the batch end to end, so no position is padding;
+    position ids restart at each pair, and attention never crosses from one pair to another."""
+
+    input_ids: torch.Tensor  # [R, T]
+    position_ids: torch.Tensor  # [R, T]; the rejected branch restarts at the prompt's length
+    segments: torch.Tensor  # [R, T]: PROMPT, CHOSEN, REJECTED or PAD
+    predecessors: torch.Tensor  # [2B, C]: flat index (row * T + position) of the output that scores
+    # each completion token; -1: none
     targets: torch.Tensor  # [2B, C]: completion token ids, chosen rows first, left-aligned
+    spans: torch.Tensor  # [B, 5] on the host: row, start, prompt, chosen and rejected length of each pair
 
     @property
     def num_pairs(self) -> int:
-        return self.input_ids.shape[0]
+        return self.spans.shape[0]
+
+    @property
+    def packed(self) -> bool:
+        return self.input_ids.shape[0] < self.num_pairs
 
     @property
     def pair_tokens(self) -> int:
@@ -94,71 +102,84 @@ class SharedPairs:
         the model computed the prompt once."""
         return int((self.segments != PAD).sum() + (self.segments == PROMPT).sum())
 
-    def segment_lengths(self) -> tuple[tuple[int, int, int], ...]:
-        """(prompt, chosen, rejected) token counts of each row."""
-        counts = torch.stack(
-            [(self.segments == part).sum(dim=1) for part in (PROMPT, CHOSEN, REJECTED)], dim=1
-        )
-        return tuple(tuple(row) for row in counts.tolist())
+    def segment_lengths(self) -> tuple[tuple[int, int, int, int, int], ...]:
+        """(row, start, prompt, chosen, rejected) of each pair, in row order and then position order."""
+        return tuple(tuple(span) for span in self.spans.tolist())
+
+    def pair_index(self) -> torch.Tensor:
+        """[R, T]: the pair each position belongs to, -1 for padding."""
+        owner = torch.full(self.segments.shape, -1, dtype=torch.long)
+        for pair, (row, start, prompt, chosen, rejected) in enumerate(self.segment_lengths()):
+            owner[row, start : start + prompt + chosen + rejected] = pair
+        return owner.to(self.segments.device)
 
     def to(self, device: torch.device | str) -> SharedPairs:
-        return SharedPairs(
-            *(
-                t.to(device, non_blocking=True)
-                for t in (self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets)
-            )
-        )
+        moved = (self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets)
+        return SharedPairs(*(t.to(device, non_blocking=True) for t in moved), self.spans)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets
+        return self.input_ids, self.position_ids, self.segments, self.predecessors, self.targets, self.spans
 
 
 def pack_shared(
-    prompt_ids: Tokens, chosen_ids: Tokens, rejected_ids: Tokens, pad_token_id: int
+    prompt_ids: Tokens, chosen_ids: Tokens, rejected_ids: Tokens, pad_token_id: int, packed: bool = False
 ) -> SharedPairs:
-    """Lay each pair out as one row `prompt | chosen | rejected`, padded to the batch's longest row.
+    """Lay each pair out as one row `prompt | chosen | rejected`, padded to the batch's longest row, or
+    (`packed`) all pairs in one row, end to end.
 
     A branch's first token is scored from the last prompt position, its others from the token before;
     with an empty prompt the first token of a branch is not scored, as in the unshared layout."""
     pairs = len(prompt_ids)
-    rows = [[*p, *c, *r] for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
-    width = max(len(row) for row in rows)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
+    if packed:
+        rows, width = [0] * pairs, sum(lengths)
+        starts = [sum(lengths[:k]) for k in range(pairs)]
+    else:
+        rows, width, starts = list(range(pairs)), max(lengths), [0] * pairs
     completion_width = max(max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True))
-    input_ids = torch.full((pairs, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((pairs, width), dtype=torch.long)
-    segments = torch.full((pairs, width), PAD, dtype=torch.long)
+    num_rows = 1 if packed else pairs
+    input_ids = torch.full((num_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, width), dtype=torch.long)
+    segments = torch.full((num_rows, width), PAD, dtype=torch.long)
     predecessors = torch.full((2 * pairs, max(completion_width, 1)), -1, dtype=torch.long)
     targets = torch.full((2 * pairs, max(completion_width, 1)), pad_token_id, dtype=torch.long)
-    for k, (prompt, chosen, rejected, row) in enumerate(
-        zip(prompt_ids, chosen_ids, rejected_ids, rows, strict=True)
-    ):
+    spans = torch.zeros((pairs, 5), dtype=torch.long)
+    for k, (prompt, chosen, rejected) in enumerate(zip(prompt_ids, chosen_ids, rejected_ids, strict=True)):
+        row, s = rows[k], starts[k]
         p, c, r = len(prompt), len(chosen), len(rejected)
-        input_ids[k, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-        position_ids[k, : p + c] = torch.arange(p + c)
-        position_ids[k, p + c : p + c + r] = torch.arange(p, p + r)
-        segments[k, :p], segments[k, p : p + c], segments[k, p + c : p + c + r] = PROMPT, CHOSEN, REJECTED
-        for out, start, length in ((k, p, c), (pairs + k, p + c, r)):
-            # token i of the branch sits at start + i; its predecessor is the last prompt position for i = 0
+        spans[k] = torch.tensor([row, s, p, c, r])
+        input_ids[row, s : s + p + c + r] = torch.as_tensor([*prompt, *chosen, *rejected], dtype=torch.long)
+        position_ids[row, s : s + p + c] = torch.arange(p + c)
+        position_ids[row, s + p + c : s + p + c + r] = torch.arange(p, p + r)
+        segments[row, s : s + p] = PROMPT
+        segments[row, s + p : s + p + c] = CHOSEN
+        segments[row, s + p + c : s + p + c + r] = REJECTED
+        for out, start, length in ((k, s + p, c), (pairs + k, s + p + c, r)):
+            # token i of the branch sits at start + i; its predecessor is the last prompt position for
+            # i = 0 (none for an empty prompt), each as a flat index into the [R * T] outputs
             before = torch.arange(start - 1, start + length - 1)
-            before[0:1] = p - 1
-            predecessors[out, :length] = before
-            targets[out, :length] = input_ids[k, start : start + length]
-    return SharedPairs(input_ids, position_ids, segments, predecessors, targets)
+            before[0:1] = s + p - 1 if p else -1
+            predecessors[out, :length] = torch.where(before >= 0, row * width + before, -1)
+            targets[out, :length] = input_ids[row, start : start + length]
+    return SharedPairs(input_ids, position_ids, segments, predecessors, targets, spans)
 
 
 def visibility(batch: SharedPairs, window: int | None):
     """Which keys each query of a SharedPairs row sees, as a FlexAttention `mask_mod`
     `(row, head, query, key) -> bool` that also takes broadcastable index tensors.
 
-    Causal over the row, except that rejected positions never see chosen ones, and padding is never
-    seen. A sliding window limits the distance in positions (not in row offsets), as the model's own
-    masks do."""
-    segments, positions = batch.segments, batch.position_ids
+    Causal within each pair, except that rejected positions never see chosen ones, and padding is
+    never seen. A sliding window limits the distance in positions (not in row offsets), as the model's
+    own masks do."""
+    segments, positions, owners = batch.segments, batch.position_ids, batch.pair_index()
 
     def visible(row, head, query, key):
         query_segment, key_segment = segments[row, query], segments[row, key]
         allowed = (
-            (key <= query) & (key_segment != PAD) & ((query_segment != REJECTED) | (key_segment != CHOSEN))
+            (key <= query)
+            & (owners[row, key] == owners[row, query])
+            & (key_segment != PAD)
+            & ((query_segment != REJECTED) | (key_segment != CHOSEN))
         )
         if window is not None:
             allowed = allowed & (positions[row, query] - positions[row, key] < window)
@@ -173,9 +194,9 @@ def shared_attention_mask(
     """The 4D mask of a SharedPairs batch for `model`'s attention layers (`visibility` over every
     query and key). Models whose layers differ (full and sliding) get a mask per layer type. The mask
     is `boolean` (what SDPA takes) or additive in the model's dtype (eager kernels)."""
-    pairs, width = batch.segments.shape
+    num_rows, width = batch.segments.shape
     index = torch.arange(width, device=batch.segments.device)
-    rows = torch.arange(pairs, device=batch.segments.device)[:, None, None]
+    rows = torch.arange(num_rows, device=batch.segments.device)[:, None, None]
 
     def formatted(window: int | None) -> torch.Tensor:
         mask = visibility(batch, window)(rows, None, index[None, :, None], index[None, None, :])
@@ -198,13 +219,13 @@ def shared_block_mask(batch: SharedPairs, model: torch.nn.Module) -> Any:
     transformers `flex_attention` kernel takes it as it is and applies the model's soft-capping."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    pairs, width = batch.segments.shape
+    num_rows, width = batch.segments.shape
 
     def block_mask(window: int | None):
         # compiled on a GPU, as transformers builds its own block masks: no [B, T, T] tensor of the mask
         return create_block_mask(
             visibility(batch, window),
-            pairs,
+            num_rows,
             None,
             width,
             width,
@@ -240,10 +261,18 @@ def layer_windows(config: Any) -> dict[str, int | None]:
 
 
 def pack_batch(
-    prompt_ids: Tokens, chosen_ids: Tokens, rejected_ids: Tokens, pad_token_id: int, shared: bool
+    prompt_ids: Tokens,
+    chosen_ids: Tokens,
+    rejected_ids: Tokens,
+    pad_token_id: int,
+    shared: bool,
+    packed: bool = False,
 ) -> PackedPairs | SharedPairs:
-    """The batch in the layout the run uses: one row per pair (`shared`) or two."""
-    return (pack_shared if shared else pack_pairs)(prompt_ids, chosen_ids, rejected_ids, pad_token_id)
+    """The batch in the layout the run uses: one row per pair (`shared`), all pairs in one row (`shared`
+    and `packed`), or two rows per pair."""
+    if shared:
+        return pack_shared(prompt_ids, chosen_ids, rejected_ids, pad_token_id, packed)
+    return pack_pairs(prompt_ids, chosen_ids, rejected_ids, pad_token_id)
 
 
 def pair_width(prompt: int, chosen: int, rejected: int, shared: bool) -> int:

@@ -71,8 +71,7 @@ def completion_logps(
             **_shared_attention(batch, model),
         ).last_hidden_state
         target_mask = batch.predecessors >= 0
-        rows = torch.arange(batch.num_pairs, device=hidden.device).repeat(2)[:, None].expand_as(target_mask)
-        states = hidden[rows[target_mask], batch.predecessors[target_mask]]  # [M, H]
+        states = hidden.flatten(0, 1)[batch.predecessors[target_mask]]  # [M, H]
         targets = batch.targets[target_mask]  # [M]
     else:
         hidden = body(
@@ -112,7 +111,7 @@ def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
     if implementation == ATTENTION_NAME:
         lengths = batch.segment_lengths()
         windows = [window for window in layer_windows(model.config).values() if window is not None]
-        if not windows or max(p + max(c, r) for p, c, r in lengths) <= min(windows):
+        if not windows or max(p + max(c, r) for _, _, p, c, r in lengths) <= min(windows):
             # a 4D mask goes to the attention as it is; the segments say what each query sees
             device = batch.input_ids.device
             placeholder = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
@@ -289,7 +288,8 @@ def _prefix_sharing_gap(model: torch.nn.Module, device, dtype, rtol: float | Non
     prompts, chosen, rejected = [tokens(7), tokens(3)], [tokens(5), tokens(9)], [tokens(8), tokens(4)]
     try:
         layer_windows(model.config)
-        shared = completion_logps(model, pack_shared(prompts, chosen, rejected, 0).to(device)).sums
+        batch = pack_shared(prompts, chosen, rejected, 0, packed=packs_rows(model))  # the layout it will get
+        shared = completion_logps(model, batch.to(device)).sums
     except (ValueError, RuntimeError, TypeError) as error:
         return f"{type(model).__name__} cannot take a shared-prefix mask: {one_line(error, limit=200)}"
     unshared = completion_logps(model, pack_pairs(prompts, chosen, rejected, 0).to(device)).sums
@@ -330,12 +330,22 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
     return False
 
 
+def packs_rows(model: torch.nn.Module) -> bool:
+    """Whether a model that shares prefixes takes each batch as one packed row (`pack_shared`): where it
+    attends a segment at a time, so a packed row costs its pairs' attention and no padding, and no
+    layer has a sliding window (a pair longer than the window sends the batch to a dense mask, whose
+    size is the square of the row)."""
+    implementation = model.config._attn_implementation
+    return implementation == ATTENTION_NAME and all(w is None for w in layer_windows(model.config).values())
+
+
 def attention_mode(model: torch.nn.Module) -> str:
     """How a model that shares prefixes attends: a segment at a time, through a block mask, or through
     a 4D mask."""
     implementation = model.config._attn_implementation
     if implementation == ATTENTION_NAME:
-        return "a segment at a time" + (" (varlen)" if _uses_varlen(model) else "")
+        mode = "a segment at a time" + (" (varlen)" if _uses_varlen(model) else "")
+        return mode + (", pairs packed in one row" if packs_rows(model) else "")
     return "through a block mask" if implementation == "flex_attention" else "through a 4D mask"
 
 

@@ -152,7 +152,7 @@ def attending(model: torch.nn.Module, kernel: str):
     or FlexAttention's block
     mask (`flex`, run eagerly; the rows span several 128-key blocks), and with "checkpointed"
     recomputing each layer in backward (training mode, as `activation_checkpointing` runs it);
-    restored afterwards."""
+    restored afterwards. A kernel ending in "packed" gets the pairs end to end in one row."""
     implementation = model.config._attn_implementation
     if kernel.endswith("checkpointed"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -180,15 +180,21 @@ def attending(model: torch.nn.Module, kernel: str):
     [(name, "mask") for name in ("llama", "qwen2", "gemma2", "mistral", "gpt2", "qwen2_moe")]
     + [(name, "segments") for name in ("llama", "qwen2", "mistral", "gpt2", "qwen2_moe")]  # SDPA models
     + [(name, "flex") for name in ("gemma2", "mistral")]  # soft-capping and windows in a block mask
-    + [(name, "varlen") for name in ("llama", "qwen2", "gpt2")],
+    + [(name, "varlen") for name in ("llama", "qwen2", "gpt2")]
+    # the pairs end to end in one row: attention must not cross from one pair to the next
+    + [(name, "segments-packed") for name in ("llama", "qwen2", "gpt2", "qwen2_moe")]
+    + [("llama", "varlen-packed"), ("gemma2", "mask-packed"), ("mistral", "flex-packed")],
 )
 def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
     model = models[name]
     pad = pad_token_id(tokenizer)
+    packed = kernel.endswith("packed")
     with attending(model, kernel), torch.inference_mode():
         unshared = completion_logps(model, pack_pairs(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
-        shared = completion_logps(model, pack_shared(*columns(pairs), pad), chunk_tokens=61, with_stats=True)
+        batch = pack_shared(*columns(pairs), pad, packed=packed)
+        shared = completion_logps(model, batch, chunk_tokens=61, with_stats=True)
         reason = check_prefix_sharing(model)
+    assert batch.input_ids.shape[0] == (1 if packed else len(pairs))
     torch.testing.assert_close(shared.lengths, unshared.lengths, rtol=0, atol=0)
     for field in ("sums", "shared_sums", "tail_sums", "logits_sums"):
         torch.testing.assert_close(
@@ -202,7 +208,7 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
             rtol=1e-5,
             atol=1e-5,
         )
-    if kernel == "flex":  # the compiled kernel is for GPUs: on CPU, prefix sharing stays off
+    if kernel.startswith("flex"):  # the compiled kernel is for GPUs: on CPU, prefix sharing stays off
         assert reason is not None and "GPUs only" in reason
     else:
         assert reason is None
@@ -216,6 +222,8 @@ def test_shared_equals_unshared(models, tokenizer, pairs, name, kernel):
         ("llama", "segments-checkpointed"),
         ("llama", "varlen"),
         ("gemma2", "mask"),
+        ("llama", "segments-packed"),
+        ("llama", "varlen-packed"),
     ],
 )
 def test_gradients_equal_unshared(models, tokenizer, pairs, name, kernel):
@@ -224,10 +232,10 @@ def test_gradients_equal_unshared(models, tokenizer, pairs, name, kernel):
     of terms taken in another order, so an element-wise relative bound would measure rounding)."""
     model = models[name]
     with attending(model, kernel):
-        assert_gradients_equal(model, tokenizer, pairs, torch.device("cpu"))
+        assert_gradients_equal(model, tokenizer, pairs, torch.device("cpu"), packed=kernel.endswith("packed"))
 
 
-def assert_gradients_equal(model, tokenizer, pairs, device: torch.device) -> None:
+def assert_gradients_equal(model, tokenizer, pairs, device: torch.device, packed: bool = False) -> None:
     pad = pad_token_id(tokenizer)
     weights = torch.linspace(0.5, 2.0, 2 * len(pairs), device=device)  # an upstream gradient per sequence
 
@@ -237,7 +245,7 @@ def assert_gradients_equal(model, tokenizer, pairs, device: torch.device) -> Non
         return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
     unshared = gradients(pack_pairs(*columns(pairs), pad))
-    shared = gradients(pack_shared(*columns(pairs), pad))
+    shared = gradients(pack_shared(*columns(pairs), pad, packed=packed))
     model.zero_grad()
     assert shared.keys() == unshared.keys() and len(shared) == len(list(model.parameters()))
     for parameter, expected in unshared.items():
@@ -270,8 +278,27 @@ def test_layout(tokenizer):
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9, 13], [10, 11, 12, 14, 15, 0]]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3]
     assert batch.position_ids[1, :5].tolist() == [0, 1, 2, 0, 1]
-    assert batch.predecessors.tolist() == [[2, 3, -1], [-1, 0, 1], [2, -1, -1], [-1, 3, -1]]
+    # flat indices into the [rows * width] outputs: row 1 starts at 6
+    assert batch.predecessors.tolist() == [[2, 3, -1], [-1, 6, 7], [2, -1, -1], [-1, 9, -1]]
     assert batch.targets[:, :2].tolist() == [[8, 9], [10, 11], [13, 0], [14, 15]]
+    assert batch.segment_lengths() == ((0, 0, 3, 2, 1), (1, 0, 0, 3, 2))
+
+    packed = pack_shared(
+        [[5, 6, 7], [], [1]], [[8, 9], [10, 11, 12], [2]], [[13], [14, 15], [3]], 0, packed=True
+    )
+    assert packed.input_ids.tolist() == [[5, 6, 7, 8, 9, 13, 10, 11, 12, 14, 15, 1, 2, 3]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 0, 1, 2, 0, 1, 0, 1, 1]]
+    # the second pair's empty prompt leaves its branches' first tokens unscored, as above
+    assert packed.predecessors.tolist() == [
+        [2, 3, -1],
+        [-1, 6, 7],
+        [11, -1, -1],
+        [2, -1, -1],
+        [-1, 9, -1],
+        [11, -1, -1],
+    ]
+    assert packed.segment_lengths() == ((0, 0, 3, 2, 1), (0, 6, 0, 3, 2), (0, 11, 1, 1, 1))
+    assert packed.pair_tokens == batch.pair_tokens + 4  # the third pair: 3 tokens, its prompt twice
 
 
 def ignores_mask(module, query, key, value, attention_mask, **kwargs):
@@ -308,9 +335,12 @@ def test_sdpa_models_attend_a_segment_at_a_time(tokenizer, tmp_path, caplog):
         assert use_prefix_sharing(llama, "auto") and use_prefix_sharing(gemma2, "auto")
     assert llama.config._attn_implementation == attention.ATTENTION_NAME
     assert gemma2.config._attn_implementation == "eager"
-    assert (attention_mode(llama), attention_mode(gemma2)) == ("a segment at a time", "through a 4D mask")
+    assert (attention_mode(llama), attention_mode(gemma2)) == (
+        "a segment at a time, pairs packed in one row",
+        "through a 4D mask",
+    )
     assert [r.getMessage() for r in caplog.records] == [
-        "prefix sharing: attention a segment at a time",
+        "prefix sharing: attention a segment at a time, pairs packed in one row",
         "prefix sharing: attention through a 4D mask",
     ]
     llama.save_pretrained(tmp_path)
@@ -333,11 +363,11 @@ def test_a_failing_varlen_kernel_falls_back_to_a_call_per_segment(tokenizer, cap
         caplog.at_level(logging.DEBUG, logger="raydpo.logprobs"),
     ):
         assert use_prefix_sharing(llama, "on")
-        assert attention_mode(llama) == "a segment at a time"
+        assert attention_mode(llama) == "a segment at a time, pairs packed in one row"
     assert [r.getMessage() for r in caplog.records] == [
         "prefix sharing: the varlen kernel is off, attention a segment at a time: LlamaForCausalLM cannot take "
         "a shared-prefix mask: FlashAttention only supports Ampere GPUs or newer.",
-        "prefix sharing: attention a segment at a time",
+        "prefix sharing: attention a segment at a time, pairs packed in one row",
     ]
 
 
@@ -348,13 +378,14 @@ def test_varlen_on_gpu(tokenizer, pairs):
     torch.manual_seed(0)
     device = torch.device("cuda")
     model = architectures(len(tokenizer))["qwen2"].to(device, torch.bfloat16).eval()
-    assert use_prefix_sharing(model, "on") and attention_mode(model) == "a segment at a time (varlen)"
+    assert use_prefix_sharing(model, "on")
+    assert attention_mode(model) == "a segment at a time (varlen), pairs packed in one row"
     pad = pad_token_id(tokenizer)
     with torch.inference_mode():
         unshared = completion_logps(model, pack_pairs(*columns(pairs), pad).to(device)).sums
-        shared = completion_logps(model, pack_shared(*columns(pairs), pad).to(device)).sums
+        shared = completion_logps(model, pack_shared(*columns(pairs), pad, packed=True).to(device)).sums
     torch.testing.assert_close(shared, unshared, rtol=2e-2, atol=1e-2)
-    completion_logps(model, pack_shared(*columns(pairs), pad).to(device)).sums.sum().backward()
+    completion_logps(model, pack_shared(*columns(pairs), pad, packed=True).to(device)).sums.sum().backward()
     assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
 
 

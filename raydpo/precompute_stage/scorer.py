@@ -61,7 +61,7 @@ class ReferenceScorer:
     ):
         import torch
 
-        from raydpo.logprobs import check_head_path, use_prefix_sharing
+        from raydpo.logprobs import check_head_path, packs_rows, use_prefix_sharing
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
@@ -77,6 +77,7 @@ class ReferenceScorer:
         self.model = loaded.to(self.device).eval()
         check_head_path(self.model, self.model.config.vocab_size)
         self.shared = use_prefix_sharing(self.model, prefix_sharing)
+        self.packed = self.shared and packs_rows(self.model)  # a batch's pairs in one row, no padding
         self.pad_token_id = pad_token_id
         self.batch_size = batch_size
         self.chunk_tokens = chunk_tokens
@@ -102,19 +103,26 @@ class ReferenceScorer:
         order = sorted(ok, key=lambda i: width[i], reverse=True)  # longest first: memory peaks early
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            packed = pack_batch(
+            pairs = pack_batch(
                 [prompts[i] for i in rows],
                 [chosens[i] for i in rows],
                 [rejecteds[i] for i in rows],
                 self.pad_token_id,
                 self.shared,
+                self.packed,
             ).to(self.device)
             with torch.inference_mode():
-                scores = completion_logps(self.model, packed, self.chunk_tokens)
-            self._collect(columns, rows, scores, packed.input_ids.shape[1])
+                scores = completion_logps(self.model, pairs, self.chunk_tokens)
+            self._collect(columns, rows, scores)
+            row_width = pairs.input_ids.shape[1]
             for i in rows:
                 columns[COMPUTED_TOKENS][i] = (
                     width[i] if self.shared else 2 * len(prompts[i]) + len(chosens[i]) + len(rejecteds[i])
+                )
+                # what the forward took for the pair: its row, padded to the batch's longest (two rows
+                # unshared), or in a packed row its own tokens
+                columns[FORWARD_TOKENS][i] = (
+                    width[i] if self.packed else (row_width if self.shared else 2 * row_width)
                 )
         out = batch
         for name, values in columns.items():
@@ -133,7 +141,7 @@ class ReferenceScorer:
             names += ["ref_chosen_token_logps", "ref_rejected_token_logps"]
         return names
 
-    def _collect(self, columns: dict[str, list], rows: list[int], scores, width: int) -> None:
+    def _collect(self, columns: dict[str, list], rows: list[int], scores) -> None:
         sums = [t.float().cpu().numpy() for t in (scores.sums, scores.shared_sums, scores.tail_sums)]
         pairs = len(rows)
         for k, i in enumerate(rows):
@@ -143,7 +151,6 @@ class ReferenceScorer:
             columns["ref_chosen_logps_tail"][i] = float(sums[2][k])
             columns["ref_rejected_logps_shared"][i] = float(sums[1][pairs + k])
             columns["ref_rejected_logps_tail"][i] = float(sums[2][pairs + k])
-            columns[FORWARD_TOKENS][i] = width if self.shared else 2 * width
         if self.store_token_logps:
             token_logps = scores.token_logps.cpu()
             mask = scores.target_mask.cpu()

@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from raydpo.layout import PackedPairs, SharedPairs, pack_batch
-from raydpo.logprobs import CompletionLogps, attention_mode, completion_logps, use_prefix_sharing
+from raydpo.logprobs import (
+    CompletionLogps,
+    attention_mode,
+    completion_logps,
+    packs_rows,
+    use_prefix_sharing,
+)
 from raydpo.losses import LossInputs, LossOutput, LossSettings, ld_combine, preference_loss, wpo_weights
 
 logger = logging.getLogger(__name__)
@@ -23,14 +29,16 @@ logger = logging.getLogger(__name__)
 class PolicyScorer(torch.nn.Module):
     """The policy with `completion_logps` as its forward, so the DeepSpeed engine runs the forward.
 
-    It takes the tensors of a `SharedPairs` batch (one row per pair) when `shared`, else of a
-    `PackedPairs` batch; `shared` is decided once the engine holds the model (`decide_prefix_sharing`)."""
+    It takes the tensors of a `SharedPairs` batch (one row per pair, or one `packed` row) when `shared`,
+    else of a `PackedPairs` batch; both are decided once the engine holds the model
+    (`decide_prefix_sharing`)."""
 
     def __init__(self, model: torch.nn.Module, chunk_tokens: int):
         super().__init__()
         self.model = model
         self.chunk_tokens = chunk_tokens
         self.shared = False
+        self.packed = False
 
     def forward(self, *tensors: torch.Tensor) -> CompletionLogps:
         batch = SharedPairs(*tensors) if self.shared else PackedPairs(*tensors)
@@ -42,6 +50,7 @@ def decide_prefix_sharing(engine, setting: str, rank: int) -> bool:
     policy's attention follows a shared-prefix mask; `auto` turns sharing off where it does not."""
     scorer: PolicyScorer = engine.module
     scorer.shared = use_prefix_sharing(scorer.model, setting)
+    scorer.packed = scorer.shared and packs_rows(scorer.model)
     if rank == 0:
         if scorer.shared:
             logger.info(
@@ -73,6 +82,7 @@ def loss_on_batch(
         columns["rejected_input_ids"],
         pad_token_id,
         engine.module.shared,
+        engine.module.packed,
     )
     tokens = batch.pair_tokens
     scores: CompletionLogps = engine(*batch.to(device).tensors())
