@@ -161,7 +161,7 @@ def test_values_do_not_depend_on_batch_size_padding_actor_count_or_prefix_sharin
     a = raydpo.precompute(
         **common,
         output=str(tmp_path / "a"),
-        batch_size=1,
+        batch_size=3,  # shared rows of an SDPA model: the 3 pairs end to end in one row
         num_actors=2,
         cpus_per_actor=0.5,
         prefix_sharing="on",
@@ -188,6 +188,7 @@ def test_values_do_not_depend_on_batch_size_padding_actor_count_or_prefix_sharin
     prompt_tokens = int(frame_a["prompt_length"].sum())
     assert shared.prefix_sharing == "on" and shared.tokens_saved_by_prefix_sharing == prompt_tokens
     assert shared.tokens_computed == shared.tokens - prompt_tokens
+    assert shared.padding_fraction == 0  # packed rows pad nothing
     assert unshared.prefix_sharing == "off" and unshared.tokens_saved_by_prefix_sharing == 0
 
 
