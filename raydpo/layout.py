@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,10 +94,6 @@ class SharedPairs:
         return self.spans.shape[0]
 
     @property
-    def packed(self) -> bool:
-        return self.input_ids.shape[0] < self.num_pairs
-
-    @property
     def pair_tokens(self) -> int:
         """Tokens of the pairs' two sequences, the prompt counted twice as TRL counts it (num_tokens);
         the model computed the prompt once."""
@@ -133,7 +130,7 @@ def pack_shared(
     lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompt_ids, chosen_ids, rejected_ids, strict=True)]
     if packed:
         rows, width = [0] * pairs, sum(lengths)
-        starts = [sum(lengths[:k]) for k in range(pairs)]
+        starts = [0, *itertools.accumulate(lengths[:-1])]
     else:
         rows, width, starts = list(range(pairs)), max(lengths), [0] * pairs
     completion_width = max(max(len(c), len(r)) for c, r in zip(chosen_ids, rejected_ids, strict=True))
