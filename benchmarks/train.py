@@ -5,6 +5,8 @@ Runs on the same model, pairs, max_length, micro batch and number of processes:
   - TRL with precompute_ref_log_probs=True (reference forwards before training, in the trainer),
   - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output), with
     prefix sharing (each prompt computed once, the default) and without it (`raydpo-unshared`),
+  - raydpo train with each worker's own micro-batches, not regrouped into micro-batches of near-equal
+    token counts (`raydpo-unbalanced`, balance_ranks off; `--unbalanced-run 0` skips it),
 and, to separate the allocator from the rest (raydpo's CPU workers run mimalloc by default):
   - raydpo train with cpu_allocator="system" (glibc's malloc, as TRL runs),
   - TRL online with mimalloc preloaded as raydpo preloads it (`--allocator-runs 0` skips these two).
@@ -130,6 +132,7 @@ def run_raydpo(
     workdir: Path,
     cpu_allocator: str = "mimalloc",
     prefix_sharing: str = "auto",
+    balance_ranks: bool = True,
 ) -> dict:
     import raydpo
 
@@ -150,6 +153,7 @@ def run_raydpo(
         overwrite=True,
         cpu_allocator=cpu_allocator,
         prefix_sharing=prefix_sharing,
+        balance_ranks=balance_ranks,
     )
     wall = time.perf_counter() - started
     return {
@@ -182,6 +186,13 @@ def main() -> None:
         choices=(0, 1),
         default=1,
         help="also run raydpo with the system allocator and TRL online with mimalloc (0: skip them)",
+    )
+    parser.add_argument(
+        "--unbalanced-run",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="also run raydpo with each worker's own micro-batches (balance_ranks off; 0: skip it)",
     )
     parser.add_argument("--workdir", default=".bench/train")
     parser.add_argument("--data", choices=["en", "zh"], default="en", help="the bundled sample to use")
@@ -252,6 +263,10 @@ def main() -> None:
         "raydpo": lambda: run_raydpo(args, model_dir, cache, workdir),  # prefix sharing: auto (on)
         "raydpo-unshared": lambda: run_raydpo(args, model_dir, cache, workdir, prefix_sharing="off"),
     }
+    if args.unbalanced_run:
+        runners["raydpo-unbalanced"] = lambda: run_raydpo(
+            args, model_dir, cache, workdir, balance_ranks=False
+        )
     if args.allocator_runs:
         runners["raydpo-system"] = lambda: run_raydpo(args, model_dir, cache, workdir, cpu_allocator="system")
         # expanded as Ray expands a runtime env's variables: ${VAR} from this environment, or empty
@@ -267,7 +282,7 @@ def main() -> None:
         for name, runs in results.items():
             run = runs[-1]
             print(
-                f"[{repeat + 1}/{args.repeats}] {name:15s} step {median_step(run):6.3f}s  "
+                f"[{repeat + 1}/{args.repeats}] {name:17s} step {median_step(run):6.3f}s  "
                 f"peak {run['peak_memory_gb']:5.2f} GiB ({run['peak_memory_above_start_gb']:5.2f} above start)  "
                 f"wall {run['wall_s']:6.1f}s"
             )
@@ -280,7 +295,7 @@ def main() -> None:
         for name, runs in results.items()
     }
     for name, (step, peak, above) in summary.items():
-        print(f"median {name:15s} step {step:6.3f}s  peak {peak:5.2f} GiB  above start {above:5.2f} GiB")
+        print(f"median {name:17s} step {step:6.3f}s  peak {peak:5.2f} GiB  above start {above:5.2f} GiB")
     for name in [name for name in summary if name.startswith("raydpo")]:
         ours = summary[name]
         for peer in [peer for peer in summary if peer.startswith("trl")]:
@@ -289,6 +304,8 @@ def main() -> None:
                 f"{name} vs {peer}: {theirs[0] / ours[0]:.2f}x faster per step; peak memory "
                 f"{ours[1] / theirs[1]:.2f}x, above start {ours[2] / theirs[2]:.2f}x"
             )
+    for name in [name for name in summary if name.startswith("raydpo-")]:
+        print(f"raydpo vs {name}: {summary[name][0] / summary['raydpo'][0]:.2f}x faster per step")
     ray.shutdown()
 
 

@@ -213,6 +213,14 @@ class TrainConfig:
     max_steps: int | None = setting(None, help="Optimizer steps; overrides epochs.")
     micro_batch_size: int = setting(8, help="Pairs per worker per forward.")
     grad_accum: int = setting(1, help="Micro-batches accumulated per optimizer step.")
+    balance_ranks: bool = setting(
+        True,
+        help=(
+            "Regroup the pairs of all workers' micro-batches so each worker gets as many pairs with near-equal "
+            "token counts (ZeRO-3 makes every layer wait for the slowest worker). The step's pairs are the "
+            "same; --no-balance-ranks keeps each worker's own micro-batches."
+        ),
+    )
     gradient_clipping: float = setting(
         1.0, help="Clip the global gradient norm to this value (TRL default 1.0)."
     )

@@ -25,6 +25,7 @@ from raydpo.config import TrainConfig
 from raydpo.faults import fault_point
 from raydpo.losses import LossSettings
 from raydpo.numerics import has_dropout
+from raydpo.train_stage.balance import balanced_micro_batches
 from raydpo.train_stage.checks import StepChecks
 from raydpo.train_stage.engine import (
     grad_norm,
@@ -182,6 +183,8 @@ def resume(worker: Worker) -> tuple[TrainState, Iterator[dict[str, Any]]]:
     )
     for _ in range(state.step * config.grad_accum + state.skipped_batches):  # seen before the checkpoint
         next(batches)
+    if config.balance_ranks:
+        batches = balanced_micro_batches(batches, worker.rank, worker.plan.run.world_size)
     return state, batches
 
 
