@@ -85,40 +85,56 @@ def test_regroup_keeps_each_pair_whole():
                 assert np.array_equal(part[name][position], values[source]), (pair, name)
 
 
-def _worker(rank: int, port: int, streams: list[list[dict]], results) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def _worker(rank: int, world_size: int, port: int, streams: list[list[dict]], results) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        got = [
-            (list(batch["pair_id"]), sum(pair_tokens(batch)))
-            for batch in balanced_micro_batches(iter(streams[rank]), rank, 2)
-        ]
-        results.put((rank, got))
+        results.put((rank, list(balanced_micro_batches(iter(streams[rank]), rank, world_size))))
     finally:
         dist.destroy_process_group()
 
 
-def test_balanced_micro_batches_between_two_processes():
-    """Two gloo processes, each with its own micro-batches of the sample pairs (rank 1's stream one
-    shorter): every micro-step's pairs are split between them, no pair lost or repeated, the token
-    counts closer than as read, and both stop when the shorter stream ends."""
-    columns = sample_columns(24)
+def test_balanced_micro_batches_between_processes():
+    """Three gloo processes, each with its own micro-batches of the sample pairs (rank 2's stream one
+    shorter). Each micro-step, each rank gets exactly the group `regroup` gives it from all ranks'
+    micro-batches (every column, pairs in order), sent by all-to-all from the ranks that read them:
+    no pair lost or repeated, the token counts closer than as read; all stop when the shorter
+    stream ends."""
+    world_size = 3
+    columns = sample_columns(30)
     micro_batches = [
         {name: values[start : start + MICRO_BATCH] for name, values in columns.items()}
-        for start in range(0, 24, MICRO_BATCH)
+        for start in range(0, 30, MICRO_BATCH)
     ]
-    streams = [micro_batches[0::2], micro_batches[1::2][:-1]]
+    streams = [micro_batches[rank::world_size] for rank in range(world_size)]
+    streams[-1] = streams[-1][:-1]
     context = mp.get_context("spawn")
     results = context.SimpleQueue()
-    mp.start_processes(_worker, (free_port(), streams, results), nprocs=2, start_method="spawn")
-    got = dict(results.get() for _ in range(2))
-    steps = len(streams[1])
-    assert len(got[0]) == len(got[1]) == steps
-    gap_as_read, gap_balanced = 0, 0
+    processes = mp.start_processes(
+        _worker,
+        (world_size, free_port(), streams, results),
+        nprocs=world_size,
+        start_method="spawn",
+        join=False,
+    )
+    got = dict(results.get() for _ in range(world_size))  # before joining: a full pipe blocks the put
+    while not processes.join():
+        pass
+    steps = len(streams[-1])
+    assert [len(got[rank]) for rank in range(world_size)] == [steps] * world_size
+    spread_as_read, spread_balanced = 0, 0
     for step in range(steps):
-        read = [streams[rank][step] for rank in range(2)]
-        ids = sorted(got[0][step][0] + got[1][step][0])
+        read = [streams[rank][step] for rank in range(world_size)]
+        ids = sorted(pair for rank in range(world_size) for pair in got[rank][step]["pair_id"])
         assert ids == sorted(pair for batch in read for pair in batch["pair_id"])
-        assert len(got[0][step][0]) == len(got[1][step][0]) == MICRO_BATCH
-        gap_as_read += abs(sum(pair_tokens(read[0])) - sum(pair_tokens(read[1])))
-        gap_balanced += abs(got[0][step][1] - got[1][step][1])
-    assert gap_balanced < gap_as_read
+        for rank in range(world_size):
+            expected, batch = regroup(read, rank), got[rank][step]
+            assert batch.keys() == expected.keys()
+            for name, values in expected.items():
+                assert len(batch[name]) == len(values) == MICRO_BATCH
+                for mine, theirs in zip(batch[name], values, strict=True):
+                    assert np.array_equal(mine, theirs), (step, rank, name)
+        loads = [sum(pair_tokens(got[rank][step])) for rank in range(world_size)]
+        spread_balanced += max(loads) - min(loads)
+        loads = [sum(pair_tokens(batch)) for batch in read]
+        spread_as_read += max(loads) - min(loads)
+    assert spread_balanced < spread_as_read

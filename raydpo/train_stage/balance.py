@@ -2,9 +2,9 @@
 
 Under ZeRO-3 every layer's forward and backward gathers its weights on all ranks together, so the
 rank with the most tokens sets the pace of every layer and the others wait. Each rank reads its own
-micro-batch from its shard; `balanced_micro_batches` gathers the micro-batches of all ranks (token ids
-and cached values, small beside one layer's weights), regroups their pairs into equal-sized groups of
-near-equal token counts, and hands each rank its group. The pairs of a step are the same, so is
+micro-batch from its shard; `balanced_micro_batches` gathers the token counts of all ranks' pairs,
+groups the pairs into equal-sized groups of near-equal token counts, and sends each pair (token ids
+and cached values) to the rank of its group. The pairs of a step are the same, so is
 its gradient for losses that average over pairs. The regrouping depends on the data alone (a
 pair's tokens, prompt + chosen + rejected), so a resumed run and a run with prefix sharing off get
 the same groups.
@@ -13,6 +13,7 @@ the same groups.
 from __future__ import annotations
 
 import heapq
+import pickle
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -92,19 +93,50 @@ def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def balanced_micro_batches(
-    batches: Iterator[dict[str, Any]], rank: int, world_size: int
+    batches: Iterator[dict[str, Any]], rank: int, world_size: int, device=None
 ) -> Iterator[dict[str, Any]]:
-    """This rank's micro-batches regrouped with every rank's (one all-gather per micro-batch).
+    """This rank's micro-batches regrouped with every rank's.
 
-    All ranks must call it in step; it ends on every rank when any rank's stream has ended."""
+    Per micro-batch, the ranks all-gather their pairs' token counts only, every rank computes the same
+    groups, and the pairs themselves go where their group is in one all-to-all: each rank receives
+    about one micro-batch, whatever the number of ranks. `device` is where the collectives' buffers
+    live (the GPU under NCCL). All ranks must call it in step; it ends on every rank when any rank's
+    stream has ended."""
     import torch.distributed as dist
 
     if world_size == 1:
         yield from batches
         return
     while True:
-        gathered: list[dict[str, Any] | None] = [None] * world_size
-        dist.all_gather_object(gathered, next(batches, None))
-        if any(batch is None for batch in gathered):
+        batch = next(batches, None)
+        counts: list[list[int] | None] = [None] * world_size
+        dist.all_gather_object(counts, None if batch is None else pair_tokens(batch))
+        if any(costs is None for costs in counts):
             return
-        yield regroup(gathered, rank)
+        groups = balanced_groups([cost for costs in counts for cost in costs], world_size)
+        first = sum(len(costs) for costs in counts[:rank])  # this rank's pairs in the flat order
+        owner = {index: group for group, members in enumerate(groups) for index in members}
+        sends = [[] for _ in range(world_size)]
+        for local in range(len(counts[rank])):
+            sends[owner[first + local]].append(local)
+        payloads = [pickle.dumps({name: values[local] for name, values in batch.items()}) for local in sends]
+        received = [pickle.loads(payload) for payload in _all_to_all_bytes(payloads, device)]
+        yield {name: _concatenate([part[name] for part in received]) for name in batch}
+
+
+def _all_to_all_bytes(payloads: list[bytes], device) -> list[bytes]:
+    """`payloads[r]` to rank r, in one all-to-all; returns what each rank sent this one, in rank order."""
+    import torch
+    import torch.distributed as dist
+
+    device = device or torch.device("cpu")
+    sizes = torch.tensor([len(payload) for payload in payloads], dtype=torch.int64, device=device)
+    incoming = torch.empty_like(sizes)
+    dist.all_to_all_single(incoming, sizes)
+    incoming_sizes = incoming.tolist()
+    sent = torch.frombuffer(bytearray(b"".join(payloads)), dtype=torch.uint8).to(device)
+    buffer = torch.empty(sum(incoming_sizes), dtype=torch.uint8, device=device)
+    dist.all_to_all_single(buffer, sent, incoming_sizes, sizes.tolist())
+    data = buffer.cpu().numpy().tobytes()
+    offsets = np.cumsum([0, *incoming_sizes])
+    return [data[start:stop] for start, stop in zip(offsets[:-1], offsets[1:], strict=True)]

@@ -184,7 +184,7 @@ def resume(worker: Worker) -> tuple[TrainState, Iterator[dict[str, Any]]]:
     for _ in range(state.step * config.grad_accum + state.skipped_batches):  # seen before the checkpoint
         next(batches)
     if config.balance_ranks:
-        batches = balanced_micro_batches(batches, worker.rank, worker.plan.run.world_size)
+        batches = balanced_micro_batches(batches, worker.rank, worker.plan.run.world_size, worker.device)
     return state, batches
 
 
