@@ -115,10 +115,8 @@ def balanced_micro_batches(
             return
         groups = balanced_groups([cost for costs in counts for cost in costs], world_size)
         first = sum(len(costs) for costs in counts[:rank])  # this rank's pairs in the flat order
-        owner = {index: group for group, members in enumerate(groups) for index in members}
-        sends = [[] for _ in range(world_size)]
-        for local in range(len(counts[rank])):
-            sends[owner[first + local]].append(local)
+        mine = range(first, first + len(counts[rank]))
+        sends = [[index - first for index in group if index in mine] for group in groups]
         payloads = [pickle.dumps({name: values[local] for name, values in batch.items()}) for local in sends]
         received = [pickle.loads(payload) for payload in _all_to_all_bytes(payloads, device)]
         yield {name: _concatenate([part[name] for part in received]) for name in batch}
