@@ -7,6 +7,10 @@ Runs on the same model, pairs, max_length, micro batch and number of processes:
     prefix sharing (each prompt computed once, the default) and without it (`raydpo-unshared`),
   - raydpo train with each worker's own micro-batches, not regrouped into micro-batches of near-equal
     token counts (`raydpo-unbalanced`, balance_ranks off; `--unbalanced-run 0` skips it),
+and, with the same cores in one process (`--one-process-runs 0` skips these two):
+  - TRL online in one process of `--workers` torch threads, micro batch x workers (`trl-online-1p`),
+  - raydpo train with one worker of as many threads (`raydpo-1w`: one worker has nothing to partition,
+    so it runs ZeRO stage 0),
 and, to separate the allocator from the rest (raydpo's CPU workers run mimalloc by default):
   - raydpo train with cpu_allocator="system" (glibc's malloc, as TRL runs),
   - TRL online with mimalloc preloaded as raydpo preloads it (`--allocator-runs 0` skips these two).
@@ -49,7 +53,7 @@ def trl_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     memory_at_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
@@ -102,8 +106,18 @@ def trl_worker(args: argparse.Namespace) -> None:
 
 
 def run_trl(
-    mode: str, args: argparse.Namespace, model_dir: Path, rows_file: Path, workdir: Path, env_vars=None
+    mode: str,
+    args: argparse.Namespace,
+    model_dir: Path,
+    rows_file: Path,
+    workdir: Path,
+    env_vars=None,
+    processes: int | None = None,
 ) -> dict:
+    """TRL under torchrun: `args.workers` processes of one thread, or `processes` processes sharing
+    as many threads and taking the same pairs per step."""
+    processes = processes or args.workers
+    threads = args.workers // processes
     out = workdir / f"trl-{mode}.json"
     out.unlink(missing_ok=True)
     # a fresh copy of the data on disk for every run: in-memory datasets get a private temporary cache
@@ -115,12 +129,19 @@ def run_trl(
         "-m",
         "torch.distributed.run",
         "--standalone",
-        f"--nproc_per_node={args.workers}",
+        f"--nproc_per_node={processes}",
     ]
     command += [__file__, "--trl-worker", "--mode", mode, "--model", str(model_dir), "--rows", str(data)]
-    command += ["--out", str(out), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
-    command += ["--max-length", str(args.max_length)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_vars or {})}
+    command += [
+        "--out",
+        str(out),
+        "--steps",
+        str(args.steps),
+        "--micro-batch",
+        str(args.micro_batch * threads),
+    ]
+    command += ["--max-length", str(args.max_length), "--threads", str(threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), **(env_vars or {})}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
@@ -133,8 +154,13 @@ def run_raydpo(
     cpu_allocator: str = "mimalloc",
     prefix_sharing: str = "auto",
     balance_ranks: bool = True,
+    workers: int | None = None,
 ) -> dict:
+    """raydpo train on `args.workers` workers of one thread, or on `workers` workers sharing as many
+    threads and taking the same pairs per step."""
     import raydpo
+
+    workers = workers or args.workers
 
     output = workdir / "run"
     started = time.perf_counter()
@@ -142,9 +168,9 @@ def run_raydpo(
         model=str(model_dir),
         data=str(cache),
         output=str(output),
-        num_workers=args.workers,
-        cpus_per_worker=0.5,  # leaves a CPU for Ray Data; each worker still runs one torch thread
-        micro_batch_size=args.micro_batch,
+        num_workers=workers,
+        cpus_per_worker=0.5,  # leaves a CPU for Ray Data; threads are the cores shared among the workers
+        micro_batch_size=args.micro_batch * args.workers // workers,
         max_steps=args.steps,
         learning_rate=1e-5,
         logging_steps=1,
@@ -194,6 +220,13 @@ def main() -> None:
         default=1,
         help="also run raydpo with each worker's own micro-batches (balance_ranks off; 0: skip it)",
     )
+    parser.add_argument(
+        "--one-process-runs",
+        type=int,
+        choices=(0, 1),
+        default=1,
+        help="also run TRL online and raydpo in one process with all the workers' threads (0: skip them)",
+    )
     parser.add_argument("--workdir", default=".bench/train")
     parser.add_argument("--data", choices=["en", "zh"], default="en", help="the bundled sample to use")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
@@ -201,6 +234,7 @@ def main() -> None:
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--rows", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.trl_worker:
         trl_worker(args)
@@ -267,6 +301,9 @@ def main() -> None:
         runners["raydpo-unbalanced"] = lambda: run_raydpo(
             args, model_dir, cache, workdir, balance_ranks=False
         )
+    if args.one_process_runs:
+        runners["trl-online-1p"] = lambda: run_trl("online", args, model_dir, rows_file, workdir, processes=1)
+        runners["raydpo-1w"] = lambda: run_raydpo(args, model_dir, cache, workdir, workers=1)
     if args.allocator_runs:
         runners["raydpo-system"] = lambda: run_raydpo(args, model_dir, cache, workdir, cpu_allocator="system")
         # expanded as Ray expands a runtime env's variables: ${VAR} from this environment, or empty

@@ -218,6 +218,17 @@ def allocator_in_effect(requested: str, who: str) -> str:
     return allocator
 
 
+def cpu_threads(cpus_each: float, processes: int) -> int:
+    """Torch threads of a CPU process (a scorer, a training worker): the cores this process may run on,
+    shared among the `processes` beside it, and at least the CPUs Ray reserved for it.
+
+    Forwards and backwards are matrix work that scales with threads, and the Ray Data tasks beside them
+    are light, so one scorer or one training worker on a 2-core machine runs 2 threads rather than the
+    1 CPU Ray reserved for it (Ray sets OMP_NUM_THREADS to that)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, int(cpus_each), cores // processes)
+
+
 def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:
     """On a single machine, actors that take every CPU leave none for Ray Data's read and transform
     tasks, and Ray would wait forever; say so instead. (A cluster can add nodes, so it is not checked.)"""

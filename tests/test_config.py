@@ -33,6 +33,11 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (TrainConfig, {"model": "m", "zero_stage": 4}, "zero_stage"),
         (
             TrainConfig,
+            {"model": "m", "zero_stage": 0, "offload_optimizer": True},
+            "needs zero_stage 1, 2 or 3",
+        ),
+        (
+            TrainConfig,
             {"model": "m", "cpu_allocator": "jemalloc"},
             "cpu_allocator must be mimalloc or system",
         ),
@@ -96,6 +101,10 @@ def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
     assert built["zero_optimization"]["reduce_bucket_size"] == 64 * 64
     assert built["bf16"]["enabled"] is False  # CPU, dtype auto: fp32
     assert for_run(TrainConfig(model=model_dir, dtype="bfloat16"), 2, 10)["bf16"]["enabled"] is True
+    # one worker has nothing to partition: it runs stage 0, unless it offloads, which needs ZeRO
+    assert for_run(TrainConfig(model=model_dir), 1, 10)["zero_optimization"] == {"stage": 0}
+    assert for_run(TrainConfig(model=model_dir), 2, 10)["zero_optimization"]["stage"] == 3
+    assert for_run(config, 1, 10)["zero_optimization"]["stage"] == 3
 
     user = tmp_path / "ds.json"
     user.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')

@@ -252,9 +252,10 @@ def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, c
     assert not (tmp_path / "o").exists()  # a run that failed before writing leaves no directory behind
 
 
-def test_cpu_scorer_threads_share_the_machine():
-    """A CPU scorer runs the machine's cores shared among the pool, never fewer than its Ray CPUs."""
-    from raydpo.precompute_stage import cpu_threads
+def test_cpu_threads_share_the_machine():
+    """A CPU scorer or training worker runs the machine's cores shared among the processes beside it,
+    never fewer than its Ray CPUs."""
+    from raydpo.cluster import cpu_threads
 
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads(1, 1) == cores

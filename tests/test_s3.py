@@ -309,7 +309,7 @@ def test_train_and_job_on_s3_resume_publish_and_report(
         "train-4-s3-run-stopped",
         "object storage",
         "training with the cache, the run output and the checkpoints on s3:// stops; the job is rerun",
-        "a local S3-compatible server; the ZeRO-3 worker stalls after step 1 of 2 and is killed with SIGKILL "
+        "a local S3-compatible server; the worker (one: ZeRO stage 0) stalls after step 1 of 2 and is killed with SIGKILL "
         "once the step-1 checkpoint is registered on S3; then `raydpo.run` with `resume`",
         "run.json on S3 said failed and no model was there; the job reused the cache from S3, resumed from "
         "the step-1 checkpoint on S3 and ran step 2; the model (complete marker last), report.json and "

@@ -478,6 +478,58 @@ def test_bf16_training_with_remote_code_reproduces_its_cache(
         raydpo.train(settings)
 
 
+def deepspeed_config_of(result, tmp_path) -> dict:
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    local = client.download_artifacts(result.run_id, "deepspeed_config.json", str(tmp_path))
+    return json.loads(Path(local).read_text())
+
+
+def test_one_worker_runs_stage_0_with_the_values_of_zero_3(
+    train_cache, bf16_cache, remote_code_toy, toy_model, tmp_path
+):
+    """One worker has nothing to partition, so the built config runs it at ZeRO stage 0. Its steps equal
+    those of the same worker kept at stage 3 by a user's DeepSpeed JSON: 3 fp32 steps with gradients
+    clipped give the same losses, log-probs and gradient norms (both summed in fp64) to 1e-5, and final
+    weights within 1% of what AdamW can move a weight in 3 steps (about lr each): gradients near AdamW's
+    eps carry the rounding of two summation orders into their updates (measured: 6.4e-6 at lr 1e-3).
+    In bf16 (DeepSpeed's bf16 optimizer at stage 0) step 1 passes the strict reference check and the
+    saved model is bf16."""
+    from transformers import AutoModelForCausalLM
+
+    one = {"num_workers": 1, "cpus_per_worker": 1, "micro_batch_size": 4, "max_steps": 3}
+    one.update(eval_steps=None, checkpoint_steps=None)
+    stage0 = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "stage0", **one))
+    user = tmp_path / "zero3.json"
+    user.write_text(json.dumps({"gradient_clipping": "auto", "zero_optimization": {"stage": 3}}))
+    stage3 = raydpo.train(
+        run_settings(toy_model, train_cache, tmp_path / "stage3", deepspeed_config=str(user), **one)
+    )
+    stages = [
+        deepspeed_config_of(run, tmp_path / name)["zero_optimization"]["stage"]
+        for name, run in (("0", stage0), ("3", stage3))
+    ]
+    assert stages == [0, 3]
+    for name in ("loss", "grad_norm", "logps/chosen", "logps/rejected"):
+        ours, zero3 = metric_history(stage0, name), metric_history(stage3, name)
+        assert ours.keys() == zero3.keys() == {1, 2, 3}, name
+        assert all(ours[step] == pytest.approx(zero3[step], rel=1e-5) for step in ours), (name, ours, zero3)
+    assert metric_history(stage0, "grad_norm")[1] > 1.0  # clipping was in effect
+    lr = run_settings(toy_model, train_cache, tmp_path)["learning_rate"]
+    assert_same_weights(stage0.model_path, stage3.model_path, atol=0.01 * 3 * lr)
+    with pytest.raises(AssertionError):  # and the weights moved far more than that
+        assert_same_weights(stage0.model_path, toy_model, atol=0.3 * lr)
+
+    settings = run_settings(remote_code_toy, bf16_cache, tmp_path / "bf16", dtype="bfloat16", **one)
+    settings.update(trust_remote_code=True, max_steps=1)
+    bf16 = raydpo.train(settings)
+    ds_config = deepspeed_config_of(bf16, tmp_path / "bf16-config")
+    assert ds_config["zero_optimization"]["stage"] == 0 and ds_config["bf16"] == {"enabled": True}
+    assert metric_history(bf16, "loss")[1] == pytest.approx(math.log(2), abs=1e-5)
+    assert metric_history(bf16, "ref_check/max_abs_logratio")[1] < 1e-3
+    saved = AutoModelForCausalLM.from_pretrained(bf16.model_path, trust_remote_code=True, dtype="auto")
+    assert next(saved.parameters()).dtype == torch.bfloat16
+
+
 def easy_pairs(count: int) -> list[dict]:
     """Pairs any model can learn quickly: the chosen answer is always the same agreeing sentence."""
     rows = []

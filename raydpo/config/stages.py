@@ -183,6 +183,13 @@ class TrainConfig:
     num_workers: int = setting(2, help="Ray Train workers (one GPU each with use_gpu).")
     use_gpu: bool = setting(False, help="Train on GPUs (NCCL) instead of CPUs (gloo).")
     cpus_per_worker: float = setting(1.0, help="CPUs reserved by each training worker.")
+    cpu_threads_per_worker: int | None = setting(
+        None,
+        help=(
+            "Torch threads of a CPU training worker; None: the cores of its machine shared among the workers "
+            "on it (at least `cpus_per_worker`), so one worker on a small machine uses all of its cores."
+        ),
+    )
     loss_type: list[str] | str = loss_setting("loss_types")
     loss_weights: list[float] | None = loss_setting("loss_weights")
     beta: float = loss_setting("beta")
@@ -343,7 +350,15 @@ class TrainConfig:
             "logits_chunk_tokens",
             "shuffle_buffer",
         )
-        check_positive(self, "max_steps", "eval_steps", "checkpoint_steps", "lora_r", allow_none=True)
+        check_positive(
+            self,
+            "max_steps",
+            "eval_steps",
+            "checkpoint_steps",
+            "lora_r",
+            "cpu_threads_per_worker",
+            allow_none=True,
+        )
         check_positive(self, "keep_checkpoints")
         if not isinstance(self.system_metrics_seconds, (int, float)) or self.system_metrics_seconds < 0:
             raise RaydpoError(f"system_metrics_seconds must be >= 0, got {self.system_metrics_seconds!r}")
@@ -357,6 +372,8 @@ class TrainConfig:
             raise RaydpoError("resume and overwrite exclude each other")
         if self.offload_params and self.zero_stage != 3:
             raise RaydpoError("offload_params needs zero_stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise RaydpoError("offload_optimizer needs zero_stage 1, 2 or 3")
         if self.sync_ref_model:
             raise RaydpoError(
                 "sync_ref_model (TR-DPO) needs a reference that moves with the policy; the precomputed "

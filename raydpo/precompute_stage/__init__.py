@@ -13,7 +13,7 @@ from raydpo.precompute_stage.pipeline import (
     precompute,
     prepare_batch,
 )
-from raydpo.precompute_stage.scorer import ReferenceScorer, cpu_threads
+from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink
 
 __all__ = [
@@ -22,7 +22,6 @@ __all__ = [
     "PrecomputeResult",
     "ReferenceScorer",
     "SplitResult",
-    "cpu_threads",
     "precompute",
     "prepare_batch",
 ]

@@ -24,6 +24,7 @@ from raydpo.cluster import (
     check_cpu_headroom,
     check_shared_paths,
     cpu_allocator_env,
+    cpu_threads,
     init_ray,
     worker_env,
 )
@@ -33,7 +34,7 @@ from raydpo.errors import RaydpoError, one_line
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report
-from raydpo.precompute_stage.scorer import ReferenceScorer, cpu_threads
+from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
 from raydpo.tokenize import (
     cached_tokenizer,

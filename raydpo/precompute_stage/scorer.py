@@ -11,24 +11,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydpo import cache
-from raydpo.cluster import allocator_in_effect
+from raydpo.cluster import allocator_in_effect, cpu_threads
 from raydpo.faults import fault_point
 from raydpo.numerics import load_causal_lm, resolve_dtype
 from raydpo.precompute_stage.progress import report
 
 FORWARD_TOKENS = "_forward_tokens"  # padded tokens each pair took in its forward (for the padding figure)
 COMPUTED_TOKENS = "_computed_tokens"  # tokens of each pair the model computed (the prompt once if shared)
-
-
-def cpu_threads(cpus_per_actor: float, num_actors: int) -> int:
-    """Torch threads of a CPU scorer: this machine's cores shared among the pool, at least its CPUs.
-
-    A forward is matrix work that scales with threads, and the tokenize tasks beside it are light, so
-    a single scorer on a 2-core machine runs 2 threads rather than the 1 CPU Ray reserved for it."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, int(cpus_per_actor), cores // num_actors)
 
 
 class ReferenceScorer:

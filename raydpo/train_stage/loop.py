@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from raydpo.cluster import allocator_in_effect
+from raydpo.cluster import allocator_in_effect, cpu_threads
 from raydpo.config import TrainConfig
 from raydpo.faults import fault_point
 from raydpo.losses import LossSettings
@@ -109,10 +109,15 @@ def setup(plan: WorkerPlan) -> Worker:
     from raydpo.tracking import MlflowLogger, NullLogger
 
     config = plan.config
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     # DeepSpeed calls torch.distributed APIs torch deprecates, once per collective: known noise
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
+    if device.type == "cpu":
+        threads = config.cpu_threads_per_worker
+        torch.set_num_threads(threads or cpu_threads(config.cpus_per_worker, context.get_local_world_size()))
+    _log_zero_stage(plan, rank)
     transformers.set_seed(config.seed)
     allocator = _cpu_allocator(device, config, rank)
     deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
@@ -138,6 +143,16 @@ def setup(plan: WorkerPlan) -> Worker:
         zero3_loading=loading,
         system_metrics=_system_metrics(plan),
     )
+
+
+def _log_zero_stage(plan: WorkerPlan, rank: int) -> None:
+    stage = plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+    if rank == 0 and not plan.config.deepspeed_config and stage != plan.config.zero_stage:
+        logger.info(
+            "one worker: ZeRO stage %d runs as stage %d (nothing to partition; same values, no gathers)",
+            plan.config.zero_stage,
+            stage,
+        )
 
 
 def _system_metrics(plan: WorkerPlan):
@@ -245,7 +260,7 @@ def log_step(worker: Worker, state: TrainState, window: MetricWindow, step: int)
     if state.skipped_batches:
         metrics["skipped_nonfinite_batches"] = state.skipped_batches
     metrics.update(
-        grad_norm=grad_norm(worker.engine),
+        **grad_norm(worker.engine),
         learning_rate=learning_rate(worker.engine, worker.scheduler),
         epoch=worker.plan.run.epoch_at(step),
         num_tokens=state.num_tokens,
