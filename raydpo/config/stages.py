@@ -231,7 +231,11 @@ class TrainConfig:
     gradient_clipping: float = setting(
         1.0, help="Clip the global gradient norm to this value (TRL default 1.0)."
     )
-    zero_stage: int = setting(3, help="DeepSpeed ZeRO stage.", choices=ZERO_STAGES)
+    zero_stage: int = setting(
+        3,
+        help="DeepSpeed ZeRO stage; a single worker runs stage 0 unless it offloads (nothing to partition).",
+        choices=ZERO_STAGES,
+    )
     offload_optimizer: bool = setting(False, help="ZeRO: keep optimizer state in CPU memory.")
     offload_params: bool = setting(False, help="ZeRO-3: keep parameters in CPU memory.")
     activation_checkpointing: bool = setting(
