@@ -37,6 +37,12 @@ os.environ.update(
     AWS_EC2_METADATA_DISABLED="true",
 )
 
+# Ray's console log handler (`PlainRayHandler`, made by `import ray` and again by `import ray.data`)
+# writes in the driver to the sys.stderr of the moment it was made, not of the moment it writes.
+# Made inside a test with capsys, it would keep that test's stream, closed after it, and every later
+# Ray log line would print "--- Logging error ---". Made here, it keeps pytest's session-wide stream.
+import ray.data  # noqa: E402, F401
+
 from raydpo.data import sharegpt_to_conversational as to_conversational  # noqa: E402, F401
 from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired  # noqa: E402
 from raydpo.toy import build_toy_model, sample_data_dir  # noqa: E402
