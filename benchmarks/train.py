@@ -206,27 +206,13 @@ def main() -> None:
     parser.add_argument(
         "--layers", type=int, default=6, help="the libraries' import overhead, dominates memory"
     )
-    parser.add_argument(
-        "--allocator-runs",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="also run raydpo with the system allocator and TRL online with mimalloc (0: skip them)",
-    )
-    parser.add_argument(
-        "--unbalanced-run",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="also run raydpo with each worker's own micro-batches (balance_ranks off; 0: skip it)",
-    )
-    parser.add_argument(
-        "--one-process-runs",
-        type=int,
-        choices=(0, 1),
-        default=1,
-        help="also run TRL online and raydpo in one process with all the workers' threads (0: skip them)",
-    )
+    optional_runs = {
+        "--allocator-runs": "raydpo with the system allocator and TRL online with mimalloc",
+        "--unbalanced-run": "raydpo with each worker's own micro-batches (balance_ranks off)",
+        "--one-process-runs": "TRL online and raydpo in one process with all the workers' threads",
+    }
+    for flag, runs in optional_runs.items():
+        parser.add_argument(flag, type=int, choices=(0, 1), default=1, help=f"also run {runs} (0: skip)")
     parser.add_argument("--workdir", default=".bench/train")
     parser.add_argument("--data", choices=["en", "zh"], default="en", help="the bundled sample to use")
     parser.add_argument("--trl-worker", action="store_true", help=argparse.SUPPRESS)
