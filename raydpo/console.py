@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import logging
 import os
 import re
 import shutil
@@ -247,7 +248,7 @@ def run_command(prog: str, command: Callable[[], None], log: str | None = None) 
 
     ray = sys.modules.get("ray")
     connected_before = ray is not None and ray.is_initialized()  # a caller's connection is left alone
-    with run_log(log) if log else contextlib.nullcontext() as session:
+    with run_log(log) if log else contextlib.nullcontext() as session, _info_lines():
         try:
             command()
         except RaydpoError as error:
@@ -269,6 +270,22 @@ def run_command(prog: str, command: Callable[[], None], log: str | None = None) 
     if message:
         print(message, file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def _info_lines() -> Iterator[None]:
+    """raydpo's info and warning lines on stderr for the length of a command (a library leaves the
+    logging set-up to its caller; a command is its own caller)."""
+    logger = logging.getLogger("raydpo")
+    handler, level = logging.StreamHandler(sys.stderr), logger.level
+    handler.setFormatter(logging.Formatter("raydpo: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _pump(read_end: int, console: Console, fd: int, marker: str, seen: threading.Event) -> None:

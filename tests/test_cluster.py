@@ -80,15 +80,18 @@ def cluster(tmp_path_factory):
 
 
 def test_two_node_training_publishes_the_model_to_the_driver(cluster, cache, toy_model, tmp_path):
-    """Two workers of 2 CPUs cannot share the 3-CPU head, so one trains on the second node; rank 0's model
-    and the run state reach the driver through the shared output."""
+    """Without --num-workers, a CPU run takes one worker per node with CPUs: two here (the third node has
+    none), spread so one trains on the second node. Rank 0's model and the run state reach the driver
+    through the shared output."""
     output = tmp_path / "run"
     ran = run_cli(
         "train", "--model", str(toy_model), "--data", str(cache), "--output", str(output), *TRAIN,
-        "--num-workers", "2", "--cpus-per-worker", "2", "--ray-address", cluster.address,
+        "--ray-address", cluster.address,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-3000:]
-    assert "trained 2 steps" in ran.stdout and "(2 workers)" in ran.stdout
+    assert "raydpo: 2 training workers: one per node with CPUs (2)" in ran.stderr
+    assert "trained 2 steps" in ran.stdout and "(2 training workers)" in ran.stdout
+    assert json.loads((output / "run.json").read_text())["config"]["num_workers"] == 2
     assert (output / "model" / "model.safetensors").exists() and (output / "model" / "_COMPLETE").exists()
     assert json.loads((output / "run.json").read_text())["status"] == "finished"
     assert not list(output.glob(".raydpo-shared-*"))  # the check's markers are gone

@@ -286,7 +286,11 @@ def test_interrupted_run_resumes_to_the_same_model(
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
     with pytest.raises(RaydpoError, match="interrupted run"):
         raydpo.train(settings)
-    result = raydpo.train(settings, resume=True)
+    with pytest.raises(RaydpoError, match="started with 2 workers"):  # their checkpoints hold 2 partitions
+        raydpo.train(settings, resume=True, num_workers=1)
+    unset = {name: value for name, value in settings.items() if name != "num_workers"}
+    result = raydpo.train(unset, resume=True)  # the count the run started with
+    assert result.plan.world_size == 2
     assert len(result.step_seconds) == STEPS - 3
     assert_same_weights(result.model_path, base_run.model_path)
     with pytest.raises(RaydpoError, match="finished run"):
@@ -683,7 +687,7 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
     "overrides, train_rows, eval_rows, message",
     [
         ({"num_workers": 4, "micro_batch_size": 8}, 20, None, "cannot fill one step"),
-        ({}, 0, None, "no training pairs with finite reference"),
+        ({"num_workers": 1}, 0, None, "no training pairs with finite reference"),
         ({"num_workers": 3}, 100, 0, "eval split has no pairs with finite reference"),
     ],
 )
@@ -693,6 +697,15 @@ def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, messag
 
     with pytest.raises(RaydpoError, match=message):
         plan_run(TrainConfig(model="m", **overrides), train_rows, eval_rows)
+
+
+def test_default_workers_are_one_per_node_on_cpus_and_every_gpu(ray_session):
+    from raydpo.cluster import default_workers
+
+    workers, reason = default_workers(use_gpu=False)
+    assert workers == 1 and reason.startswith("one per node with CPUs (1)")
+    with pytest.raises(RaydpoError, match="the Ray cluster has no GPUs now; set --num-workers"):
+        default_workers(use_gpu=True)
 
 
 def test_plan_counts_steps_and_epochs():

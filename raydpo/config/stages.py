@@ -180,7 +180,13 @@ class TrainConfig:
     output: str = setting(
         "raydpo-run", help="Run directory: final model, MLflow store (by default), Ray Train results."
     )
-    num_workers: int = setting(2, help="Ray Train workers (one GPU each with use_gpu).")
+    num_workers: int | None = setting(
+        None,
+        help=(
+            "Ray Train workers (one GPU each with use_gpu); None: every GPU of the cluster with use_gpu, else "
+            "one worker per node with CPUs, on all of its cores. A resumed run keeps the count it started with."
+        ),
+    )
     use_gpu: bool = setting(False, help="Train on GPUs (NCCL) instead of CPUs (gloo).")
     cpus_per_worker: float = setting(1.0, help="CPUs reserved by each training worker.")
     cpu_threads_per_worker: int | None = setting(
@@ -346,7 +352,6 @@ class TrainConfig:
         self.model = local_path_or_id(self.model, "model", saved_model=True)
         check_positive(
             self,
-            "num_workers",
             "epochs",
             "micro_batch_size",
             "grad_accum",
@@ -356,6 +361,7 @@ class TrainConfig:
         )
         check_positive(
             self,
+            "num_workers",
             "max_steps",
             "eval_steps",
             "checkpoint_steps",

@@ -10,6 +10,7 @@ running `loop.train_loop` on each worker. No reference model is loaded anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from raydpo.cluster import (
     check_cpu_headroom,
     check_shared_paths,
     cpu_allocator_env,
+    default_workers,
     init_ray,
     worker_env,
 )
@@ -67,10 +69,14 @@ class TrainResult:
         figures = ", ".join(f"{name} {self.metrics[name]:.4f}" for name in shown if name in self.metrics)
         return (
             f"trained {self.plan.total_steps} steps on {self.plan.train_rows} pairs "
-            f"({self.plan.world_size} workers): {figures}\n"
+            f"({_workers(self.plan.world_size)}): {figures}\n"
             f"model: {self.model_path}\nMLflow run {self.run_id} at {self.tracking_uri}\n"
             f"MLflow UI: {run_page(self.tracking_uri, self.run_id)}"
         )
+
+
+def _workers(count: int) -> str:
+    return f"{count} training worker{'s' if count != 1 else ''}"
 
 
 def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> TrainResult:
@@ -83,6 +89,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     reference = check_cache_matches(config, splits, tokenizer)
     columns = required_columns(config)
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
+    config, workers_reason = _with_workers(config, fs, run_dir)
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
     from raydpo.tracking import MlflowLogger, resolve_tracking_uri
@@ -115,6 +122,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         has_eval="eval" in splits,
     )
     trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
+    logger.info("%s: %s", _workers(plan.world_size), workers_reason)
     try:
         result = trainer.fit()
     except Exception as error:
@@ -157,6 +165,21 @@ def _record_finished(
     state["status"] = "finished"
     state["model_path"] = model_output
     _write_state(fs, run_dir, state)
+
+
+def _with_workers(config: TrainConfig, fs: pafs.FileSystem, run_dir: str) -> tuple[TrainConfig, str]:
+    """The config with its number of workers, and why: as set, else (resuming) the count the run
+    started with, else `default_workers` of the cluster joined."""
+    if config.num_workers is not None:
+        return config, "as --num-workers sets"
+    state = cache.read_json(fs, f"{run_dir}/{RUN_STATE}") if config.resume else None
+    recorded = (state or {}).get("config", {}).get("num_workers")
+    if recorded is not None:
+        workers, reason = recorded, "as the run being resumed started"
+    else:
+        init_ray(config.ray_address)
+        workers, reason = default_workers(config.use_gpu)
+    return dataclasses.replace(config, num_workers=workers), f"{reason}; --num-workers sets them"
 
 
 def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking_uri: str) -> None:
@@ -297,6 +320,13 @@ def _prepare_run_dir(
         )
     if state.get("data_key") != data_key:
         raise RaydpoError("--resume: the precompute output changed since the run started; it cannot continue")
+    started_with = state.get("config", {}).get("num_workers")
+    if started_with is not None and started_with != config.num_workers:
+        # each worker's checkpoint holds its ZeRO partition and its place in its own shard of the data
+        raise RaydpoError(
+            f"--resume: the run started with {started_with} workers and its checkpoints hold their "
+            f"partitions; resume with --num-workers {started_with} (or without --num-workers)"
+        )
     return state
 
 
@@ -369,8 +399,12 @@ def _trainer(
     return TorchTrainer(
         train_loop,
         train_loop_config=plan.to_dict(),
+        # CPU workers spread over the nodes: each then runs on more cores (`cpu_threads`); GPU workers pack
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.num_workers, use_gpu=config.use_gpu, resources_per_worker=resources
+            num_workers=config.num_workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy="PACK" if config.use_gpu else "SPREAD",
         ),
         run_config=ray.train.RunConfig(
             name=RUN_NAME,
