@@ -1,24 +1,25 @@
 """DPO training step time and peak memory: raydpo against TRL's DPOTrainer, in one run.
 
-Runs on the same model, pairs, max_length, micro batch and number of processes:
-  - TRL, reference model online (a second model in memory and a second forward per step),
+Runs on the same model, pairs, max_length and pairs per step:
+  - TRL, reference model online (a second model in memory and a second forward per step), in
+    `--workers` torchrun processes of one thread (DDP over gloo),
   - TRL with precompute_ref_log_probs=True (reference forwards before training, in the trainer),
-  - raydpo train (ZeRO-3 over the workers, reference values read from the precompute output), with
-    prefix sharing (each prompt computed once, the default) and without it (`raydpo-unshared`),
-  - raydpo train with each worker's own micro-batches, not regrouped into micro-batches of near-equal
-    token counts (`raydpo-unbalanced`, balance_ranks off; `--unbalanced-run 0` skips it),
-and, with the same cores in one process (`--one-process-runs 0` skips these two):
+  - raydpo train as the CLI runs it without --num-workers (one worker per node on CPUs, on all of
+    its cores, so ZeRO stage 0 here: one worker has nothing to partition), reference values read
+    from the precompute output, with prefix sharing (each prompt computed once, the default) and
+    without it (`raydpo-unshared`),
+and, in the other layout of each (`--layout-runs 0` skips these):
   - TRL online in one process of `--workers` torch threads, micro batch x workers (`trl-online-1p`),
-  - raydpo train with one worker of as many threads (`raydpo-1w`: one worker has nothing to partition,
-    so it runs ZeRO stage 0),
+  - raydpo train on `--workers` workers of one thread, ZeRO-3 over them (`raydpo-Nw`),
+  - the same with each worker's own micro-batches, not regrouped into micro-batches of near-equal
+    token counts (`raydpo-Nw-unbalanced`, balance_ranks off; `--unbalanced-run 0` skips it),
 and, to separate the allocator from the rest (raydpo's CPU workers run mimalloc by default):
   - raydpo train with cpu_allocator="system" (glibc's malloc, as TRL runs),
   - TRL online with mimalloc preloaded as raydpo preloads it (`--allocator-runs 0` skips these two).
-TRL runs under torchrun with the gloo backend on CPUs (DDP), raydpo under Ray Train. Printed: the
-median step time over the steps after warmup, the peak memory of the largest process (GPU memory
-allocated, or peak RSS on CPUs) in total and above what the process held before the model loaded
-(on CPUs, the libraries' own footprint: Ray's worker runtime is larger than a torchrun process),
-and the ratios.
+Printed: the median step time over the steps after warmup, the peak memory of the largest process
+(GPU memory allocated, or peak RSS on CPUs) in total and above what the process held before the
+model loaded (on CPUs, the libraries' own footprint: Ray's worker runtime is larger than a torchrun
+process), and the ratios.
 
     python benchmarks/train.py --pairs 64 --steps 10 --repeats 2
 """
@@ -156,11 +157,12 @@ def run_raydpo(
     balance_ranks: bool = True,
     workers: int | None = None,
 ) -> dict:
-    """raydpo train on `args.workers` workers of one thread, or on `workers` workers sharing as many
-    threads and taking the same pairs per step."""
+    """raydpo train on `workers` workers, or as many as it takes without --num-workers; the workers
+    share the machine's threads and take `args.workers` x `args.micro_batch` pairs per step."""
     import raydpo
+    from raydpo.cluster import default_workers
 
-    workers = workers or args.workers
+    count = workers or default_workers(use_gpu=False)[0]
 
     output = workdir / "run"
     started = time.perf_counter()
@@ -170,7 +172,7 @@ def run_raydpo(
         output=str(output),
         num_workers=workers,
         cpus_per_worker=0.5,  # leaves a CPU for Ray Data; threads are the cores shared among the workers
-        micro_batch_size=args.micro_batch * args.workers // workers,
+        micro_batch_size=args.micro_batch * args.workers // count,
         max_steps=args.steps,
         learning_rate=1e-5,
         logging_steps=1,
@@ -208,8 +210,8 @@ def main() -> None:
     )
     optional_runs = {
         "--allocator-runs": "raydpo with the system allocator and TRL online with mimalloc",
-        "--unbalanced-run": "raydpo with each worker's own micro-batches (balance_ranks off)",
-        "--one-process-runs": "TRL online and raydpo in one process with all the workers' threads",
+        "--layout-runs": "TRL online in one process of all the threads and raydpo on --workers workers",
+        "--unbalanced-run": "raydpo on --workers workers with their own micro-batches (balance_ranks off)",
     }
     for flag, runs in optional_runs.items():
         parser.add_argument(flag, type=int, choices=(0, 1), default=1, help=f"also run {runs} (0: skip)")
@@ -283,13 +285,14 @@ def main() -> None:
         "raydpo": lambda: run_raydpo(args, model_dir, cache, workdir),  # prefix sharing: auto (on)
         "raydpo-unshared": lambda: run_raydpo(args, model_dir, cache, workdir, prefix_sharing="off"),
     }
-    if args.unbalanced_run:
-        runners["raydpo-unbalanced"] = lambda: run_raydpo(
-            args, model_dir, cache, workdir, balance_ranks=False
-        )
-    if args.one_process_runs:
+    several = f"raydpo-{args.workers}w"
+    if args.layout_runs:
         runners["trl-online-1p"] = lambda: run_trl("online", args, model_dir, rows_file, workdir, processes=1)
-        runners["raydpo-1w"] = lambda: run_raydpo(args, model_dir, cache, workdir, workers=1)
+        runners[several] = lambda: run_raydpo(args, model_dir, cache, workdir, workers=args.workers)
+    if args.layout_runs and args.unbalanced_run:
+        runners[f"{several}-unbalanced"] = lambda: run_raydpo(
+            args, model_dir, cache, workdir, balance_ranks=False, workers=args.workers
+        )
     if args.allocator_runs:
         runners["raydpo-system"] = lambda: run_raydpo(args, model_dir, cache, workdir, cpu_allocator="system")
         # expanded as Ray expands a runtime env's variables: ${VAR} from this environment, or empty
@@ -329,6 +332,9 @@ def main() -> None:
             )
     for name in [name for name in summary if name.startswith("raydpo-")]:
         print(f"raydpo vs {name}: {summary[name][0] / summary['raydpo'][0]:.2f}x faster per step")
+    if f"{several}-unbalanced" in summary:
+        ratio = summary[f"{several}-unbalanced"][0] / summary[several][0]
+        print(f"{several} vs {several}-unbalanced: {ratio:.2f}x faster per step")
     ray.shutdown()
 
 
