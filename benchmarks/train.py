@@ -232,6 +232,7 @@ def main() -> None:
     import torch
 
     import raydpo
+    from raydpo.cluster import cpu_allocator_env, default_workers
     from raydpo.data import sharegpt_to_conversational
     from raydpo.toy import build_toy_model, sample_data_dir
 
@@ -268,6 +269,11 @@ def main() -> None:
         f"{precomputed.train.counts.written} pairs, max_length {args.max_length}; {args.workers} processes x "
         f"micro batch {args.micro_batch}; {args.steps} steps, median over steps {WARMUP_STEPS + 1}-{args.steps}"
     )
+    workers = default_workers(use_gpu=False)[0]
+    print(
+        f"raydpo without --num-workers: {workers} worker(s) x micro batch "
+        f"{args.micro_batch * args.workers // workers}, the same pairs per step"
+    )
     print(f"raydpo precompute (once, reusable by every run): {precompute_s:.1f}s")
     lengths = raydpo.read_output(str(cache)).to_pandas()
     prompt_tokens = int(lengths["prompt_length"].sum())
@@ -277,7 +283,6 @@ def main() -> None:
         f"{prompt_tokens / completion_tokens:.2f}); prompts are "
         f"{2 * prompt_tokens / (2 * prompt_tokens + completion_tokens):.0%} of the tokens a two-row step computes"
     )
-    from raydpo.cluster import cpu_allocator_env
 
     runners = {
         "trl-online": lambda: run_trl("online", args, model_dir, rows_file, workdir),
