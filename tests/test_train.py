@@ -99,7 +99,9 @@ def metric_history(result, name: str) -> dict[int, float]:
 def load_weights(path) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, trust_remote_code=True
+    ).state_dict()
 
 
 def assert_same_weights(path, other_path, atol=1e-6):
@@ -524,7 +526,7 @@ def test_one_worker_runs_stage_0_with_the_values_of_zero_3(
         assert_same_weights(stage0.model_path, toy_model, atol=0.3 * lr)
 
     settings = run_settings(remote_code_toy, bf16_cache, tmp_path / "bf16", dtype="bfloat16", **one)
-    settings.update(trust_remote_code=True, max_steps=1)
+    settings.update(trust_remote_code=True, max_steps=1, warmup_ratio=0.0)  # the one step updates
     bf16 = raydpo.train(settings)
     ds_config = deepspeed_config_of(bf16, tmp_path / "bf16-config")
     assert ds_config["zero_optimization"]["stage"] == 0 and ds_config["bf16"] == {"enabled": True}
@@ -532,6 +534,9 @@ def test_one_worker_runs_stage_0_with_the_values_of_zero_3(
     assert metric_history(bf16, "ref_check/max_abs_logratio")[1] < 1e-3
     saved = AutoModelForCausalLM.from_pretrained(bf16.model_path, trust_remote_code=True, dtype="auto")
     assert next(saved.parameters()).dtype == torch.bfloat16
+    trained, initial = load_weights(bf16.model_path), load_weights(remote_code_toy)
+    moved = max((trained[name] - initial[name].bfloat16().float()).abs().max().item() for name in trained)
+    assert moved > 0.3 * lr  # the gradients reached DeepSpeed's bf16 optimizer, which stepped
 
 
 def easy_pairs(count: int) -> list[dict]:
