@@ -171,7 +171,7 @@ def _with_workers(config: TrainConfig, fs: pafs.FileSystem, run_dir: str) -> tup
     """The config with its number of workers, and why: as set, else (resuming) the count the run
     started with, else `default_workers` of the cluster joined."""
     if config.num_workers is not None:
-        return config, "as --num-workers sets"
+        return config, "as num_workers sets"
     state = cache.read_json(fs, f"{run_dir}/{RUN_STATE}") if config.resume else None
     recorded = (state or {}).get("config", {}).get("num_workers")
     if recorded is not None:
