@@ -237,20 +237,46 @@ def default_workers(use_gpu: bool) -> tuple[int, str]:
     matrix product, while processes split the batch and then also exchange weights and gradients:
     measured on 2 cores, one worker of 2 threads took 2.4 s a step where 2 workers of 1 thread took
     3.7 s (docs/benchmarks.md)."""
+    return default_processes(1.0 if use_gpu else 0.0, "use_gpu", "--num-workers")
+
+
+def default_processes(gpus_each: float, asked: str, flag: str) -> tuple[int, str]:
+    """How many processes of a stage (training workers, scorer actors) a run that sets none gets from
+    the cluster joined, and why: with `gpus_each` > 0, as many as the GPUs of each node hold at that
+    share; on CPUs, one per node that has CPUs, each on all of its node's cores. ASKED names the setting
+    that asked for GPUs and FLAG the one that sets the count, for the error of a cluster without GPUs."""
+    nodes = alive_node_resources()
+    if gpus_each:
+        gpus = sum(node.get("GPU", 0) for node in nodes)
+        # a process takes its GPUs on one node; the small term: 1 GPU at 0.1 each holds 10, 1 // 0.1 is 9
+        count = sum(int(node.get("GPU", 0) / gpus_each + 1e-9) for node in nodes)
+        if count == 0:
+            has = f"no GPU node that holds {asked}={gpus_each:g}" if gpus else "no GPUs"
+            raise RaydpoError(
+                f"{asked}: the Ray cluster has {has} now; set {flag} "
+                "(an autoscaling cluster then adds the GPU nodes they need)"
+            )
+        if gpus_each == 1:
+            return count, f"one per GPU of the cluster ({gpus:g})"
+        return count, f"as many as the cluster's {gpus:g} GPUs hold at {asked}={gpus_each:g}"
+    with_cpus = sum(1 for node in nodes if node.get("CPU", 0) > 0)
+    if with_cpus == 0:
+        raise RaydpoError(f"the Ray cluster has no node with CPUs now; set {flag}")
+    return with_cpus, f"one per node with CPUs ({with_cpus}), each on all of its node's cores"
+
+
+def processes_per_node(processes: int) -> int:
+    """How many of a stage's CPU processes share a node when Ray spreads PROCESSES over the nodes that
+    have CPUs (Ray Data spreads its actors, and raydpo its CPU training workers)."""
+    nodes = sum(1 for node in alive_node_resources() if node.get("CPU", 0) > 0)
+    return -(-processes // max(1, nodes))
+
+
+def alive_node_resources() -> list[dict[str, float]]:
+    """The resources (CPU, GPU, memory, ...) of each alive node of the cluster joined."""
     import ray
 
-    if use_gpu:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        if gpus == 0:
-            raise RaydpoError(
-                "use_gpu: the Ray cluster has no GPUs now; set --num-workers (an autoscaling cluster then "
-                "adds the GPU nodes the workers need)"
-            )
-        return gpus, f"one per GPU of the cluster ({gpus})"
-    nodes = sum(1 for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0)
-    if nodes == 0:
-        raise RaydpoError("the Ray cluster has no node with CPUs now; set --num-workers")
-    return nodes, f"one per node with CPUs ({nodes}), each on all of its node's cores"
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
 def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import free_port, run_cli, start_ray_node, stop_ray_nodes
 
 import raydpo
@@ -37,7 +38,11 @@ class RayCluster:
 
 
 def ray_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    """The environment of the test's Ray nodes: no RAY_ADDRESS, and token authentication off. Left to
+    Ray, a head turns it on where ~/.ray/auth_token exists (Ray writes one when `ray.init()` starts a
+    local instance) while a node joining it does not, and the join is refused."""
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    return {**environment, "RAY_AUTH_MODE": "disabled"}
 
 
 def short_temp_dir(prefix: str) -> Path:
@@ -56,7 +61,9 @@ def cache(ray_session, toy_model, sample_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Three nodes: a head with 3 CPUs and a second node with 2, both seeing every path, and a third
-    without CPUs (so no training worker or data task runs there) for which `node_local` is a tmpfs."""
+    without CPUs (so no training worker or data task runs there) for which `node_local` is a tmpfs. The
+    head declares 1 GPU and the third node 2, which nothing here uses: the GPU count of the cluster
+    decides the default pool sizes of GPU runs."""
     if subprocess.run([*PRIVATE_MOUNT, "true"], capture_output=True).returncode != 0:
         pytest.skip("no private mount namespaces here (unshare needs CAP_SYS_ADMIN)")
     base = short_temp_dir("rc")
@@ -66,13 +73,14 @@ def cluster(tmp_path_factory):
     env = ray_env()
     nodes = []
     try:
-        head = ["--head", f"--port={port}", "--num-cpus=3", "--include-dashboard=false"]
+        head = ["--head", f"--port={port}", "--num-cpus=3", "--num-gpus=1", "--include-dashboard=false"]
         nodes.append(start_ray_node(base / "head", *head, env=env))
         joined = ("--address", address)  # one after another: joins at once can overload a busy head
         nodes.append(start_ray_node(base / "second", *joined, "--num-cpus=2", env=env))
         mount_then_run = ("sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(node_local))
         private = (*PRIVATE_MOUNT, *mount_then_run)
-        nodes.append(start_ray_node(base / "third", *joined, "--num-cpus=0", env=env, wrapper=private))
+        third = ("--num-cpus=0", "--num-gpus=2")
+        nodes.append(start_ray_node(base / "third", *joined, *third, env=env, wrapper=private))
         yield RayCluster(address, base, node_local)
     finally:
         stop_ray_nodes(*reversed(nodes))
@@ -97,6 +105,78 @@ def test_two_node_training_publishes_the_model_to_the_driver(cluster, cache, toy
     assert not list(output.glob(".raydpo-shared-*"))  # the check's markers are gone
     second_node_logs = (cluster.temp_dir / "second").glob("session_*/logs/worker-*.out")
     assert any("RayTrainWorker" in log.read_text(errors="replace") for log in second_node_logs)
+
+
+def test_precompute_spreads_one_scorer_per_node_with_the_values_of_one(
+    cluster, cache, toy_model, sample_dir, tmp_path
+):
+    """Without --num-actors, a CPU precompute takes one scorer actor per node with CPUs: two here, spread
+    so one scores on the second node. The values equal those of the one-actor output on one node."""
+    output = tmp_path / "cache"
+    ran = run_cli(
+        "precompute", "--model", str(toy_model), "--dataset", str(sample_dir / "dpo_en_demo.json"),
+        "--output", str(output), "--limit", str(PAIRS), "--max-length", "256",
+        "--ray-address", cluster.address,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert "raydpo: 2 scorer actors for the train split: one per node with CPUs (2)" in ran.stderr
+    spread = raydpo.read_output(str(output))
+    assert spread.manifest.throughput.num_actors == 2
+    assert spread.manifest.counts == raydpo.read_output(str(cache)).manifest.counts
+    assert spread.manifest.key == raydpo.read_output(str(cache)).manifest.key
+    frames = [
+        raydpo.read_output(str(path)).to_pandas().set_index("pair_id").sort_index()
+        for path in (output, cache)
+    ]
+    assert list(frames[0].index) == list(frames[1].index)  # the same pairs written, the same rejected
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(
+            torch.tensor(frames[0][column].values),
+            torch.tensor(frames[1][column].values),
+            rtol=1e-5,
+            atol=1e-4,
+        )
+    second_node_logs = (cluster.temp_dir / "second").glob("session_*/logs/worker-*.out")
+    assert any("ReferenceScorer" in log.read_text(errors="replace") for log in second_node_logs)
+
+
+GPU_POOLS = """
+import json
+import sys
+from raydpo.cluster import default_processes, init_ray
+from raydpo.errors import RaydpoError
+
+init_ray(sys.argv[1])
+pools = {}
+for share in (1, 0.5, 0.3, 1.5, 3):
+    try:
+        pools[share] = list(default_processes(share, "gpus_per_actor", "--num-actors"))
+    except RaydpoError as error:
+        pools[share] = str(error)
+print(json.dumps(pools))
+"""
+
+
+def test_default_gpu_pools_count_what_each_node_holds(cluster):
+    """A GPU stage that sets no count gets as many processes as the GPUs of each node hold at its share:
+    the head declares 1 GPU and the third node 2, so 1.5 GPUs each fit only on the third node."""
+    ran = subprocess.run(
+        [sys.executable, "-c", GPU_POOLS, cluster.address],
+        env=ray_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    pools = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert pools["1"] == [3, "one per GPU of the cluster (3)"]
+    assert pools["0.5"] == [6, "as many as the cluster's 3 GPUs hold at gpus_per_actor=0.5"]
+    assert pools["0.3"][0] == 3 + 6  # 1 / 0.3 on the head, 2 / 0.3 on the third node
+    assert pools["1.5"][0] == 1
+    assert pools["3"] == (
+        "gpus_per_actor: the Ray cluster has no GPU node that holds gpus_per_actor=3 now; set --num-actors "
+        "(an autoscaling cluster then adds the GPU nodes they need)"
+    )
 
 
 def test_node_local_output_is_refused_before_any_work(cluster, cache, toy_model, reliability):

@@ -264,6 +264,21 @@ def test_cpu_threads_share_the_machine():
     assert cpu_threads(cores + 2, 1) == cores + 2
 
 
+def test_scorer_pool_is_as_set_else_one_per_node_on_cpus_and_every_gpu(ray_session, toy_model):
+    """Without num_actors, the pool is one actor per node with CPUs (one on this instance), or as many
+    as the cluster's GPUs hold with gpus_per_actor: none here, which is one line naming the flag."""
+    from raydpo.config import PrecomputeConfig
+    from raydpo.precompute_stage.pipeline import _with_actors
+
+    config, reason = _with_actors(PrecomputeConfig(model=str(toy_model)))
+    assert config.num_actors == 1 and reason.startswith("one per node with CPUs (1)")
+    assert _with_actors(PrecomputeConfig(model=str(toy_model), num_actors=3))[0].num_actors == 3
+    with pytest.raises(
+        RaydpoError, match="^gpus_per_actor: the Ray cluster has no GPUs now; set --num-actors"
+    ):
+        _with_actors(PrecomputeConfig(model=str(toy_model), gpus_per_actor=1))
+
+
 @pytest.mark.parametrize("allocator", ["mimalloc", "system"])
 def test_cpu_scorer_actors_allocate_with_cpu_allocator(ray_session, toy_model, allocator):
     """The scorer actor, started with the runtime env the pipeline gives it, runs with `cpu_allocator`

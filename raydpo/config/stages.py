@@ -69,13 +69,19 @@ class PrecomputeConfig:
         8,
         help="Batches the scorer receives at once and sorts by length, so little of each forward is padding.",
     )
-    num_actors: int = setting(1, help="Size of the scorer actor pool.")
+    num_actors: int | None = setting(
+        None,
+        help=(
+            "Scorer actors; None: as many as the cluster's GPUs hold with gpus_per_actor, else one per node "
+            "with CPUs, on all of its cores."
+        ),
+    )
     gpus_per_actor: float = setting(0.0, help="GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU).")
     cpus_per_actor: float = setting(1.0, help="CPUs per scorer actor (what Ray reserves for it).")
     cpu_threads_per_actor: int | None = setting(
         None,
         help=(
-            "Torch threads of a CPU scorer; None: the cores of its machine shared among the pool's actors (at "
+            "Torch threads of a CPU scorer; None: the cores of its node shared among the pool's actors there (at "
             "least `cpus_per_actor`), so one actor on a small machine uses all of its cores."
         ),
     )
@@ -132,13 +138,17 @@ class PrecomputeConfig:
     def __post_init__(self) -> None:
         self.model = local_path_or_id(self.model, "model", saved_model=True)
         self.tokenizer = local_path_or_id(self.tokenizer, "tokenizer")
-        check_positive(
-            self, "batch_size", "sort_window", "num_actors", "logits_chunk_tokens", "rows_per_file"
-        )
+        check_positive(self, "batch_size", "sort_window", "logits_chunk_tokens", "rows_per_file")
         if self.max_actor_restarts < 0:
             raise RaydpoError("max_actor_restarts must be >= 0")
         check_positive(
-            self, "max_length", "max_prompt_length", "limit", "cpu_threads_per_actor", allow_none=True
+            self,
+            "max_length",
+            "max_prompt_length",
+            "limit",
+            "num_actors",
+            "cpu_threads_per_actor",
+            allow_none=True,
         )
         if self.cpus_per_actor <= 0 and self.gpus_per_actor <= 0:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")

@@ -10,6 +10,7 @@ write Parquet part files (`CacheSink`) -> verify and write the manifest (`finish
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -24,8 +25,9 @@ from raydpo.cluster import (
     check_cpu_headroom,
     check_shared_paths,
     cpu_allocator_env,
-    cpu_threads,
+    default_processes,
     init_ray,
+    processes_per_node,
     worker_env,
 )
 from raydpo.config import PrecomputeConfig, coerce
@@ -134,6 +136,7 @@ def precompute(
             "the eval dataset": config.eval_dataset if eval_dataset is None else None,
         },
     )
+    config, actors_reason = _with_actors(config)
     if not config.gpus_per_actor:
         check_cpu_headroom(
             config.num_actors,
@@ -144,8 +147,23 @@ def precompute(
     result = PrecomputeResult(output=cache.location(config.output))
     with cache.output_lock(config.output), _progress_bars_off():
         for name, (source, split) in sources.items():
-            result.splits[name] = _precompute_split(config, name, source, split, tokenizer, fingerprints)
+            result.splits[name] = _precompute_split(
+                config, name, source, split, tokenizer, fingerprints, actors_reason
+            )
     return result
+
+
+def _with_actors(config: PrecomputeConfig) -> tuple[PrecomputeConfig, str]:
+    """The config with its number of scorer actors, and why: as set, else `default_processes` of the
+    cluster joined."""
+    if config.num_actors is not None:
+        return config, "as num_actors sets"
+    actors, reason = default_processes(config.gpus_per_actor, "gpus_per_actor", "--num-actors")
+    return dataclasses.replace(config, num_actors=actors), f"{reason}; --num-actors sets them"
+
+
+def _actors(count: int) -> str:
+    return f"{count} scorer actor{'s' if count != 1 else ''}"
 
 
 @contextlib.contextmanager
@@ -164,7 +182,13 @@ def _progress_bars_off():
 
 
 def _precompute_split(
-    config: PrecomputeConfig, name: str, source: Any, split: str, tokenizer, fingerprints: dict[str, Any]
+    config: PrecomputeConfig,
+    name: str,
+    source: Any,
+    split: str,
+    tokenizer,
+    fingerprints: dict[str, Any],
+    actors_reason: str,
 ) -> SplitResult:
     """One split: check its first rows, key it by what determines the values, then reuse, resume or
     compute its output directory."""
@@ -189,6 +213,7 @@ def _precompute_split(
         logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", inputs.path)
         return SplitResult(name, inputs.path, True, cache.open_split(inputs.path).manifest)
 
+    logger.info("%s for the %s split: %s", _actors(config.num_actors), name, actors_reason)
     started = time.perf_counter()
     runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the scorers and the writers
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
@@ -309,8 +334,10 @@ def _scored(
                 "chunk_tokens": config.logits_chunk_tokens,
                 "store_token_logps": config.store_token_logps,
                 "prefix_sharing": config.prefix_sharing,
-                "num_threads": config.cpu_threads_per_actor
-                or cpu_threads(config.cpus_per_actor, config.num_actors),
+                # on CPUs each actor sizes its threads by the cores of the node it runs on
+                "num_threads": config.cpu_threads_per_actor,
+                "cpus": config.cpus_per_actor,
+                "pool_size": processes_per_node(config.num_actors),
                 "cpu_allocator": config.cpu_allocator,
                 "progress": progress,
             },
