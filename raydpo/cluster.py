@@ -279,6 +279,14 @@ def alive_node_resources() -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node["Alive"]]
 
 
+def warn_unused_gpus(what: str, cure: str) -> None:
+    """A warning where the cluster joined has GPUs while WHAT run on CPUs: a model scored or trained on
+    CPUs is slower by orders of magnitude, and nothing else would say why."""
+    gpus = sum(node.get("GPU", 0) for node in alive_node_resources())
+    if gpus:
+        logger.warning("the Ray cluster has %g GPUs and the %s run on CPUs: %s to use them", gpus, what, cure)
+
+
 def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:
     """On a single machine, actors that take every CPU leave none for Ray Data's read and transform
     tasks, and Ray would wait forever; say so instead. (A cluster can add nodes, so it is not checked.)"""

@@ -37,12 +37,18 @@ class RayCluster:
     node_local: Path  # an empty directory of its own for the third node
 
 
+# Token authentication off in the cluster's nodes and in every process that joins it. Left to Ray, a
+# head turns it on where ~/.ray/auth_token exists (Ray writes one when `ray.init()` starts a local
+# instance, and sets RAY_AUTH_MODE=token in that process) while a node joining it does not, and the
+# join is refused; a driver whose mode differs from the cluster's does not get its work done.
+AUTH_OFF = {"RAY_AUTH_MODE": "disabled"}
+
+
 def ray_env() -> dict[str, str]:
-    """The environment of the test's Ray nodes: no RAY_ADDRESS, and token authentication off. Left to
-    Ray, a head turns it on where ~/.ray/auth_token exists (Ray writes one when `ray.init()` starts a
-    local instance) while a node joining it does not, and the join is refused."""
+    """The environment of the test's Ray nodes and of processes that join them: no RAY_ADDRESS, and
+    token authentication off."""
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
-    return {**environment, "RAY_AUTH_MODE": "disabled"}
+    return {**environment, **AUTH_OFF}
 
 
 def short_temp_dir(prefix: str) -> Path:
@@ -89,15 +95,17 @@ def cluster(tmp_path_factory):
 
 def test_two_node_training_publishes_the_model_to_the_driver(cluster, cache, toy_model, tmp_path):
     """Without --num-workers, a CPU run takes one worker per node with CPUs: two here (the third node has
-    none), spread so one trains on the second node. Rank 0's model and the run state reach the driver
+    none), spread so one trains on the second node. The cluster's GPUs, unused, are named once. Rank 0's model and the run state reach the driver
     through the shared output."""
     output = tmp_path / "run"
     ran = run_cli(
         "train", "--model", str(toy_model), "--data", str(cache), "--output", str(output), *TRAIN,
-        "--ray-address", cluster.address,
+        "--ray-address", cluster.address, env=AUTH_OFF,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "raydpo: 2 training workers: one per node with CPUs (2)" in ran.stderr
+    said = "the Ray cluster has 3 GPUs and the training workers run on CPUs: set --use-gpu to use them"
+    assert ran.stderr.count(said) == 1
     assert "trained 2 steps" in ran.stdout and "(2 training workers)" in ran.stdout
     assert json.loads((output / "run.json").read_text())["config"]["num_workers"] == 2
     assert (output / "model" / "model.safetensors").exists() and (output / "model" / "_COMPLETE").exists()
@@ -111,15 +119,17 @@ def test_precompute_spreads_one_scorer_per_node_with_the_values_of_one(
     cluster, cache, toy_model, sample_dir, tmp_path
 ):
     """Without --num-actors, a CPU precompute takes one scorer actor per node with CPUs: two here, spread
-    so one scores on the second node. The values equal those of the one-actor output on one node."""
+    so one scores on the second node (the cluster's GPUs, unused, are named once). The values equal those of the one-actor output on one node."""
     output = tmp_path / "cache"
     ran = run_cli(
         "precompute", "--model", str(toy_model), "--dataset", str(sample_dir / "dpo_en_demo.json"),
         "--output", str(output), "--limit", str(PAIRS), "--max-length", "256",
-        "--ray-address", cluster.address,
+        "--ray-address", cluster.address, env=AUTH_OFF,
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert "raydpo: 2 scorer actors for the train split: one per node with CPUs (2)" in ran.stderr
+    said = "the Ray cluster has 3 GPUs and the scorer actors run on CPUs: set --gpus-per-actor 1 to use them"
+    assert ran.stderr.count(said) == 1
     spread = raydpo.read_output(str(output))
     assert spread.manifest.throughput.num_actors == 2
     assert spread.manifest.counts == raydpo.read_output(str(cache)).manifest.counts
@@ -186,7 +196,8 @@ def test_node_local_output_is_refused_before_any_work(cluster, cache, toy_model,
     started = time.monotonic()
     refused = run_cli(
         "train", "--model", str(toy_model), "--data", str(cache), "--output", str(output), *TRAIN,
-        "--num-workers", "2", "--cpus-per-worker", "2", "--ray-address", cluster.address, timeout=300,
+        "--num-workers", "2", "--cpus-per-worker", "2", "--ray-address", cluster.address, env=AUTH_OFF,
+        timeout=300,
     )  # fmt: skip
     seconds = time.monotonic() - started
     assert refused.returncode == 2, refused.stderr[-3000:]

@@ -28,6 +28,7 @@ from raydpo.cluster import (
     default_processes,
     init_ray,
     processes_per_node,
+    warn_unused_gpus,
     worker_env,
 )
 from raydpo.config import PrecomputeConfig, coerce
@@ -138,6 +139,7 @@ def precompute(
     )
     config, actors_reason = _with_actors(config)
     if not config.gpus_per_actor:
+        warn_unused_gpus("scorer actors", "set --gpus-per-actor 1")
         check_cpu_headroom(
             config.num_actors,
             config.cpus_per_actor,

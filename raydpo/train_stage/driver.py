@@ -28,6 +28,7 @@ from raydpo.cluster import (
     cpu_allocator_env,
     default_workers,
     init_ray,
+    warn_unused_gpus,
     worker_env,
 )
 from raydpo.config import TrainConfig, as_dict, coerce
@@ -188,6 +189,7 @@ def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking
 
     init_ray(config.ray_address)
     if not config.use_gpu:
+        warn_unused_gpus("training workers", "set --use-gpu")
         check_cpu_headroom(
             config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
         )
