@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, raised_within
 from raydpo.faults import fault_env
 
 logger = logging.getLogger(__name__)
@@ -285,6 +285,47 @@ def warn_unused_gpus(what: str, cure: str) -> None:
     gpus = sum(node.get("GPU", 0) for node in alive_node_resources())
     if gpus:
         logger.warning("the Ray cluster has %g GPUs and the %s run on CPUs: %s to use them", gpus, what, cure)
+
+
+def check_gpus_usable(who: str) -> None:
+    """Stop with one line where Ray gave this process GPUs that torch cannot use: a CPU build of torch on
+    a GPU node (what a plain `pip install torch` gives on some platforms), or a driver torch cannot load.
+    Unchecked, a scorer would run on CPUs at a fraction of the speed, and a training worker fail deep
+    inside torch."""
+    import ray
+    import torch
+
+    gpus = ray.get_gpu_ids()
+    if not gpus or torch.cuda.is_available():
+        return
+    cause = (
+        "a CPU-only build: install a CUDA build of torch on the GPU nodes"
+        if torch.version.cuda is None
+        else f"a CUDA {torch.version.cuda} build that finds no device: check the NVIDIA driver"
+    )
+    raise RaydpoError(
+        f"{who} on node {ray.util.get_node_ip_address()} has GPU {','.join(map(str, gpus))} from Ray, but "
+        f"torch {torch.__version__} sees no CUDA device ({cause})"
+    )
+
+
+def probe_gpus(who: str) -> None:
+    """`check_gpus_usable` in a task on a GPU of the cluster, before a stage's processes start, where a GPU
+    is free now (none free: the processes check when they start). A training worker could not run the
+    check itself: Ray Train sets up NCCL first, which fails on a CPU build of torch with a line that does
+    not say why."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+
+    if ray.available_resources().get("GPU", 0) < 1:
+        return
+    probe = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(check_gpus_usable).remote(who)
+    try:
+        ray.get(probe, timeout=NODE_SECONDS)
+    except GetTimeoutError:  # the GPU was taken meanwhile
+        ray.cancel(probe, force=True)
+    except Exception as error:
+        raise (raised_within(error) or error) from None
 
 
 def check_cpu_headroom(actors: int, cpus_per_actor: float, what: str, hint: str) -> None:

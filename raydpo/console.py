@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from raydpo.errors import RaydpoError, TrainingFailed, one_line
+from raydpo.errors import RaydpoError, StageFailed, one_line
 
 LOGS_DIR = "logs"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -253,8 +253,10 @@ def run_command(prog: str, command: Callable[[], None], log: str | None = None) 
             command()
         except RaydpoError as error:
             message, code = f"{prog}: error: {one_line(error, limit=None)}", 2
-        except TrainingFailed as error:
+        except StageFailed as error:
             message, code = f"{prog}: {one_line(error, limit=None)}", 1
+            if session is not None:  # what failed in full, behind the one line
+                session.file.write("".join(traceback.format_exception(error)))
         else:
             message, code = None, 0
         if session is not None and not connected_before:

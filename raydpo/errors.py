@@ -1,7 +1,7 @@
 """The exception types users see, and the one way an exception becomes the single line they read.
 
-Bad input raises `RaydpoError` (the CLI prints it as one line and exits with code 2); a run that started
-and failed raises `TrainingFailed` (exit code 1). `console.run_command` is where entry points turn them
+Bad input raises `RaydpoError` (the CLI prints it as one line and exits with code 2); a stage that started
+and failed raises `StageFailed` (`TrainingFailed`, `PrecomputeFailed`: exit code 1). `console.run_command` is where entry points turn them
 into that line and code.
 """
 
@@ -11,14 +11,38 @@ import re
 
 # A line of a traceback that names the exception raised: `raydpo.train_stage.checks.SomeError: message`.
 _RAISED_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*: ")
+_RAYDPO_ERROR_LINE = re.compile(r"^raydpo\.errors\.RaydpoError: (.*)$", re.MULTILINE)
 
 
 class RaydpoError(ValueError):
     """A problem with the user's input or settings, reported before (or instead of) heavy work."""
 
 
-class TrainingFailed(RuntimeError):
+class StageFailed(RuntimeError):
+    """A stage started and did not finish; the CLI exits with 1."""
+
+
+class TrainingFailed(StageFailed):
     """Training started but did not finish (a worker failed beyond max_failures); the CLI exits with 1."""
+
+
+class PrecomputeFailed(StageFailed):
+    """The precompute started and did not finish (a scorer failed beyond its restarts)."""
+
+
+def raised_within(error: BaseException) -> RaydpoError | None:
+    """The `RaydpoError` a check raised in a Ray task or actor, which reached the driver wrapped by Ray (as
+    the cause of a task's error, or as the text of an actor's creation error); None if there is none."""
+    seen = 0
+    while error is not None and seen < 8:
+        found = _RAYDPO_ERROR_LINE.findall(str(error))  # in the text of a remote traceback
+        if found:
+            return RaydpoError(found[-1].strip())
+        if isinstance(error, RaydpoError):  # raised here, in the driver
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+        seen += 1
+    return None
 
 
 def one_line(error: BaseException, limit: int | None = 300) -> str:

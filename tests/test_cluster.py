@@ -150,6 +150,33 @@ def test_precompute_spreads_one_scorer_per_node_with_the_values_of_one(
     assert any("ReferenceScorer" in log.read_text(errors="replace") for log in second_node_logs)
 
 
+def test_gpus_where_torch_has_no_cuda_stop_with_one_line(cluster, cache, toy_model, sample_dir, tmp_path):
+    """GPUs given by Ray (the head declares one) where torch is a CPU build, as a plain `pip install
+    torch` leaves a GPU node on some platforms: one line naming the node and the cure, instead of a
+    scorer running on CPUs at a fraction of the speed, or training failing in Ray Train's NCCL set-up
+    ("Distributed package doesn't have NCCL built in")."""
+    scores = [
+        "precompute", "--model", str(toy_model), "--dataset", str(sample_dir / "dpo_en_demo.json"),
+        "--output", str(tmp_path / "cache"), "--limit", str(PAIRS), "--gpus-per-actor", "1",
+    ]  # fmt: skip
+    trains = [
+        "train", "--model", str(toy_model), "--data", str(cache), "--output", str(tmp_path / "run"), *TRAIN,
+        "--use-gpu", "--num-workers", "1", "--dtype", "float32",
+    ]  # fmt: skip
+    for command, who in ((scores, "a reference scorer"), (trains, "a training worker")):
+        ran = run_cli(*command, "--ray-address", cluster.address, env=AUTH_OFF, timeout=300)
+        assert ran.returncode == 2, ran.stderr[-3000:]
+        line = ran.stderr.strip().splitlines()[-1]
+        assert re.fullmatch(
+            rf"raydpo {command[0]}: error: {who} on node \S+ has GPU 0 from Ray, but torch \S+ sees no CUDA "
+            r"device \(a CPU-only build: install a CUDA build of torch on the GPU nodes\)",
+            line,
+        ), line
+        assert "run on CPUs" not in ran.stderr  # GPUs were asked for
+    assert not (tmp_path / "cache" / "train" / "manifest.json").exists()
+    assert not (tmp_path / "run" / "run.json").exists() and not (tmp_path / "run" / "mlflow.db").exists()
+
+
 GPU_POOLS = """
 import json
 import sys

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import inject, kill_job_when_fired, kill_when_fired, to_conversational, write_jsonl
+from conftest import inject, kill_job_when_fired, kill_when_fired, run_cli, to_conversational, write_jsonl
 
 import raydpo
 from raydpo.cache import DATA_SCHEMA
@@ -76,6 +77,30 @@ def test_scorer_actor_killed_mid_run(
         f"written + {counts.rejected} rejected; lost {outcome['lost']}, duplicated {outcome['duplicated']}; "
         "tokens identical and values within 1e-4 of a clean run",
     )
+
+
+def test_scorer_dead_beyond_its_restarts_fails_the_run_with_one_line(toy_model, pairs_file, tmp_path):
+    """A scorer that dies and may not be restarted (`--max-actor-restarts 0`) fails the run: exit code 1,
+    one line that says what failed and that a rerun keeps the pairs written, after the log's path; the
+    log holds the whole error."""
+    output = tmp_path / "out"
+    command = ["precompute", "--model", str(toy_model), "--dataset", str(pairs_file), "--output", str(output)]
+    for key, value in SETTINGS.items():
+        command += [f"--{key.replace('_', '-')}", str(value)]
+    fault = {FAULT_ENV: "precompute.score:2:exit", FAULT_DIR_ENV: str(tmp_path)}
+    ran = run_cli(*command, "--max-actor-restarts", "0", env=fault, timeout=300)
+    assert ran.returncode == 1, ran.stderr[-3000:]
+    *_, log_line, line = ran.stderr.strip().splitlines()
+    assert re.fullmatch(
+        r"raydpo precompute: precompute failed: .*actor.*; rerun the same command to resume: the pairs "
+        rf"written to {re.escape(str(output / 'train'))} are kept",
+        line,
+    ), line
+    assert (
+        log_line.startswith("full log: ")
+        and "Traceback" in Path(log_line.removeprefix("full log: ")).read_text()
+    )
+    assert not (output / "train" / "manifest.json").exists()
 
 
 def test_driver_killed_mid_run_resumes_to_a_clean_result(toy_model, pairs_file, clean, tmp_path, reliability):

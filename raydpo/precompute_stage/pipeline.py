@@ -15,7 +15,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -33,7 +33,7 @@ from raydpo.cluster import (
 )
 from raydpo.config import PrecomputeConfig, coerce
 from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse_row, reject_id, row_text
-from raydpo.errors import RaydpoError, one_line
+from raydpo.errors import PrecomputeFailed, RaydpoError, one_line, raised_within
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report
@@ -226,11 +226,27 @@ def _precompute_split(
         # The writes take no CPU slot: each is short, and a tokenizing task holds its slot for the whole of
         # its input file (paced by the scorers), so with the slots taken by tokenizing and scoring, writes
         # needing one would wait until a file is done while scored pairs pile up unwritten.
-        _streamed(scored).write_datasink(
-            sink, ray_remote_args={"num_cpus": 0, **({"runtime_env": runtime_env} if runtime_env else {})}
-        )
+        try:
+            _streamed(scored).write_datasink(
+                sink, ray_remote_args={"num_cpus": 0, **({"runtime_env": runtime_env} if runtime_env else {})}
+            )
+        except Exception as error:
+            _stopped(error, inputs.path)
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
+
+
+def _stopped(error: Exception, path: str) -> NoReturn:
+    """The one line of a split's run that stopped: a check that failed in a scorer or a task (a GPU torch
+    cannot use, a model that fails its load-time check) is bad input; anything else failed the run,
+    whose written part files a rerun keeps."""
+    bad_input = raised_within(error)
+    if bad_input is not None:
+        raise bad_input from error
+    raise PrecomputeFailed(
+        f"precompute failed: {one_line(error, limit=1000)}; rerun the same command to resume: the pairs "
+        f"written to {path} are kept"
+    ) from error
 
 
 def scorer_env(config: PrecomputeConfig) -> dict[str, Any] | None:

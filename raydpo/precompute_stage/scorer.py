@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydpo import cache
-from raydpo.cluster import allocator_in_effect, cpu_threads
+from raydpo.cluster import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.faults import fault_point
 from raydpo.numerics import load_causal_lm, resolve_dtype
 from raydpo.precompute_stage.progress import report
@@ -52,6 +52,7 @@ class ReferenceScorer:
 
         from raydpo.logprobs import check_head_path, packs_rows, use_prefix_sharing
 
+        check_gpus_usable("a reference scorer")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             torch.set_num_threads(num_threads or cpu_threads(cpus, pool_size))

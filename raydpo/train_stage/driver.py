@@ -28,6 +28,7 @@ from raydpo.cluster import (
     cpu_allocator_env,
     default_workers,
     init_ray,
+    probe_gpus,
     warn_unused_gpus,
     worker_env,
 )
@@ -188,7 +189,9 @@ def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking
     from raydpo.tracking import local_store_dir
 
     init_ray(config.ray_address)
-    if not config.use_gpu:
+    if config.use_gpu:
+        probe_gpus("a training worker")
+    else:
         warn_unused_gpus("training workers", "set --use-gpu")
         check_cpu_headroom(
             config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"

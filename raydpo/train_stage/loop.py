@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from raydpo.cluster import allocator_in_effect, cpu_threads
+from raydpo.cluster import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.config import TrainConfig
 from raydpo.faults import fault_point
 from raydpo.losses import LossSettings
@@ -113,6 +113,8 @@ def setup(plan: WorkerPlan) -> Worker:
     rank = context.get_world_rank()
     # DeepSpeed calls torch.distributed APIs torch deprecates, once per collective: known noise
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
+    if config.use_gpu:
+        check_gpus_usable(f"training worker {rank}")
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     if device.type == "cpu":
         threads = config.cpu_threads_per_worker
