@@ -282,7 +282,10 @@ def test_interrupted_run_resumes_to_the_same_model(
     inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
     kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
     settings = run_settings(toy_model, train_cache, tmp_path / "run")
-    with pytest.raises(TrainingFailed, match="--resume"):
+    storage = re.escape(str(tmp_path / "run" / "checkpoints" / "raydpo"))
+    with pytest.raises(
+        TrainingFailed, match=rf"; rerun with --resume to continue from checkpoint-00000003 in {storage}$"
+    ):
         raydpo.train(settings)
     assert not (tmp_path / "run" / "model").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
@@ -760,6 +763,9 @@ def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_mode
     )
     with pytest.raises(TrainingFailed, match="non-finite loss") as failure:
         raydpo.train(settings)
+    assert str(failure.value).endswith(
+        "; no checkpoint was written: rerun with --resume to start again in the same MLflow run"
+    )
     assert any(pair_id in str(failure.value) for pair_id in bad_ids)
 
     assert not (tmp_path / "run" / "model").exists()

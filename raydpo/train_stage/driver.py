@@ -132,8 +132,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         _write_state(fs, run_dir, state)
         MlflowLogger(tracking_uri, run_id).close("FAILED")
         raise TrainingFailed(
-            f"training failed: {one_line(error, limit=1000)}; rerun with --resume to continue from "
-            f"the latest checkpoint in {cache.join(storage_path, RUN_NAME)}"
+            f"training failed: {one_line(error, limit=1000)}; {_rerun(storage_path)}"
         ) from error
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
     _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
@@ -141,6 +140,24 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     return TrainResult(
         result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
     )
+
+
+def _rerun(storage_path: str) -> str:
+    """How a failed run goes on: from its latest checkpoint, or, with none written, from the start."""
+    checkpoints = cache.join(storage_path, RUN_NAME)
+    fs, root = cache.resolve(checkpoints)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:  # the storage cannot be listed now: say where to look
+        return f"rerun with --resume to continue from the latest checkpoint in {checkpoints}"
+    names = sorted(
+        info.base_name
+        for info in found
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint-")
+    )
+    if not names:
+        return "no checkpoint was written: rerun with --resume to start again in the same MLflow run"
+    return f"rerun with --resume to continue from {names[-1]} in {checkpoints}"
 
 
 def _record_finished(
