@@ -66,6 +66,8 @@ NOISE = re.compile(
             r"PYTHON worker processes have been started on node",
             r"has constructor arguments in the object store",
             r"Token authentication is enabled for this Ray cluster",
+            # the GCS killing an actor whose process has already exited (the precompute's, at its end)
+            r"Failed to kill actor \w+, return status: .*Socket closed",
             r"^(\(\S+ pid=\d+\) )?(Loading weights|Writing model shards|Loading checkpoint shards):",
         )
     )
