@@ -91,14 +91,15 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     reference = check_cache_matches(config, splits, tokenizer)
     columns = required_columns(config)
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
-    config, workers_reason = _with_workers(config, fs, run_dir)
+    recorded = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")  # the run already in OUTPUT, if any
+    config, workers_reason = _with_workers(config, recorded)
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
     from raydpo.tracking import MlflowLogger, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
-    state = _prepare_run_dir(config, fs, run_dir, storage_path, splits["train"].manifest.key)
+    state = _prepare_run_dir(config, fs, run_dir, recorded, storage_path, splits["train"].manifest.key)
     _check_cluster(config, output, storage_path, tracking_uri)
     runtime_env = worker_env(
         {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_allocator_env(config.cpu_allocator))}
@@ -186,15 +187,14 @@ def _record_finished(
     _write_state(fs, run_dir, state)
 
 
-def _with_workers(config: TrainConfig, fs: pafs.FileSystem, run_dir: str) -> tuple[TrainConfig, str]:
-    """The config with its number of workers, and why: as set, else (resuming) the count the run
-    started with, else `default_workers` of the cluster joined."""
+def _with_workers(config: TrainConfig, recorded: dict[str, Any] | None) -> tuple[TrainConfig, str]:
+    """The config with its number of workers, and why: as set, else (resuming the RECORDED run) the count
+    the run started with, else `default_workers` of the cluster joined."""
     if config.num_workers is not None:
         return config, "as num_workers sets"
-    state = cache.read_json(fs, f"{run_dir}/{RUN_STATE}") if config.resume else None
-    recorded = (state or {}).get("config", {}).get("num_workers")
-    if recorded is not None:
-        workers, reason = recorded, "as the run being resumed started"
+    started_with = _started_with(recorded) if config.resume else None
+    if started_with is not None:
+        workers, reason = started_with, "as the run being resumed started"
     else:
         init_ray(config.ray_address)
         workers, reason = default_workers(config.use_gpu)
@@ -317,11 +317,21 @@ def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
 # ---- the run directory -------------------------------------------------------------------------------
 
 
+def _started_with(state: dict[str, Any] | None) -> int | None:
+    """The number of workers a recorded run started with (None: no run, or one recorded without it)."""
+    return (state or {}).get("config", {}).get("num_workers")
+
+
 def _prepare_run_dir(
-    config: TrainConfig, fs: pafs.FileSystem, run_dir: str, storage_path: str, data_key: str
+    config: TrainConfig,
+    fs: pafs.FileSystem,
+    run_dir: str,
+    state: dict[str, Any] | None,
+    storage_path: str,
+    data_key: str,
 ) -> dict[str, Any]:
-    """Start, resume or (with overwrite) replace the run in OUTPUT; refuse to mix runs."""
-    state = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")
+    """Start, resume or (with overwrite) replace the run in OUTPUT, whose recorded STATE is read once by
+    the caller; refuse to mix runs."""
     if state is None:
         if config.resume:
             raise RaydpoError(f"--resume: {config.output} holds no run to resume")
@@ -342,7 +352,7 @@ def _prepare_run_dir(
         )
     if state.get("data_key") != data_key:
         raise RaydpoError("--resume: the precompute output changed since the run started; it cannot continue")
-    started_with = state.get("config", {}).get("num_workers")
+    started_with = _started_with(state)
     if started_with is not None and started_with != config.num_workers:
         # each worker's checkpoint holds its ZeRO partition and its place in its own shard of the data
         raise RaydpoError(
