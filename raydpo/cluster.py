@@ -229,7 +229,7 @@ def cpu_threads(cpus_each: float, processes: int) -> int:
     return max(1, int(cpus_each), cores // processes)
 
 
-def default_workers(use_gpu: bool) -> tuple[int, str]:
+def default_workers(use_gpu: bool, cpus_each: float) -> tuple[int, str]:
     """The training workers of a run that sets none, from the cluster joined, and why.
 
     With GPUs: one per GPU of the cluster, as `torchrun --nproc-per-node gpu` does on a node. On CPUs:
@@ -237,32 +237,45 @@ def default_workers(use_gpu: bool) -> tuple[int, str]:
     matrix product, while processes split the batch and then also exchange weights and gradients:
     measured on 2 cores, one worker of 2 threads took 2.4 s a step where 2 workers of 1 thread took
     3.7 s (docs/benchmarks.md)."""
-    return default_processes(1.0 if use_gpu else 0.0, "use_gpu", "--num-workers")
+    return default_processes(1.0 if use_gpu else 0.0, cpus_each, "use_gpu", "--num-workers")
 
 
-def default_processes(gpus_each: float, asked: str, flag: str) -> tuple[int, str]:
+def default_processes(gpus_each: float, cpus_each: float, asked: str, flag: str) -> tuple[int, str]:
     """How many processes of a stage (training workers, scorer actors) a run that sets none gets from
-    the cluster joined, and why: with `gpus_each` > 0, as many as the GPUs of each node hold at that
-    share; on CPUs, one per node that has CPUs, each on all of its node's cores. ASKED names the setting
-    that asked for GPUs and FLAG the one that sets the count, for the error of a cluster without GPUs."""
+    the cluster joined, and why: with `gpus_each` > 0, as many as each node's GPUs hold at that share
+    (and its CPUs at `cpus_each`, which Ray reserves beside them); on CPUs, one per node that has CPUs,
+    each on all of its node's cores. ASKED names the setting that asked for GPUs and FLAG the one that
+    sets the count, for the error of a cluster without room for one."""
     nodes = alive_node_resources()
     if gpus_each:
         gpus = sum(node.get("GPU", 0) for node in nodes)
         # a process takes its GPUs on one node; the small term: 1 GPU at 0.1 each holds 10, 1 // 0.1 is 9
-        count = sum(int(node.get("GPU", 0) / gpus_each + 1e-9) for node in nodes)
+        count = sum(min(_fits(node, "GPU", gpus_each), _fits(node, "CPU", cpus_each)) for node in nodes)
         if count == 0:
-            has = f"no GPU node that holds {asked}={gpus_each:g}" if gpus else "no GPUs"
+            has = (
+                f"no node that holds one at {gpus_each:g} GPU and {cpus_each:g} CPU each"
+                if gpus
+                else "no GPUs"
+            )
             raise RaydpoError(
                 f"{asked}: the Ray cluster has {has} now; set {flag} "
                 "(an autoscaling cluster then adds the GPU nodes they need)"
             )
-        if gpus_each == 1:
+        if gpus_each == 1 and count == gpus:
             return count, f"one per GPU of the cluster ({gpus:g})"
-        return count, f"as many as the cluster's {gpus:g} GPUs hold at {asked}={gpus_each:g}"
+        return (
+            count,
+            f"as many as the cluster's {gpus:g} GPUs hold at {gpus_each:g} GPU and {cpus_each:g} CPU each",
+        )
     with_cpus = sum(1 for node in nodes if node.get("CPU", 0) > 0)
     if with_cpus == 0:
         raise RaydpoError(f"the Ray cluster has no node with CPUs now; set {flag}")
     return with_cpus, f"one per node with CPUs ({with_cpus}), each on all of its node's cores"
+
+
+def _fits(node: dict[str, float], resource: str, each: float) -> int | float:
+    """How many processes that take EACH of RESOURCE a node holds (any number where EACH is 0)."""
+    return int(node.get(resource, 0) / each + 1e-9) if each else float("inf")
 
 
 def processes_per_node(processes: int) -> int:

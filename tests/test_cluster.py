@@ -185,18 +185,20 @@ from raydpo.errors import RaydpoError
 
 init_ray(sys.argv[1])
 pools = {}
-for share in (1, 0.5, 0.3, 1.5, 3):
+for share, cpus in ((1, 0), (0.5, 0), (0.3, 0), (1.5, 0), (3, 0), (1, 1), (0.5, 1), (0.5, 4)):
     try:
-        pools[share] = list(default_processes(share, "gpus_per_actor", "--num-actors"))
+        pools[f"{share}/{cpus}"] = list(default_processes(share, cpus, "gpus_per_actor", "--num-actors"))
     except RaydpoError as error:
-        pools[share] = str(error)
+        pools[f"{share}/{cpus}"] = str(error)
 print(json.dumps(pools))
 """
 
 
 def test_default_gpu_pools_count_what_each_node_holds(cluster):
-    """A GPU stage that sets no count gets as many processes as the GPUs of each node hold at its share:
-    the head declares 1 GPU and the third node 2, so 1.5 GPUs each fit only on the third node."""
+    """A GPU stage that sets no count gets as many processes as each node's GPUs hold at its share, and
+    its CPUs at the CPUs each reserves: the head declares 1 GPU and 3 CPUs, the third node 2 GPUs and no
+    CPUs, so 1.5 GPUs each fit only on the third node, and a process that also takes a CPU only on the
+    head."""
     ran = subprocess.run(
         [sys.executable, "-c", GPU_POOLS, cluster.address],
         env=ray_env(),
@@ -206,13 +208,17 @@ def test_default_gpu_pools_count_what_each_node_holds(cluster):
     )
     assert ran.returncode == 0, ran.stderr[-3000:]
     pools = json.loads(ran.stdout.strip().splitlines()[-1])
-    assert pools["1"] == [3, "one per GPU of the cluster (3)"]
-    assert pools["0.5"] == [6, "as many as the cluster's 3 GPUs hold at gpus_per_actor=0.5"]
-    assert pools["0.3"][0] == 3 + 6  # 1 / 0.3 on the head, 2 / 0.3 on the third node
-    assert pools["1.5"][0] == 1
-    assert pools["3"] == (
-        "gpus_per_actor: the Ray cluster has no GPU node that holds gpus_per_actor=3 now; set --num-actors "
-        "(an autoscaling cluster then adds the GPU nodes they need)"
+    assert pools["1/0"] == [3, "one per GPU of the cluster (3)"]
+    assert pools["0.5/0"] == [6, "as many as the cluster's 3 GPUs hold at 0.5 GPU and 0 CPU each"]
+    assert pools["0.3/0"][0] == 3 + 6  # 1 / 0.3 on the head, 2 / 0.3 on the third node
+    assert pools["1.5/0"][0] == 1
+    assert pools["3/0"] == (
+        "gpus_per_actor: the Ray cluster has no node that holds one at 3 GPU and 0 CPU each now; set "
+        "--num-actors (an autoscaling cluster then adds the GPU nodes they need)"
+    )
+    assert pools["1/1"][0] == 1 and pools["0.5/1"][0] == 2  # the head's
+    assert pools["0.5/4"].startswith(
+        "gpus_per_actor: the Ray cluster has no node that holds one at 0.5 GPU and 4 CPU"
     )
 
 

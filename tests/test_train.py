@@ -710,10 +710,10 @@ def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, messag
 def test_default_workers_are_one_per_node_on_cpus_and_every_gpu(ray_session):
     from raydpo.cluster import default_workers
 
-    workers, reason = default_workers(use_gpu=False)
+    workers, reason = default_workers(use_gpu=False, cpus_each=1)
     assert workers == 1 and reason.startswith("one per node with CPUs (1)")
     with pytest.raises(RaydpoError, match="the Ray cluster has no GPUs now; set --num-workers"):
-        default_workers(use_gpu=True)
+        default_workers(use_gpu=True, cpus_each=1)
 
 
 def test_plan_counts_steps_and_epochs():

@@ -160,7 +160,9 @@ def _with_actors(config: PrecomputeConfig) -> tuple[PrecomputeConfig, str]:
     cluster joined."""
     if config.num_actors is not None:
         return config, "as num_actors sets"
-    actors, reason = default_processes(config.gpus_per_actor, "gpus_per_actor", "--num-actors")
+    actors, reason = default_processes(
+        config.gpus_per_actor, config.cpus_per_actor, "gpus_per_actor", "--num-actors"
+    )
     return dataclasses.replace(config, num_actors=actors), f"{reason}; --num-actors sets them"
 
 

@@ -197,7 +197,7 @@ def _with_workers(config: TrainConfig, recorded: dict[str, Any] | None) -> tuple
         workers, reason = started_with, "as the run being resumed started"
     else:
         init_ray(config.ray_address)
-        workers, reason = default_workers(config.use_gpu)
+        workers, reason = default_workers(config.use_gpu, config.cpus_per_worker)
     return dataclasses.replace(config, num_workers=workers), f"{reason}; --num-workers sets them"
 
 
