@@ -297,7 +297,10 @@ def warn_unused_gpus(what: str, cure: str) -> None:
     CPUs is slower by orders of magnitude, and nothing else would say why."""
     gpus = sum(node.get("GPU", 0) for node in alive_node_resources())
     if gpus:
-        logger.warning("the Ray cluster has %g GPUs and the %s run on CPUs: %s to use them", gpus, what, cure)
+        plural = "s" if gpus != 1 else ""
+        logger.warning(
+            "the Ray cluster has %g GPU%s and the %s run on CPUs: %s to use them", gpus, plural, what, cure
+        )
 
 
 def check_gpus_usable(who: str) -> None:
