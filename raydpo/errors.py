@@ -1,8 +1,8 @@
 """The exception types users see, and the one way an exception becomes the single line they read.
 
-Bad input raises `RaydpoError` (the CLI prints it as one line and exits with code 2); a stage that started
-and failed raises `StageFailed` (`TrainingFailed`, `PrecomputeFailed`: exit code 1). `console.run_command` is where entry points turn them
-into that line and code.
+Bad input raises `RaydpoError` (the CLI prints it as one line and exits with code 2); a stage that
+started and failed raises `StageFailed` (`TrainingFailed`, `PrecomputeFailed`: exit code 1).
+`console.run_command` is where entry points turn them into that line and code.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def cluster(tmp_path_factory):
 
 def test_two_node_training_publishes_the_model_to_the_driver(cluster, cache, toy_model, tmp_path):
     """Without --num-workers, a CPU run takes one worker per node with CPUs: two here (the third node has
-    none), spread so one trains on the second node. The cluster's GPUs, unused, are named once. Rank 0's model and the run state reach the driver
-    through the shared output."""
+    none), spread so one trains on the second node. The cluster's GPUs, unused, are named once. Rank 0's
+    model and the run state reach the driver through the shared output."""
     output = tmp_path / "run"
     ran = run_cli(
         "train", "--model", str(toy_model), "--data", str(cache), "--output", str(output), *TRAIN,
@@ -119,7 +119,8 @@ def test_precompute_spreads_one_scorer_per_node_with_the_values_of_one(
     cluster, cache, toy_model, sample_dir, tmp_path
 ):
     """Without --num-actors, a CPU precompute takes one scorer actor per node with CPUs: two here, spread
-    so one scores on the second node (the cluster's GPUs, unused, are named once). The values equal those of the one-actor output on one node."""
+    so one scores on the second node (the cluster's GPUs, unused, are named once). The values equal
+    those of the one-actor output on one node."""
     output = tmp_path / "cache"
     ran = run_cli(
         "precompute", "--model", str(toy_model), "--dataset", str(sample_dir / "dpo_en_demo.json"),

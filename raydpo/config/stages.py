@@ -81,8 +81,8 @@ class PrecomputeConfig:
     cpu_threads_per_actor: int | None = setting(
         None,
         help=(
-            "Torch threads of a CPU scorer; None: the cores of its node shared among the pool's actors there (at "
-            "least `cpus_per_actor`), so one actor on a small machine uses all of its cores."
+            "Torch threads of a CPU scorer; None: the cores of its node shared among the pool's actors "
+            "there (at least `cpus_per_actor`), so one actor on a small machine uses all of its cores."
         ),
     )
     cpu_allocator: str = setting(
