@@ -43,7 +43,7 @@ NOISE = re.compile(
             # Ray Data's bookkeeping per dataset execution (raydpo prints its own progress)
             r"Starting execution of Dataset",
             r"Execution plan of Dataset",
-            r"Dataset \S+ execution finished in",
+            r"Dataset \S+ execution (finished in|failed)",
             r"Data sink \S+ finished\.",
             r"Tip: Use `take_batch\(\)`",
             r"Progress (bars|will be logged|bars for operators)",
@@ -72,6 +72,9 @@ NOISE = re.compile(
         )
     )
 )
+# Ray Data's loggers that report a failed execution with its traceback: a command's own last line says
+# what failed, and these records go to its log only (`_LogOnly`)
+LOG_ONLY_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
 LOG_STATUS_SECONDS = 30.0  # the log keeps a terminal's status line this often, and its final state
 RECENT_LINES = 64  # a line seen among the last this many is not shown again (Ray repeats some)
 
@@ -221,6 +224,9 @@ def run_log(name: str) -> Iterator[RunLog]:
         markers[fd] = (f"raydpo-log-end-{os.getpid()}-{fd}-{id(log)}", threading.Event())
         threading.Thread(target=_pump, args=(read_end, console, saved[fd], *markers[fd]), daemon=True).start()
     _active, _log = console, log
+    log_only = _LogOnly(console)
+    for name in LOG_ONLY_LOGGERS:
+        logging.getLogger(name).addFilter(log_only)
     try:
         yield log
     except BaseException:
@@ -237,6 +243,8 @@ def run_log(name: str) -> Iterator[RunLog]:
         with console.lock:
             console._commit_status()
         _active, _log = None, None
+        for name in LOG_ONLY_LOGGERS:
+            logging.getLogger(name).removeFilter(log_only)
         for fd in (1, 2):
             os.dup2(saved[fd], fd)
 
@@ -290,6 +298,25 @@ def _info_lines() -> Iterator[None]:
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+
+
+class _LogOnly(logging.Filter):
+    """Writes the error records of a library's logger to the command's log, and marks them hidden from
+    the console for Ray Data's handlers (their `HiddenRecordFilter`; Ray Data's own log file still gets
+    them)."""
+
+    FORMAT = logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            with self.console.lock:
+                self.console.log.write(self.FORMAT.format(record) + "\n")
+            record.hide = True
+        return True
 
 
 def _pump(read_end: int, console: Console, fd: int, marker: str, seen: threading.Event) -> None:

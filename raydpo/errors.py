@@ -45,6 +45,26 @@ def raised_within(error: BaseException) -> RaydpoError | None:
     return None
 
 
+def process_died(error: BaseException) -> str | None:
+    """Where and how a Ray actor's process died, for an actor that died of its process exiting (killed,
+    out of memory, crashed) rather than of an exception: "pid 4106 on 10.0.0.5: <Ray's exit detail>".
+    None for any other error. Ray gives the facts only as text (`ActorDiedError`'s message)."""
+    from ray.exceptions import ActorDiedError
+
+    for _ in range(8):
+        if error is None or isinstance(error, ActorDiedError):
+            break
+        error = getattr(error, "cause", None) or error.__cause__
+    text = " ".join(str(error).split()) if isinstance(error, ActorDiedError) else ""
+    detail = re.search(r"Worker exit detail: (.*?)\.?(?: Some common causes|$)", text)
+    if detail is None:
+        return None
+    pid, node = re.search(r"\bpid: (\d+)", text), re.search(r"\bip: (\S+)", text)
+    where = [f"pid {pid.group(1)}"] if pid else []
+    where += [node.group(1)] if node else []
+    return f"{' on '.join(where)}: {detail.group(1)}" if where else detail.group(1)
+
+
 def one_line(error: BaseException, limit: int | None = 300) -> str:
     """The one line users see for an exception, at most `limit` characters.
 

@@ -33,7 +33,7 @@ from raydpo.cluster import (
 )
 from raydpo.config import PrecomputeConfig, coerce
 from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse_row, reject_id, row_text
-from raydpo.errors import PrecomputeFailed, RaydpoError, one_line, raised_within
+from raydpo.errors import PrecomputeFailed, RaydpoError, one_line, process_died, raised_within
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report
@@ -233,21 +233,28 @@ def _precompute_split(
                 sink, ray_remote_args={"num_cpus": 0, **({"runtime_env": runtime_env} if runtime_env else {})}
             )
         except Exception as error:
-            _stopped(error, inputs.path)
+            _stopped(error, inputs.path, config.max_actor_restarts)
     manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
 
 
-def _stopped(error: Exception, path: str) -> NoReturn:
+def _stopped(error: Exception, path: str, restarts: int) -> NoReturn:
     """The one line of a split's run that stopped: a check that failed in a scorer or a task (a GPU torch
     cannot use, a model that fails its load-time check) is bad input; anything else failed the run,
     whose written part files a rerun keeps."""
     bad_input = raised_within(error)
     if bad_input is not None:
         raise bad_input from error
+    died = process_died(error)
+    reason = (
+        f"a scorer actor's process died ({died}) and --max-actor-restarts {restarts} allows no more "
+        "restarts; the usual causes are the OOM killer, `ray stop --force` and a crash (the full log has "
+        "Ray's account)"
+        if died
+        else one_line(error, limit=1000)
+    )
     raise PrecomputeFailed(
-        f"precompute failed: {one_line(error, limit=1000)}; rerun the same command to resume: the pairs "
-        f"written to {path} are kept"
+        f"precompute failed: {reason}; rerun the same command to resume: the pairs written to {path} are kept"
     ) from error
 
 
