@@ -45,6 +45,12 @@ def raised_within(error: BaseException) -> RaydpoError | None:
     return None
 
 
+# what usually ends a Ray process from outside, for a line that names a process that died
+DEATH_CAUSES = (
+    "the usual causes are the OOM killer, `ray stop --force` and a crash (the full log has Ray's account)"
+)
+
+
 def process_died(error: BaseException) -> str | None:
     """Where and how a Ray actor's process died, for an actor that died of its process exiting (killed,
     out of memory, crashed) rather than of an exception: "pid 4106 on 10.0.0.5: <Ray's exit detail>".
@@ -54,7 +60,10 @@ def process_died(error: BaseException) -> str | None:
     for _ in range(8):
         if error is None or isinstance(error, ActorDiedError):
             break
-        error = getattr(error, "cause", None) or error.__cause__
+        # a task's error wraps its cause; Ray Train's failed health check, the death it found
+        error = (
+            getattr(error, "cause", None) or getattr(error, "health_check_failure", None) or error.__cause__
+        )
     text = " ".join(str(error).split()) if isinstance(error, ActorDiedError) else ""
     detail = re.search(r"Worker exit detail: (.*?)\.?(?: Some common causes|$)", text)
     if detail is None:

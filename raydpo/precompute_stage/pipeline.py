@@ -33,7 +33,7 @@ from raydpo.cluster import (
 )
 from raydpo.config import PrecomputeConfig, coerce
 from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse_row, reject_id, row_text
-from raydpo.errors import PrecomputeFailed, RaydpoError, one_line, process_died, raised_within
+from raydpo.errors import DEATH_CAUSES, PrecomputeFailed, RaydpoError, one_line, process_died, raised_within
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report
@@ -248,8 +248,7 @@ def _stopped(error: Exception, path: str, restarts: int) -> NoReturn:
     died = process_died(error)
     reason = (
         f"a scorer actor's process died ({died}) and --max-actor-restarts {restarts} allows no more "
-        "restarts; the usual causes are the OOM killer, `ray stop --force` and a crash (the full log has "
-        "Ray's account)"
+        f"restarts; {DEATH_CAUSES}"
         if died
         else one_line(error, limit=1000)
     )

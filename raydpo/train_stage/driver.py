@@ -33,7 +33,7 @@ from raydpo.cluster import (
     worker_env,
 )
 from raydpo.config import TrainConfig, as_dict, coerce
-from raydpo.errors import RaydpoError, TrainingFailed, one_line
+from raydpo.errors import DEATH_CAUSES, RaydpoError, TrainingFailed, one_line, process_died
 from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
@@ -133,7 +133,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         _write_state(fs, run_dir, state)
         MlflowLogger(tracking_uri, run_id).close("FAILED")
         raise TrainingFailed(
-            f"training failed: {one_line(error, limit=1000)}; {_rerun(storage_path)}"
+            f"training failed: {_failure(error, config.max_failures)}; {_rerun(storage_path)}"
         ) from error
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
     _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
@@ -141,6 +141,20 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     return TrainResult(
         result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
     )
+
+
+def _failure(error: Exception, max_failures: int) -> str:
+    """What ended a failed run: a worker whose process died (named by rank, pid and node; it is the cause
+    where other ranks then failed at their collectives), else the error a worker raised."""
+    failures = getattr(error, "worker_failures", None) or {}  # Ray Train's WorkerGroupError, per rank
+    for rank, failure in sorted(failures.items()):
+        died = process_died(failure)
+        if died:
+            return (
+                f"the process of worker rank {rank} died ({died}) and --max-failures {max_failures} allows "
+                f"no more restarts; {DEATH_CAUSES}"
+            )
+    return one_line(error, limit=1000)
 
 
 def _rerun(storage_path: str) -> str:
