@@ -75,6 +75,17 @@ NOISE = re.compile(
 # Ray Data's loggers that report a failed execution with its traceback: a command's own last line says
 # what failed, and these records go to its log only (`_LogOnly`)
 LOG_ONLY_LOGGERS = ("ray.data.exceptions", "ray.data._internal.execution.streaming_executor_state")
+# Records of several lines that the libraries print for a failure raydpo reports in its own line (a
+# worker failure, a failed run): (first line, last line) of each, after the "(Name pid=N) " prefix of a
+# Ray process; the console leaves them out, the log keeps them
+LOG_ONLY_BLOCKS = (
+    # Ray Train's failure policy, with the worker group's whole error
+    (re.compile(r"\[FailurePolicy\] "), re.compile(r"^ray\.train\.\w*Error: ")),
+    # the warning, with its traceback, of a worker group shut down after a worker died
+    (re.compile(r"Graceful shutdown of backend failed"), re.compile(r"^[\w.]+(Error|Exception): ")),
+)
+BLOCK_LINES = 200  # a block whose last line does not come is shown again after this many lines
+RAY_PREFIX = re.compile(r"^\(\S+ pid=\d+(?:, ip=[^)]*)?\) ")
 LOG_STATUS_SECONDS = 30.0  # the log keeps a terminal's status line this often, and its final state
 RECENT_LINES = 64  # a line seen among the last this many is not shown again (Ray repeats some)
 
@@ -93,6 +104,7 @@ class Console:
         self.recent: collections.deque[str] = collections.deque(maxlen=RECENT_LINES)
         self.status_text = ""
         self.status_logged = float("-inf")  # when a status line last went to the log
+        self.blocks: dict[str, tuple[re.Pattern, int]] = {}  # source prefix -> (last line, lines left)
         self.lock = threading.Lock()
 
     def line(self, raw: str, fd: int) -> None:
@@ -100,7 +112,12 @@ class Console:
         text = _final_text(raw)
         with self.lock:
             self.log.write(text + "\n")
-            if text and (NOISE.search(text) or text in self.recent):
+            if text and NOISE.search(text):
+                return
+            if text and self._in_block(text):
+                self.recent.append(text)  # Ray repeats an error's message after its block
+                return
+            if text and text in self.recent:
                 return
             if text:
                 self.recent.append(text)
@@ -109,6 +126,22 @@ class Console:
                 return
             self._commit_status()
             _write(fd, (raw if self.terminal else text) + "\n")
+
+    def _in_block(self, text: str) -> bool:
+        """Whether the line belongs to one of `LOG_ONLY_BLOCKS`, within the lines of its source."""
+        prefix = RAY_PREFIX.match(text)
+        source = prefix.group(0) if prefix else ""
+        body = text[len(source) :]
+        if source in self.blocks:
+            last, left = self.blocks.pop(source)
+            if not last.search(body) and left > 1:
+                self.blocks[source] = (last, left - 1)
+            return True
+        for first, last in LOG_ONLY_BLOCKS:
+            if first.match(body):
+                self.blocks[source] = (last, BLOCK_LINES)
+                return True
+        return False
 
     def status(self, text: str, final: bool = False) -> None:
         """A progress line: redrawn in place on a terminal (kept once `final`), else a plain line."""

@@ -26,6 +26,9 @@ from raydpo.errors import RaydpoError, one_line
 logger = logging.getLogger(__name__)
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+WORKER_FAILURES = "raydpo.worker_failures"  # worker-group failures over every attempt of the run
+LAST_FAILURE = "raydpo.last_failure"  # the line of the latest, retried or not
+FAILED_NOTE = "**Failed:** "  # the description of a run that failed, until it is resumed
 
 
 class MetricLogger(Protocol):
@@ -135,6 +138,7 @@ def start_run(
             client.set_experiment_tag(experiment_id, EXPERIMENT_KIND, TRAINING_KIND)
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
+            _clear_failed_note(client, run_id)
             return run_id
         run = client.create_run(experiment_id, run_name=run_name, tags={"raydpo.stage": "train"})
     except Exception as error:  # connection, permission and schema errors all stop the run here
@@ -154,6 +158,38 @@ def start_run(
             path.write_text(json.dumps(value, indent=2, default=str))
             client.log_artifact(run_id, str(path))
     return run_id
+
+
+def record_worker_failure(tracking_uri: str, run_id: str, line: str) -> int:
+    """Count a worker-group failure on the run (`raydpo.worker_failures`, over every attempt of it) and
+    keep its line (`raydpo.last_failure`); returns the count."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    count = int(client.get_run(run_id).data.tags.get(WORKER_FAILURES, "0")) + 1
+    client.set_tag(run_id, WORKER_FAILURES, str(count))
+    client.set_tag(run_id, LAST_FAILURE, line)
+    return count
+
+
+def record_run_failed(tracking_uri: str, run_id: str, line: str) -> None:
+    """Mark the run FAILED with the line that says why, as its description (the top of its page in the
+    UI, until a `--resume` reopens it) and as `raydpo.last_failure`."""
+    from mlflow import MlflowClient
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, LAST_FAILURE, line)
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, f"{FAILED_NOTE}{line}")
+    client.set_terminated(run_id, status="FAILED")
+
+
+def _clear_failed_note(client, run_id: str) -> None:
+    """A resumed run's description no longer says it failed (`raydpo.last_failure` keeps the line)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    if client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "").startswith(FAILED_NOTE):
+        client.delete_tag(run_id, MLFLOW_RUN_NOTE)
 
 
 def log_external_model(

@@ -39,6 +39,18 @@ def test_console_filters_noise_and_repeats_and_keeps_status_lines(terminal):
         "\x1b[36m(RayTrainWorker pid=7)\x1b[0m step 1/8 (12%)  loss 0.6931  accuracy 0.00",  # Ray Train's repeat
         "\x1b[36m(RayTrainWorker pid=7)\x1b[0m step 2/8 (25%)  loss 0.7453  accuracy 0.50",
         "\x1b[36m(RayTrainWorker pid=7)\x1b[0m Checkpoint successfully created at: Checkpoint(...)",
+        # Ray Train's records of a worker failure, which raydpo's own line reports
+        "(TrainController pid=9) [FailurePolicy] RETRY",
+        "(TrainController pid=9)   Error count: 1 (max allowed: 1)",
+        "(RayTrainWorker pid=8) a line of another process meanwhile",
+        "(TrainController pid=9) The actor died unexpectedly before finishing this task.",
+        "(TrainController pid=9) ray.train.WorkerGroupError: Training failed due to worker errors:",
+        "(TrainController pid=9) The actor died unexpectedly before finishing this task.",  # its message again
+        "(TrainController pid=9) Graceful shutdown of backend failed. This is expected if one of the workers",
+        "(TrainController pid=9) Traceback (most recent call last):",
+        "(TrainController pid=9)     raise value",
+        "(TrainController pid=9) ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing",
+        "(TrainController pid=9) raydpo: worker failure 1: the process of worker rank 0 died (pid 8 on ...)",
         "a warning the user should read",
         "(pid=gcs_server) [2026-12-03 13:47:56,834 E 7282 7282] (gcs_server) gcs_actor_scheduler.cc:538: Failed to "
         "kill actor 00c4, return status: Invalid: KillActor RPC failed for actor 00c4: RpcError: RPC error: Socket "
@@ -59,6 +71,10 @@ def test_console_filters_noise_and_repeats_and_keeps_status_lines(terminal):
     assert "Loading weights" not in shown and "Failed to kill actor" not in shown
     assert shown.count("step 1/8") == 1  # a repeated line is shown once
     assert "a warning the user should read\n" in shown
+    assert "FailurePolicy" not in shown and "Traceback" not in shown and "actor died" not in shown
+    assert "(RayTrainWorker pid=8) a line of another process meanwhile\n" in shown
+    assert "(TrainController pid=9) raydpo: worker failure 1:" in shown  # after the blocks, shown again
+    assert sum("TrainController" in line for line in logged) == 10  # the log keeps every line
     if terminal:
         # a status line is redrawn in place; the next ordinary line leaves it standing and goes below
         assert "\r\x1b[K\x1b[36m" not in shown  # colour codes stay out of the status line's text

@@ -260,6 +260,11 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
     result = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "run", max_failures=1))
     assert fired(tmp_path, "train.after_step")
     assert len(result.step_seconds) == STEPS - 3  # the restarted group ran steps 4-6
+    run = MlflowClient(tracking_uri=result.tracking_uri).get_run(result.run_id)  # the failure, counted
+    assert run.info.status == "FINISHED" and run.data.tags["raydpo.worker_failures"] == "1"
+    assert re.fullmatch(
+        r"the process of worker rank 1 died \(pid \d+ on .+\)", run.data.tags["raydpo.last_failure"]
+    )
     assert_same_weights(result.model_path, base_run.model_path)
     assert metric_history(result, "loss")[STEPS] == pytest.approx(
         metric_history(base_run, "loss")[STEPS], rel=1e-5
@@ -288,13 +293,22 @@ def test_interrupted_run_resumes_to_the_same_model(
     ) as failure:
         raydpo.train(settings)
     # the killed worker is named, not rank 0's failure at a collective that followed it
+    died = r"the process of worker rank 1 died \(pid \d+ on [\d.]+: [^)]+\)"
     assert re.match(
-        r"training failed: the process of worker rank 1 died \(pid \d+ on [\d.]+: [^)]+\) and --max-failures 0 "
-        r"allows no more restarts; the usual causes are the OOM killer",
+        rf"training failed: {died}, and --max-failures 0 allows no more restarts; the usual causes are the "
+        r"OOM killer",
         str(failure.value),
     ), str(failure.value)
     assert not (tmp_path / "run" / "model").exists()
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["status"] == "failed"
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["status"] == "failed"
+    # in MLflow: FAILED, with the line as the run's description, until the run is resumed
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    failed = client.get_run(state["run_id"])
+    line = str(failure.value).removeprefix("training failed: ").split("; rerun with")[0]
+    assert failed.info.status == "FAILED" and failed.data.tags["raydpo.last_failure"] == line
+    assert failed.data.tags["mlflow.note.content"] == f"**Failed:** {line}"
+    assert failed.data.tags["raydpo.worker_failures"] == "1"
     with pytest.raises(RaydpoError, match="interrupted run"):
         raydpo.train(settings)
     with pytest.raises(RaydpoError, match="started with 2 workers"):  # their checkpoints hold 2 partitions
@@ -302,6 +316,10 @@ def test_interrupted_run_resumes_to_the_same_model(
     unset = {name: value for name, value in settings.items() if name != "num_workers"}
     result = raydpo.train(unset, resume=True)  # the count the run started with
     assert result.plan.world_size == 2
+    resumed = client.get_run(result.run_id)
+    assert result.run_id == state["run_id"] and resumed.info.status == "FINISHED"
+    assert "mlflow.note.content" not in resumed.data.tags
+    assert resumed.data.tags["raydpo.last_failure"] == line  # what happened, kept
     assert len(result.step_seconds) == STEPS - 3
     assert_same_weights(result.model_path, base_run.model_path)
     with pytest.raises(RaydpoError, match="finished run"):

@@ -33,7 +33,7 @@ from raydpo.cluster import (
     worker_env,
 )
 from raydpo.config import TrainConfig, as_dict, coerce
-from raydpo.errors import DEATH_CAUSES, RaydpoError, TrainingFailed, one_line, process_died
+from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
@@ -95,7 +95,8 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     config, workers_reason = _with_workers(config, recorded)
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
-    from raydpo.tracking import MlflowLogger, resolve_tracking_uri
+    from raydpo.tracking import record_run_failed, resolve_tracking_uri
+    from raydpo.train_stage.failures import failed_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
@@ -131,30 +132,15 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     except Exception as error:
         state["status"] = "failed"
         _write_state(fs, run_dir, state)
-        MlflowLogger(tracking_uri, run_id).close("FAILED")
-        raise TrainingFailed(
-            f"training failed: {_failure(error, config.max_failures)}; {_rerun(storage_path)}"
-        ) from error
+        line = failed_run(error, config.max_failures)
+        record_run_failed(tracking_uri, run_id, line)
+        raise TrainingFailed(f"training failed: {line}; {_rerun(storage_path)}") from error
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
     _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
     fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
     return TrainResult(
         result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
     )
-
-
-def _failure(error: Exception, max_failures: int) -> str:
-    """What ended a failed run: a worker whose process died (named by rank, pid and node; it is the cause
-    where other ranks then failed at their collectives), else the error a worker raised."""
-    failures = getattr(error, "worker_failures", None) or {}  # Ray Train's WorkerGroupError, per rank
-    for rank, failure in sorted(failures.items()):
-        died = process_died(failure)
-        if died:
-            return (
-                f"the process of worker rank {rank} died ({died}) and --max-failures {max_failures} allows "
-                f"no more restarts; {DEATH_CAUSES}"
-            )
-    return one_line(error, limit=1000)
 
 
 def _rerun(storage_path: str) -> str:
@@ -422,6 +408,7 @@ def _trainer(
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
+    from raydpo.train_stage.failures import FailureRecorder
     from raydpo.train_stage.loop import train_loop
 
     reference = [name for name in columns if name.startswith("ref_")]
@@ -459,6 +446,7 @@ def _trainer(
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.keep_checkpoints),
             worker_runtime_env=runtime_env,
+            callbacks=[FailureRecorder(plan.tracking_uri, plan.run_id, config.max_failures)],
         ),
         datasets=datasets,
         # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs.
