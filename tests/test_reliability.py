@@ -67,6 +67,8 @@ def test_scorer_actor_killed_mid_run(
     assert fired(tmp_path, "precompute.score") is not None
     counts = result.train.counts
     assert counts.read == counts.written + counts.rejected == PAIRS
+    assert result.train.manifest.throughput.scorer_restarts == 1  # counted, and said at the end
+    assert ", 1 scorer restart (" in result.train.summary()
     outcome = compare(tmp_path / "out", clean)
     reliability.record(
         "precompute-1-scorer-killed",

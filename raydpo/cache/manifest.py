@@ -67,6 +67,7 @@ class Throughput:
     tokens_saved_by_prefix_sharing: int
     num_actors: int
     batch_size: int
+    scorer_restarts: int = 0  # scorer actors Ray restarted after their process died (their batches redone)
 
 
 @dataclass(frozen=True, kw_only=True)

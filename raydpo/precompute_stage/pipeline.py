@@ -82,10 +82,12 @@ class SplitResult:
         head = "cached, nothing to do" if self.cached else f"{stats.wall_time_s:.1f}s"
         saved = stats.tokens_saved_by_prefix_sharing
         sharing = f", prompts computed once ({saved / stats.tokens:.1%} fewer tokens)" if saved else ""
+        restarts = stats.scorer_restarts
+        restarted = f", {restarts} scorer restart{'s' if restarts > 1 else ''}" if restarts else ""
         return (
             f"{self.name}: {counts.read} rows read, {counts.written} written, "
             f"{counts.rejected} rejected; {stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, "
-            f"{stats.padding_fraction:.1%} padding{sharing} ({head}) -> {self.path}"
+            f"{stats.padding_fraction:.1%} padding{sharing}{restarted} ({head}) -> {self.path}"
         )
 
 
@@ -234,7 +236,8 @@ def _precompute_split(
             )
         except Exception as error:
             _stopped(error, inputs.path, config.max_actor_restarts)
-    manifest = finish(inputs, config, sink.totals, time.perf_counter() - started)
+    totals = {**sink.totals, "scorer_restarts": progress.counts.get("restarts", 0)}
+    manifest = finish(inputs, config, totals, time.perf_counter() - started)
     return SplitResult(name, inputs.path, False, manifest)
 
 

@@ -51,6 +51,7 @@ class Progress:
         import ray
 
         self.label, self.total = label, total
+        self.counts: dict[str, int] = {}  # the final counts, once the block has ended
         self.tally = ray.remote(num_cpus=0)(Tally).remote()
         self.started = time.monotonic()
         self.stop = threading.Event()
@@ -67,6 +68,7 @@ class Progress:
         self.thread.join()
         counts = self._read(timeout=5.0)
         if counts is not None:
+            self.counts = counts
             console.status(self.line(counts, time.monotonic() - self.started), final=True)
         ray.kill(self.tally)
 
@@ -92,6 +94,8 @@ class Progress:
         if done:
             parts.append(f"{done:,} kept from an earlier run")
         parts += [f"{scored:,} scored", f"{counts.get('written', 0):,} written", f"{rejected:,} rejected"]
+        if counts.get("restarts"):
+            parts.append(f"{counts['restarts']} scorer restart{'s' if counts['restarts'] > 1 else ''}")
         rate = scored / seconds if seconds > 0 else 0.0
         parts += [f"{rate:.1f} pairs/s", f"{counts.get('tokens', 0) / max(seconds, 1e-9):,.0f} tokens/s"]
         finished = scored + rejected + done

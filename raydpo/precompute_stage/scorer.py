@@ -6,6 +6,8 @@ Ray Data runs it on an actor pool (`map_batches(ReferenceScorer, ...)`); called 
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -73,6 +75,13 @@ class ReferenceScorer:
         self.chunk_tokens = chunk_tokens
         self.store_token_logps = store_token_logps
         self.progress = progress  # a `progress.Tally` handle, or None
+        if _restarted_actor():
+            print(
+                f"raydpo: a scorer actor was restarted after its process died (now pid {os.getpid()}); "
+                "the batches it had not finished are scored again",
+                flush=True,
+            )
+            report(progress, restarts=1)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         import torch
@@ -147,3 +156,13 @@ class ReferenceScorer:
             for k, i in enumerate(rows):
                 columns["ref_chosen_token_logps"][i] = token_logps[k][mask[k]].tolist()
                 columns["ref_rejected_token_logps"][i] = token_logps[pairs + k][mask[pairs + k]].tolist()
+
+
+def _restarted_actor() -> bool:
+    """Whether this process is a Ray actor that Ray restarted (False for a scorer called outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)

@@ -255,6 +255,7 @@ def _throughput(config: PrecomputeConfig, totals: dict[str, Any], wall_time: flo
         tokens_saved_by_prefix_sharing=tokens - computed_tokens,
         num_actors=config.num_actors,
         batch_size=config.batch_size,
+        scorer_restarts=totals.get("scorer_restarts", 0),
     )
 
 
