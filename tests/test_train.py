@@ -23,6 +23,7 @@ from raydpo import cache
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.faults import fired
 from raydpo.precompute_stage.sink import part_metadata
+from raydpo.train_stage.failures import describe
 
 NONFINITE_ROWS = 2
 STEPS = 6
@@ -279,6 +280,14 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
         "`weights_only=True`) and ran steps 4-6; final weights equal to an uninterrupted run "
         "(max |diff| <= 1e-6), final loss equal to 1e-5",
     )
+
+
+def test_a_worker_group_failure_is_named_by_the_rank_that_caused_it():
+    """A rank whose collective lost its peer is not the cause: the rank that raised its own error is."""
+    lost = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    failures = {0: lost, 1: ValueError("the cached values hold a NaN"), 2: lost}
+    assert describe(failures) == "worker rank 1 failed: the cached values hold a NaN"
+    assert describe({0: lost, 1: lost}).startswith("worker rank 0 failed: [../third_party/gloo")
 
 
 def test_interrupted_run_resumes_to_the_same_model(

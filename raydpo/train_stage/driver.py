@@ -33,7 +33,7 @@ from raydpo.cluster import (
     worker_env,
 )
 from raydpo.config import TrainConfig, as_dict, coerce
-from raydpo.errors import RaydpoError, TrainingFailed
+from raydpo.errors import RaydpoError, TrainingFailed, one_line
 from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
@@ -133,7 +133,10 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         state["status"] = "failed"
         _write_state(fs, run_dir, state)
         line = failed_run(error, config.max_failures)
-        record_run_failed(tracking_uri, run_id, line)
+        try:
+            record_run_failed(tracking_uri, run_id, line)
+        except Exception as unrecorded:  # the failure's line matters more than its MLflow record
+            logger.warning("the failure could not be recorded in MLflow: %s", one_line(unrecorded))
         raise TrainingFailed(f"training failed: {line}; {_rerun(storage_path)}") from error
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
     _record_finished(fs, run_dir, state, outcome, model_output, config, plan)

@@ -31,7 +31,7 @@ def describe(failures: Mapping[int, BaseException], limit: int = 800) -> str:
     raised = {rank: one_line(failure, limit=limit) for rank, failure in sorted(failures.items())}
     own = [rank for rank, line in raised.items() if not _PEER_LOST.search(line)]
     rank = own[0] if own else min(raised)
-    return f"worker rank {rank} raised {raised[rank]}"
+    return f"worker rank {rank} failed: {raised[rank]}"
 
 
 def failed_run(error: BaseException, max_failures: int) -> str:
@@ -41,8 +41,9 @@ def failed_run(error: BaseException, max_failures: int) -> str:
     if not failures:
         return one_line(error, limit=1000)
     line = describe(failures)
-    causes = f"; {DEATH_CAUSES}" if line.startswith("the process of") else ""
-    return f"{line}, and --max-failures {max_failures} allows no more restarts{causes}"
+    if not line.startswith("the process of"):  # an error a worker raised
+        return line
+    return f"{line}, and --max-failures {max_failures} allows no more restarts; {DEATH_CAUSES}"
 
 
 class FailureRecorder(UserCallback):
