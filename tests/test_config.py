@@ -25,6 +25,7 @@ def test_yaml_with_dotted_overrides(tmp_path):
         (PrecomputeConfig, {"model": "m", "max_length": 64, "max_prompt_length": 64}, "max_prompt_length"),
         (PrecomputeConfig, {"model": "m", "colour": 1}, "unknown PrecomputeConfig setting"),
         (PrecomputeConfig, {}, "PrecomputeConfig: model is required"),
+        (PrecomputeConfig, {"model": "m", "gpus_per_actor": 2}, "gpus_per_actor 2: a scorer actor runs"),
         (TrainConfig, {"model": "m", "dtype": "fp8"}, "dtype must be one of"),
         (TrainConfig, {"model": "m", "beta": 0}, "beta must be > 0, got 0"),
         (TrainConfig, {"model": "m", "loss_type": "dpo++"}, "loss type"),

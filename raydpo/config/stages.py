@@ -76,7 +76,10 @@ class PrecomputeConfig:
             "with CPUs, on all of its cores."
         ),
     )
-    gpus_per_actor: float = setting(0.0, help="GPUs per scorer actor (1 on a GPU cluster; 0 runs on CPU).")
+    gpus_per_actor: float = setting(
+        0.0,
+        help="GPUs per scorer actor, at most 1 (1 on a GPU cluster, a fraction to share one; 0 runs on CPU).",
+    )
     cpus_per_actor: float = setting(1.0, help="CPUs per scorer actor (what Ray reserves for it).")
     cpu_threads_per_actor: int | None = setting(
         None,
@@ -154,6 +157,12 @@ class PrecomputeConfig:
             raise RaydpoError("cpus_per_actor must be > 0 when gpus_per_actor is 0")
         if self.gpus_per_actor < 0 or self.cpus_per_actor < 0:
             raise RaydpoError("gpus_per_actor and cpus_per_actor must be >= 0")
+        if self.gpus_per_actor > 1:
+            raise RaydpoError(
+                f"gpus_per_actor {self.gpus_per_actor:g}: a scorer actor runs its model on one GPU, so the "
+                "others would sit idle; use 1 (or a fraction, to share a GPU). A model larger than one GPU "
+                "cannot be scored yet"
+            )
         if self.truncation_mode == "keep_end":
             raise RaydpoError(
                 "truncation_mode='keep_end' is not supported: use 'keep_start' "
