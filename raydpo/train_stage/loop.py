@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -117,6 +118,9 @@ def setup(plan: WorkerPlan) -> Worker:
         check_gpus_usable(f"training worker {rank}")
     device = ray.train.torch.get_device() if config.use_gpu else torch.device("cpu")
     if device.type == "cpu":
+        # DeepSpeed's CPU accelerator takes its device count from LOCAL_SIZE, else runs `numactl --hardware`
+        # in a subprocess, which ZeRO-3 asks for at every gradient reduction (57 times a step here)
+        os.environ.setdefault("LOCAL_SIZE", str(context.get_local_world_size()))
         threads = config.cpu_threads_per_worker
         torch.set_num_threads(threads or cpu_threads(config.cpus_per_worker, context.get_local_world_size()))
     _log_zero_stage(plan, rank)
