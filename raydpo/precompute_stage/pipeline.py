@@ -36,7 +36,7 @@ from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse
 from raydpo.errors import DEATH_CAUSES, PrecomputeFailed, RaydpoError, one_line, process_died, raised_within
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
-from raydpo.precompute_stage.progress import Progress, report
+from raydpo.precompute_stage.progress import Progress, report, restarts_phrase
 from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
 from raydpo.tokenize import (
@@ -82,8 +82,7 @@ class SplitResult:
         head = "cached, nothing to do" if self.cached else f"{stats.wall_time_s:.1f}s"
         saved = stats.tokens_saved_by_prefix_sharing
         sharing = f", prompts computed once ({saved / stats.tokens:.1%} fewer tokens)" if saved else ""
-        restarts = stats.scorer_restarts
-        restarted = f", {restarts} scorer restart{'s' if restarts > 1 else ''}" if restarts else ""
+        restarted = f", {restarts_phrase(stats.scorer_restarts)}" if stats.scorer_restarts else ""
         return (
             f"{self.name}: {counts.read} rows read, {counts.written} written, "
             f"{counts.rejected} rejected; {stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, "

@@ -95,13 +95,18 @@ class Progress:
             parts.append(f"{done:,} kept from an earlier run")
         parts += [f"{scored:,} scored", f"{counts.get('written', 0):,} written", f"{rejected:,} rejected"]
         if counts.get("restarts"):
-            parts.append(f"{counts['restarts']} scorer restart{'s' if counts['restarts'] > 1 else ''}")
+            parts.append(restarts_phrase(counts["restarts"]))
         rate = scored / seconds if seconds > 0 else 0.0
         parts += [f"{rate:.1f} pairs/s", f"{counts.get('tokens', 0) / max(seconds, 1e-9):,.0f} tokens/s"]
         finished = scored + rejected + done
         if self.total and rate > 0 and finished < self.total:
             parts.append(f"{finished / self.total:.0%}, ETA {_clock((self.total - finished) / rate)}")
         return "  ".join(parts)
+
+
+def restarts_phrase(count: int) -> str:
+    """The restart count as the progress line and the summary say it: "1 scorer restart", "2 ..."."""
+    return f"{count} scorer restart{'s' if count != 1 else ''}"
 
 
 def _clock(seconds: float) -> str:
