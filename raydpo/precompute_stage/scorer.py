@@ -7,6 +7,7 @@ Ray Data runs it on an actor pool (`map_batches(ReferenceScorer, ...)`); called 
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pyarrow as pa
@@ -165,4 +166,8 @@ def _restarted_actor() -> bool:
     if not ray.is_initialized():
         return False
     context = ray.get_runtime_context()
-    return context.get_actor_id() is not None and bool(context.was_current_actor_reconstructed)
+    if context.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # the property reads Ray's deprecated `actor_id` internally
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return bool(context.was_current_actor_reconstructed)
