@@ -532,14 +532,15 @@ def test_one_worker_runs_stage_0_with_the_values_of_zero_3(
     """One worker has nothing to partition, so the built config runs it at ZeRO stage 0. Its steps equal
     those of the same worker kept at stage 3 by a user's DeepSpeed JSON: 3 fp32 steps with gradients
     clipped give the same losses, log-probs and gradient norms (both summed in fp64) to 1e-5, and final
-    weights within 1% of what AdamW can move a weight in 3 steps (about lr each): gradients near AdamW's
+    weights (the same weight decay on the same parameters) within 1% of what AdamW can move a weight in 3 steps (about lr each): gradients near AdamW's
     eps carry the rounding of two summation orders into their updates (measured: 6.4e-6 at lr 1e-3).
     In bf16 (DeepSpeed's bf16 optimizer at stage 0) step 1 passes the strict reference check and the
     saved model is bf16."""
     from transformers import AutoModelForCausalLM
 
     one = {"num_workers": 1, "cpus_per_worker": 1, "micro_batch_size": 4, "max_steps": 3}
-    one.update(eval_steps=None, checkpoint_steps=None)
+    # a decay large enough to show in the weights: ZeRO-3 loads each weight as a 1-D shard
+    one.update(eval_steps=None, checkpoint_steps=None, weight_decay=5.0)
     stage0 = raydpo.train(run_settings(toy_model, train_cache, tmp_path / "stage0", **one))
     user = tmp_path / "zero3.json"
     user.write_text(json.dumps({"gradient_clipping": "auto", "zero_optimization": {"stage": 3}}))
@@ -747,6 +748,27 @@ def test_default_workers_are_one_per_node_on_cpus_and_every_gpu(ray_session):
     assert workers == 1 and reason.startswith("one per node with CPUs (1)")
     with pytest.raises(RaydpoError, match="the Ray cluster has no GPUs now; set --num-workers"):
         default_workers(use_gpu=True, cpus_each=1)
+
+
+def test_weight_decay_reaches_the_weights_the_trainer_decays_even_as_zero3_shards(toy_model):
+    """The decayed parameters are Hugging Face's Trainer's (all but biases and norm weights), also when
+    every parameter is a 1-D shard, as a policy loaded under ZeRO-3 is."""
+    from transformers import AutoModelForCausalLM, Trainer
+
+    from raydpo.train_stage.engine import param_groups
+
+    model = AutoModelForCausalLM.from_pretrained(toy_model)
+    expected = set(Trainer.get_decay_parameter_names(None, model))
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    for parameter in model.parameters():
+        parameter.data = torch.empty(0)  # what ZeRO-3 leaves in each module
+    decay, no_decay = param_groups(model, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in decay["params"]} == expected
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert any(name.endswith("q_proj.weight") for name in decayed)
+    assert not any("norm" in name for name in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
 def test_plan_counts_steps_and_epochs():

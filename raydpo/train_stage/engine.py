@@ -261,11 +261,16 @@ def _target_modules(value: list[str] | str) -> list[str] | str:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only, as Hugging Face's Trainer does (biases and norm weights are 1-D)."""
+    """Decay what Hugging Face's Trainer decays: every parameter but biases and norm weights, chosen by
+    module type and name (under ZeRO-3 loading each parameter is a 1-D shard: shapes say nothing)."""
+    from transformers import Trainer
+
+    # the Trainer's own rule; it reads nothing of the Trainer instance
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
     decay, no_decay = [], []
-    for parameter in model.parameters():
+    for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+            (decay if name in decayed else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]  # ZeRO drops empty groups; so must the scheduler
 
