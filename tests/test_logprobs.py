@@ -120,3 +120,23 @@ def test_head_path_check_catches_unknown_logit_processing(model):
             check_head_path(model, model.config.vocab_size)
     finally:
         model.config.final_logit_softcapping = None
+
+
+def test_length_normalised_losses_count_completion_tokens_as_trl_does(model, tokenizer, pairs):
+    """ipo and sigmoid_norm divide by each completion's token count, TRL's `completion_mask` sum, also
+    with an empty prompt, where the first completion token has nothing to be predicted from."""
+    from raydpo.losses import LossSettings
+    from raydpo.train_stage.forward import loss_inputs
+
+    prompts = [[], pairs[0].prompt_ids]
+    chosens, rejecteds = [pairs[0].chosen_ids, pairs[1].chosen_ids], [pairs[0].rejected_ids] * 2
+    batch = pack_pairs(prompts, chosens, rejecteds, pad_token_id(tokenizer))
+    with torch.inference_mode():
+        scores = completion_logps(model, batch, with_stats=True)
+    columns = {"chosen_input_ids": chosens, "rejected_input_ids": rejecteds}
+    columns |= {f"ref_{side}_logps": [0.0, 0.0] for side in ("chosen", "rejected")}
+    inputs = loss_inputs(scores, columns, LossSettings(loss_types=["ipo"]), torch.device("cpu"))
+    trl_lengths = batch.completion_mask.sum(dim=1).float()  # TRL divides by this mask's sums
+    assert inputs.chosen_lengths.tolist() == trl_lengths[:2].tolist() == [len(c) for c in chosens]
+    assert inputs.rejected_lengths.tolist() == trl_lengths[2:].tolist()
+    assert scores.lengths[0].item() == len(chosens[0]) - 1  # one token fewer is scored

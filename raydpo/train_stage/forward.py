@@ -115,7 +115,12 @@ def loss_inputs(
     else:
         chosen, rejected = scores.split(scores.sums)
         ref = {side: cached(f"ref_{side}_logps") for side in ("chosen", "rejected")}
-    chosen_lengths, rejected_lengths = scores.split(scores.lengths)
+    # the completions' token counts, as TRL counts them: with an empty prompt the first completion token
+    # has no position to be predicted from and is not scored, yet it counts (ipo, sigmoid_norm)
+    chosen_lengths, rejected_lengths = (
+        torch.tensor([len(ids) for ids in columns[f"{side}_input_ids"]], device=device)
+        for side in ("chosen", "rejected")
+    )
     chosen_mask = scores.split(scores.target_mask)[0]
     chosen_token_logps = scores.split(scores.token_logps)[0]
     inputs = LossInputs(
