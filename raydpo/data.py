@@ -360,7 +360,7 @@ def _list_files(source: str):
 
     try:
         filesystem, path = pafs.FileSystem.from_uri(source)
-    except (pafs.ArrowInvalid, ValueError, TypeError):
+    except (ValueError, TypeError):  # a plain path; pyarrow's ArrowInvalid is a ValueError
         filesystem, path = pafs.LocalFileSystem(), source
     if isinstance(filesystem, pafs.LocalFileSystem):
         path = str(Path(path).resolve())

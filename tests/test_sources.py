@@ -40,6 +40,20 @@ def same_values(result, reference):
         assert frame[column].tolist() == pytest.approx(reference[column].tolist(), rel=1e-5)
 
 
+def test_relative_paths_and_hub_names_are_told_apart(tmp_path, monkeypatch):
+    from raydpo.data import _list_files
+
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "r.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    monkeypatch.chdir(tmp_path)
+    for relative in ("data/r.jsonl", "./data/r.jsonl", "data"):
+        files, _ = _list_files(relative)
+        assert [info.path for info in files] == [str(tmp_path / "data" / "r.jsonl")], relative
+    assert _list_files("org/prefs-2.5-data") == (None, None)  # a name for datasets.load_dataset
+    with pytest.raises(RaydpoError, match="dataset not found: nope.json"):
+        _list_files("nope.json")
+
+
 def test_parquet_folder_and_file_uri(toy_model, rows, reference, tmp_path):
     folder = tmp_path / "parquet"
     folder.mkdir()
@@ -66,10 +80,13 @@ def test_huggingface_saved_to_disk_and_load_dataset(toy_model, rows, reference, 
     same_values(result, reference)
 
 
-def test_store_token_logps(toy_model, rows, reference, tmp_path):
-    result = run(
-        toy_model, str(write_jsonl(tmp_path / "r.jsonl", rows)), tmp_path / "out", store_token_logps=True
-    )
+def test_store_token_logps(toy_model, rows, reference, tmp_path, monkeypatch):
+    """Also: a dataset path relative to the working directory, as the README writes them."""
+    (tmp_path / "data").mkdir()
+    write_jsonl(tmp_path / "data" / "r.jsonl", rows)
+    monkeypatch.chdir(tmp_path)
+    result = run(toy_model, "data/r.jsonl", tmp_path / "out", store_token_logps=True)
+    same_values(result, reference)
     frame = raydpo.read_output(result.output).to_pandas()
     for _, row in frame.iterrows():
         for side in ("chosen", "rejected"):
