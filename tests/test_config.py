@@ -42,11 +42,27 @@ def test_yaml_with_dotted_overrides(tmp_path):
             {"model": "m", "cpu_allocator": "jemalloc"},
             "cpu_allocator must be mimalloc or system",
         ),
+        (TrainConfig, {"model": "m", "lora_alpha": "abc"}, "lora_alpha must be a number, got 'abc'"),
+        (TrainConfig, {"model": "m", "use_gpu": "maybe"}, "use_gpu must be true or false, got 'maybe'"),
+        (TrainConfig, {"model": "m", "micro_batch_size": 2.5}, "micro_batch_size must be an integer"),
+        (PrecomputeConfig, {"model": "m", "max_actor_restarts": "x"}, "max_actor_restarts must be an int"),
+        (TrainConfig, {"model": "m", "weight_decay": -1}, "weight_decay and gradient_clipping must be >= 0"),
+        (TrainConfig, {"model": "m", "lora_dropout": 2}, "lora_dropout in \\[0, 1\\)"),
     ],
 )
 def test_invalid_settings_are_one_clear_error(cls, values, message):
     with pytest.raises(RaydpoError, match=message):
         from_mapping(cls, values)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path):
+    """YAML 1.1 reads `5e-7` (no dot) as a string; a number setting takes it as the number it writes."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  model: m\n  learning_rate: 5e-7\n  max_steps: 1e3\n")
+    values = apply_overrides(load_yaml(path), ["train.warmup_ratio=1e-1", "train.cpus_per_worker=2"])
+    config = from_mapping(TrainConfig, values["train"])
+    assert (config.learning_rate, config.max_steps, config.warmup_ratio) == (5e-7, 1000, 0.1)
+    assert config.cpus_per_worker == 2.0 and isinstance(config.cpus_per_worker, float)
 
 
 def test_bad_override_and_yaml(tmp_path):

@@ -4,6 +4,8 @@ the Python API."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -16,17 +18,50 @@ from raydpo.errors import RaydpoError, one_line
 
 def from_mapping(cls: type, values: dict[str, Any]) -> Any:
     """Build a config dataclass from a mapping whose keys may use `-` or `_`; unknown keys are an error."""
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
         name = key.replace("-", "_")
         if name not in known:
             raise RaydpoError(f"unknown {cls.__name__} setting {key!r}")
-        kwargs[name] = value
+        kwargs[name] = typed(name, hints[name], value)
     missing = missing_required(cls, kwargs)
     if missing:
         raise RaydpoError(f"{cls.__name__}: {missing[0]} is required")
     return cls(**kwargs)
+
+
+def typed(name: str, hint: Any, value: Any) -> Any:
+    """`value` as the number or boolean a setting declares, or a one-line error. YAML reads `5e-7` (no
+    dot) as a string, and a `--set` value or a mapping may hold anything."""
+    if value is None:
+        return value
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    kinds = set(typing.get_args(hint) if union else (hint,))
+    if kinds & {str, list} or not kinds & {bool, int, float}:
+        return value
+    if bool in kinds:
+        if isinstance(value, bool):
+            return value
+        raise RaydpoError(f"{name} must be true or false, got {value!r}")
+    if isinstance(value, bool):
+        pass  # neither an int nor a float here, though Python says it is an int
+    elif float in kinds and isinstance(value, (int, float)):
+        return float(value)
+    elif int in kinds and isinstance(value, int):
+        return value
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and float in kinds:
+            return number
+        if number is not None and number.is_integer():
+            return int(number)
+    kind = "a number" if float in kinds else "an integer"
+    raise RaydpoError(f"{name} must be {kind}, got {value!r}")
 
 
 def missing_required(cls: type, values: dict[str, Any]) -> list[str]:

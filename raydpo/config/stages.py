@@ -229,7 +229,9 @@ class TrainConfig:
     learning_rate: float = setting(1e-6, help="Peak learning rate (TRL's DPO default).")
     lr_scheduler: str = setting("linear", help="Learning-rate decay after warmup.", choices=LR_SCHEDULERS)
     warmup_ratio: float = setting(0.0, help="Share of the steps with a linear warmup.")
-    weight_decay: float = setting(0.0, help="AdamW weight decay, on weight matrices only.")
+    weight_decay: float = setting(
+        0.0, help="AdamW weight decay, on every weight but biases and norm weights (as the Trainer decays)."
+    )
     epochs: int = setting(1, help="Passes over the training pairs (each with its own seeded shuffle).")
     shuffle: str = setting(
         "files",
@@ -413,6 +415,10 @@ class TrainConfig:
             raise RaydpoError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
         self.loss_settings()  # validates the loss combination
 
+        if self.weight_decay < 0 or self.gradient_clipping < 0:
+            raise RaydpoError("weight_decay and gradient_clipping must be >= 0 (gradient_clipping 0: none)")
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            raise RaydpoError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
     def loss_settings(self) -> LossSettings:
         """The loss settings of this run (`LossSettings` checks their combination)."""
         declared = [f for f in fields(self) if "loss_setting" in f.metadata]
