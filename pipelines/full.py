@@ -23,12 +23,24 @@ from pathlib import Path
 
 from raydpo.config import PrecomputeConfig, from_mapping, load
 from raydpo.console import keep_log_in, run_command
+from raydpo.errors import RaydpoError
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
 
 
+SECTIONS = ("precompute", "train", "smoke")
+
+
 def precompute_config(values: dict) -> PrecomputeConfig:
-    """The `precompute:` section; with a `smoke:` section, the small local model and bundled data."""
+    """The `precompute:` section; with a `smoke:` section, the small local model and bundled data.
+    A top-level key that is not a section, or a section that is not a mapping, is an error."""
+    for key, section in values.items():
+        if key not in SECTIONS:
+            raise RaydpoError(
+                f"unknown section {key!r} in the job config: its sections are {', '.join(SECTIONS)}"
+            )
+        if section is not None and not isinstance(section, dict):
+            raise RaydpoError(f"the job config's {key!r} section must be a mapping of settings")
     smoke = values.get("smoke")
     section = dict(values.get("precompute", {}))
     if smoke:  # build the small local model the smoke run uses

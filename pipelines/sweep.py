@@ -22,6 +22,7 @@ from full import SMOKE_CONFIG, precompute_config  # noqa: E402
 from raydpo.config import apply_overrides, load  # noqa: E402
 from raydpo.console import keep_log_in, run_command  # noqa: E402
 from raydpo.errors import RaydpoError  # noqa: E402
+from raydpo.job import train_config_for  # noqa: E402
 from raydpo.tracking import resolve_tracking_uri  # noqa: E402
 
 SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "loss", "rewards/accuracies")
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         # one MLflow store for the whole sweep (default: SQLite in the sweep's directory)
         base.setdefault("mlflow_tracking_uri", resolve_tracking_uri(None, base_output))
         keep_log_in(base_output)
-        runs = []
+        points = []
         for index, overrides in enumerate(combinations):
             name = "-".join(f"{key.removeprefix('train.')}={value}" for key, value in overrides.items())
             section = apply_overrides({"train": dict(base)}, [f"{k}={v}" for k, v in overrides.items()])[
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             ]
             section["output"] = f"{base_output}/{index:02d}-{name}"
             section.setdefault("experiment", "raydpo-sweep")
+            train_config_for(config, section)  # every point's settings are checked before the first runs
+            points.append((name, section))
+        runs = []
+        for index, (name, section) in enumerate(points):
             job = raydpo.run(config, section)  # the precompute is a cache hit after the first run
             runs.append((name, job))
             print(f"[{index + 1}/{len(combinations)}] {name}: {job.train.summary().splitlines()[0]}")

@@ -364,3 +364,23 @@ def test_sweep_reuses_one_precompute(ray_session, tmp_path, capsys):
     experiment = client.get_experiment_by_name("raydpo-sweep")
     found = client.search_runs([experiment.experiment_id])
     assert sorted(run.info.run_id for run in found) == sorted(state["run_id"] for state in states)
+
+
+def test_job_configs_are_checked_whole_before_any_work(tmp_path, capsys):
+    """A misspelled section of a job config, or a bad value in any point of a sweep, stops the job with
+    one line before it starts anything."""
+    sys.path.insert(0, str(ROOT / "pipelines"))
+    import full
+    import sweep
+
+    config = tmp_path / "job.yaml"
+    config.write_text(f"precompute:\n  model: {tmp_path}\ntrian:\n  beta: 0.2\n")
+    assert full.main(["--config", str(config)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "full.py: error: unknown section 'trian' in the job config: its sections are precompute, train, smoke"
+    ]
+    overrides = [f"smoke.model_dir={tmp_path / 'model'}", f"train.output={tmp_path / 'runs'}"]
+    argv = [arg for item in overrides for arg in ("--set", item)] + ["--sweep", "train.beta=0.1,-1"]
+    assert sweep.main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "sweep.py: error: beta must be > 0, got -1.0"
+    assert not list((tmp_path / "runs").glob("0*"))  # no point ran
