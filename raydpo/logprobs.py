@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from raydpo.attention import ATTENTION_NAME, use_varlen, varlen_plan
 from raydpo.attention import register as register_attention
 from raydpo.config import PREFIX_SHARING
-from raydpo.errors import one_line
+from raydpo.errors import RaydpoError, one_line
 from raydpo.layout import (
     PackedPairs,
     SharedPairs,
@@ -128,7 +128,7 @@ def _shared_attention(batch: SharedPairs, model: torch.nn.Module) -> dict:
 def _call_head(head, states, targets, transform: LogitTransform, chunk_tokens: int, with_stats: bool):
     """Run `_HeadLogps` as the forward of the head module, so module hooks (ZeRO-3's gather) run once."""
     if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"the LM head must be a torch.nn.Linear, got {type(head).__name__}")
+        raise RaydpoError(f"the LM head must be a torch.nn.Linear, got {type(head).__name__}")
 
     def forward(states, targets):
         return _HeadLogps.apply(states, head.weight, head.bias, targets, transform, chunk_tokens, with_stats)
@@ -221,7 +221,7 @@ def _split_model(model: torch.nn.Module):
     body = model.get_decoder()
     head = model.get_output_embeddings()
     if body is None or head is None or body is model:
-        raise ValueError(f"{type(model).__name__} does not expose its decoder and LM head separately")
+        raise RaydpoError(f"{type(model).__name__} does not expose its decoder and LM head separately")
     config = getattr(model, "config", None)
     transform = LogitTransform(
         scale=getattr(config, "logit_scale", None),  # Cohere multiplies
@@ -247,9 +247,10 @@ def check_head_path(model: torch.nn.Module, vocab_size: int, atol: float = 1e-3)
     error = (expected - actual).abs().max().item()
     scale = max(expected.abs().max().item(), 1.0)
     if error > atol * scale:
-        raise ValueError(
+        raise RaydpoError(
             f"{type(model).__name__}: LM head applied to the decoder output differs from the model's logits "
-            f"(max error {error:.3g}); this architecture post-processes logits in an unsupported way"
+            f"(max error {error:.3g}); this architecture post-processes logits in an unsupported way, or "
+            "the model is not a causal (decoder-only) language model"
         )
 
 
@@ -325,7 +326,7 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
         logger.debug("prefix sharing: attention %s", attention_mode(model))
         return True
     if setting == "on":
-        raise ValueError(f"prefix_sharing=on: {reason}")
+        raise RaydpoError(f"prefix_sharing=on: {reason}")
     logger.warning("prefix sharing is off: %s", reason)
     return False
 

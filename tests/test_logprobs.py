@@ -122,6 +122,20 @@ def test_head_path_check_catches_unknown_logit_processing(model):
         model.config.final_logit_softcapping = None
 
 
+def test_a_model_that_is_not_a_causal_lm_is_bad_input():
+    """BERT loads as `BertLMHeadModel` through AutoModelForCausalLM, but its head transforms the states
+    first: the check stops it as bad input (one line, exit 2), not as a failed run."""
+    from transformers import BertConfig, BertLMHeadModel
+
+    from raydpo.errors import RaydpoError
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2)
+    config.intermediate_size, config.is_decoder = 32, True
+    bert = BertLMHeadModel(config).eval()
+    with pytest.raises(RaydpoError, match="not a causal"):
+        check_head_path(bert, config.vocab_size)
+
+
 def test_length_normalised_losses_count_completion_tokens_as_trl_does(model, tokenizer, pairs):
     """ipo and sigmoid_norm divide by each completion's token count, TRL's `completion_mask` sum, also
     with an empty prompt, where the first completion token has nothing to be predicted from."""
