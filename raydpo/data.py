@@ -2,11 +2,14 @@
 
 Formats (the ones TRL's DPOTrainer accepts, plus ShareGPT):
 - standard: `prompt`, `chosen`, `rejected` strings;
-- conversational: the same keys holding lists of `{"role", "content"}` messages;
+- conversational: the same keys holding lists of messages (`role`, `content` as a string or a list of text
+  parts, and whatever else the chat template reads: `tool_calls`, `reasoning_content`, `name`, ...), with
+  optional `tools` and `chat_template_kwargs` columns passed to the chat template as TRL passes them;
 - implicit prompt: only `chosen` and `rejected`; the prompt is their shared prefix (TRL's `extract_prompt`);
 - ShareGPT: `conversations` (`{"from", "value"}` turns, optional `system` column) with `chosen` and `rejected`
   each one `{"from": "gpt", "value"}` message (or a list of them).
-A row that fits none of them becomes a reject with a reason; it is never dropped silently.
+A row that fits none of them, or that has images (raydpo trains text-only models), becomes a reject with a
+reason; it is never dropped silently.
 
 JSON and JSONL files are read record by record (`JSON_RECORD`) and each record is parsed on its own, so
 one record with other types, another format or invalid UTF-8 is one reject, not a failed file.
@@ -18,7 +21,7 @@ import codecs
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +42,9 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 PREFERENCE_KEYS = ("chosen", "rejected")
+IMAGE_COLUMNS = ("image", "images")  # TRL's sign of a vision dataset
+# apply_chat_template's arguments that tokenization sets itself; TRL fails on a row whose kwargs repeat them
+TOKENIZATION_ARGUMENTS = ("conversation", "tokenize", "return_dict", "add_generation_prompt")
 JSON_RECORD = "_raydpo_json_record"  # the raw bytes of one JSON record, parsed by `parse_row`
 # Every input row's position in the source, carried from the reader to the output (`source_row`):
 # `file_index << FILE_SHIFT | record` for files (in the fingerprint's sorted order), the row's index for a
@@ -48,14 +54,22 @@ SOURCE_ROW = "_raydpo_source_row"
 FILE_SHIFT = 32
 
 
+Message = dict[str, Any]  # a chat message: `role`, `content` and any other key the chat template reads
+
+
 @dataclass(frozen=True)
 class CanonicalPair:
-    """One preference pair in TRL's explicit-prompt form: all strings, or all message lists."""
+    """One preference pair in TRL's explicit-prompt form: all strings, or all message lists.
+
+    A conversational pair also carries the row's `tools` and `chat_template_kwargs` (empty for text).
+    """
 
     pair_id: str
-    prompt: str | list[dict[str, str]]
-    chosen: str | list[dict[str, str]]
-    rejected: str | list[dict[str, str]]
+    prompt: str | list[Message]
+    chosen: str | list[Message]
+    rejected: str | list[Message]
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def conversational(self) -> bool:
@@ -94,7 +108,22 @@ def row_text(row: dict[str, Any]) -> str:
 
 
 def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> CanonicalPair:
-    """Turn one input row of any accepted format into a `CanonicalPair`, or raise `RowError`."""
+    """Turn one input row of any accepted format into a `CanonicalPair`, or raise `RowError`.
+
+    The content hash (`pair_id` without `id_column`) covers everything that reaches the tokenizer: the
+    messages with all their keys, `tools` and `chat_template_kwargs`.
+    """
+    if any(row.get(column) not in (None, []) for column in IMAGE_COLUMNS):
+        raise RowError("the row has images; raydpo trains text-only models")
+    prompt, chosen, rejected = _prompt_chosen_rejected(row)
+    tools, template_kwargs = _template_inputs(row) if isinstance(chosen, list) else (None, {})
+    content = _content_json(prompt, chosen, rejected, tools, template_kwargs)
+    pair_id = _digest(content) if id_column is None else _id_value(row, id_column)
+    return CanonicalPair(pair_id, prompt, chosen, rejected, tools, template_kwargs)
+
+
+def _prompt_chosen_rejected(row: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The row's prompt, chosen and rejected in TRL's explicit-prompt form, checked."""
     if "conversations" in row and row.get("conversations") is not None:
         conversation = sharegpt_to_conversational(row)
         prompt, chosen, rejected = (conversation[key] for key in ("prompt", "chosen", "rejected"))
@@ -113,14 +142,55 @@ def canonical_pair(row: dict[str, Any], id_column: str | None = None) -> Canonic
     if len(kinds) != 1:
         raise RowError("prompt, chosen and rejected mix text and messages")
     for name, value in (("chosen", chosen), ("rejected", rejected)):
-        if not _has_text(value):
+        if _is_blank(value):
             raise RowError(f"empty {name} completion")
     if isinstance(prompt, list) and not prompt:
         raise RowError("empty prompt (no messages)")
-    return CanonicalPair(_pair_id(row, id_column, prompt, chosen, rejected), prompt, chosen, rejected)
+    return prompt, chosen, rejected
 
 
-def sharegpt_to_conversational(row: dict[str, Any]) -> dict[str, list[dict[str, str]]]:
+def _template_inputs(row: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+    """A conversational row's `tools` and `chat_template_kwargs`, as TRL hands them to the chat template.
+
+    `tools` is a list of tool schemas, or a JSON string of one (TRL parses it; in Parquet or a Hugging
+    Face dataset a string keeps each row's schemas as they are, where a column of structs gives every row
+    the keys of all rows, as nulls). `chat_template_kwargs` is a mapping; absent or null means none.
+    """
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as error:
+            raise RowError(f"tools is a string but not valid JSON: {error}") from None
+    if tools is not None and not (
+        isinstance(tools, (list, tuple)) and all(isinstance(tool, dict) for tool in tools)
+    ):
+        raise RowError("tools is not a list of tool schemas (JSON objects)")
+    template_kwargs = row.get("chat_template_kwargs")
+    if template_kwargs is None:
+        template_kwargs = {}
+    if not isinstance(template_kwargs, dict) or not all(isinstance(key, str) for key in template_kwargs):
+        raise RowError("chat_template_kwargs is not a mapping of names to values")
+    repeated = sorted(set(template_kwargs) & set(TOKENIZATION_ARGUMENTS))
+    if repeated:
+        raise RowError(f"chat_template_kwargs sets {repeated[0]!r}, which tokenization sets itself")
+    return (None if tools is None else list(tools)), dict(template_kwargs)
+
+
+def _content_json(prompt: Any, chosen: Any, rejected: Any, tools: Any, template_kwargs: dict) -> str:
+    """The pair's content as canonical JSON, what the content hash digests (raises `RowError` if a value
+    is not JSON). Without tools and kwargs it is the prompt, chosen and rejected alone, so such pairs
+    keep the ids they had before raydpo read tools."""
+    content = [prompt, chosen, rejected]
+    if tools is not None or template_kwargs:
+        content += [tools, template_kwargs]
+    try:
+        return json.dumps(content, sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError) as error:
+        raise RowError(f"the row holds a value that is not JSON: {one_line(error)}") from None
+
+
+def sharegpt_to_conversational(row: dict[str, Any]) -> dict[str, list[Message]]:
     """A ShareGPT row in TRL's conversational format: `prompt`, `chosen` and `rejected` message lists.
 
     The `conversations` turns (after the `system` column, if any) make the prompt; `from` names map to
@@ -158,9 +228,7 @@ def reject_id(row: dict[str, Any], id_column: str | None) -> str:
     return _digest(json.dumps(row, sort_keys=True, default=str, ensure_ascii=False))
 
 
-def _pair_id(row: dict[str, Any], id_column: str | None, prompt: Any, chosen: Any, rejected: Any) -> str:
-    if id_column is None:
-        return _digest(json.dumps([prompt, chosen, rejected], sort_keys=True, ensure_ascii=False))
+def _id_value(row: dict[str, Any], id_column: str) -> str:
     value = row.get(id_column)
     if value is None or isinstance(value, bool) or not isinstance(value, (str, int)):
         raise RowError(f"id column {id_column!r} is missing or not a string/integer")
@@ -181,13 +249,21 @@ def _require(row: dict[str, Any], key: str) -> Any:
     return value
 
 
-def _has_text(value: str | list[dict[str, str]]) -> bool:
+def _is_blank(value: str | list[Message]) -> bool:
+    """Blank text, or messages of blank text and nothing else (a tool call or a reasoning is something)."""
     if isinstance(value, str):
-        return bool(value.strip())
-    return any(message["content"].strip() for message in value)
+        return not value.strip()
+    return all(set(message) <= {"role", "content"} and not _text(message).strip() for message in value)
 
 
-def _text_or_messages(value: Any, name: str) -> str | list[dict[str, str]]:
+def _text(message: Message) -> str:
+    content = message.get("content")
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part["text"] for part in content)
+
+
+def _text_or_messages(value: Any, name: str) -> str | list[Message]:
     if isinstance(value, str):
         return value
     if isinstance(value, (list, tuple)):
@@ -195,18 +271,36 @@ def _text_or_messages(value: Any, name: str) -> str | list[dict[str, str]]:
     raise RowError(f"{name} is neither a string nor a list of messages")
 
 
-def _message(item: Any, name: str) -> dict[str, str]:
+def _message(item: Any, name: str) -> Message:
+    """A message with all its keys but those whose value is null: transformers drops them before the
+    template renders (and Arrow gives every message the keys of all messages of its column, as nulls)."""
     if not isinstance(item, dict):
         raise RowError(f"{name} holds a message that is not a {{role, content}} mapping")
-    role, content = item.get("role"), item.get("content")
+    role = item.get("role")
     if role not in ROLES:
         raise RowError(f"{name} holds a message with missing or unknown role {role!r}")
-    if not isinstance(content, str):
-        raise RowError(f"{name} holds a message whose content is not a string")
-    return {"role": role, "content": content}
+    message = {key: value for key, value in item.items() if value is not None}
+    _check_content(message, name)
+    return message
 
 
-def _sharegpt_messages(value: Any, name: str) -> list[dict[str, str]]:
+def _check_content(message: Message, name: str) -> None:
+    """Content as TRL's text models take it: a string, a list of text parts, or none beside tool calls."""
+    content = message.get("content")
+    if isinstance(content, str) or (content is None and message.get("tool_calls")):
+        return
+    if isinstance(content, (list, tuple)) and content and all(isinstance(part, dict) for part in content):
+        kinds = {part.get("type") for part in content} - {"text"}
+        if kinds and all(isinstance(kind, str) for kind in kinds):
+            raise RowError(
+                f"{name} holds a content part of type {sorted(kinds)[0]!r}; raydpo takes text parts only"
+            )
+        if not kinds and all(isinstance(part.get("text"), str) for part in content):
+            return
+    raise RowError(f"{name} holds a message whose content is not a string or a list of text parts")
+
+
+def _sharegpt_messages(value: Any, name: str) -> list[Message]:
     turns = [value] if isinstance(value, dict) else value
     if not isinstance(turns, (list, tuple)) or not turns:
         raise RowError(f"{name} is not a non-empty list of ShareGPT turns")
@@ -241,10 +335,12 @@ def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[r
     import ray.data
 
     if isinstance(source, ray.data.Dataset):
-        numbered = _numbered(source)
-        return numbered, {
+        # digested before numbering: a dataset's blocks may have different columns (rows of `from_items`
+        # with and without `tools`), and dropping the number column would project every block to the first's
+        materialized = source.materialize()
+        return _numbered(materialized), {
             "kind": "ray_dataset",
-            "content": dataset_content_digest(numbered.drop_columns([SOURCE_ROW])),
+            "content": dataset_content_digest(materialized),
         }
     if not isinstance(source, str) or not source:
         raise RaydpoError("dataset must be a path, a URI or a ray.data.Dataset")

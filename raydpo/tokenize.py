@@ -1,6 +1,7 @@
 """The one tokenization of a preference pair, with TRL 1.x DPOTrainer's semantics.
 
-- conversational prompts are rendered with `add_generation_prompt=True`, prompt+completion without;
+- conversational prompts are rendered with `add_generation_prompt=True`, prompt+completion without, each
+  with the row's `tools` and `chat_template_kwargs`, and the messages with all their keys;
 - standard completions get the EOS token appended when they do not end with it;
 - the completion starts where the tokenized prompt and the tokenized prompt+completion diverge;
 - `max_prompt_length` (optional) keeps the end of the prompt; then each prompt+completion is cut to
@@ -69,9 +70,10 @@ def tokenize_pair(
     if pair.conversational:
         if tokenizer.chat_template is None:
             raise RowError("conversational row but the tokenizer has no chat template")
-        prompt_ids = _render(tokenizer, pair.prompt, add_generation_prompt=True)
-        prompt_chosen_ids = _render(tokenizer, pair.prompt + pair.chosen)
-        prompt_rejected_ids = _render(tokenizer, pair.prompt + pair.rejected)
+        template_kwargs = {"tools": pair.tools, **pair.chat_template_kwargs}  # as TRL builds them
+        prompt_ids = _render(tokenizer, pair.prompt, template_kwargs, add_generation_prompt=True)
+        prompt_chosen_ids = _render(tokenizer, pair.prompt + pair.chosen, template_kwargs)
+        prompt_rejected_ids = _render(tokenizer, pair.prompt + pair.rejected, template_kwargs)
     else:
         eos = tokenizer.eos_token
         chosen = pair.chosen if pair.chosen.endswith(eos) else pair.chosen + eos
@@ -115,12 +117,24 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
     return length
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> list[int]:
+def _render(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    template_kwargs: dict[str, Any],
+    add_generation_prompt: bool = False,
+) -> list[int]:
+    """Token ids of the rendered messages; a conversation the template cannot render is a `RowError`."""
     try:
         result = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+            messages,
+            tokenize=True,
+            return_dict=True,
+            add_generation_prompt=add_generation_prompt,
+            **template_kwargs,
         )
-    except jinja2.TemplateError as error:  # a template's raise_exception(), or one it cannot render
+    # a template's raise_exception() or syntax (TemplateError); a value it cannot use, such as a list of
+    # parts added to a string (TypeError); tools transformers refuses (ValueError)
+    except (jinja2.TemplateError, TypeError, ValueError) as error:
         raise RowError(f"chat template refused the conversation: {one_line(error, limit=200)}") from None
     return list(result["input_ids"])
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
-from conftest import to_conversational
+from conftest import to_conversational, write_jsonl
 from trl.data_utils import extract_prompt as trl_extract_prompt
 
-from raydpo.data import RowError, canonical_pair, extract_prompt
+from raydpo.data import SOURCE_ROW, RowError, canonical_pair, extract_prompt, open_source, parse_row
 
 
 def test_sharegpt_row_maps_roles_and_keeps_system_prompt(en_rows):
@@ -76,6 +79,130 @@ def test_id_column_is_used_and_content_hash_is_stable():
     assert canonical_pair(row).pair_id != canonical_pair({**row, "chosen": "c"}).pair_id
 
 
+CHAT = {
+    "prompt": [{"role": "user", "content": "What is the weather in Paris?"}],
+    "chosen": [{"role": "assistant", "content": "Sunny."}],
+    "rejected": [{"role": "assistant", "content": "Rain."}],
+}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def test_messages_keep_every_key_but_nulls():
+    """Keys the template reads stay; null ones go, as transformers drops them before rendering."""
+    chosen = [{"role": "assistant", "content": None, "tool_calls": [CALL], "name": None}]
+    rejected = [
+        {"role": "assistant", "content": "Rain.", "reasoning_content": "A guess.", "tool_calls": None}
+    ]
+    pair = canonical_pair({**CHAT, "chosen": chosen, "rejected": rejected})
+    assert pair.chosen == [{"role": "assistant", "tool_calls": [CALL]}]
+    assert pair.rejected == [{"role": "assistant", "content": "Rain.", "reasoning_content": "A guess."}]
+
+
+def test_tools_and_template_kwargs_are_kept_for_conversations_only():
+    pair = canonical_pair({**CHAT, "tools": TOOLS, "chat_template_kwargs": {"enable_thinking": False}})
+    assert pair.tools == TOOLS and pair.chat_template_kwargs == {"enable_thinking": False}
+    assert canonical_pair({**CHAT, "tools": json.dumps(TOOLS)}).tools == TOOLS  # a JSON string, as TRL parses
+    assert canonical_pair({**CHAT, "chat_template_kwargs": None}).chat_template_kwargs == {}
+    text = canonical_pair({"prompt": "p", "chosen": "a", "rejected": "b", "tools": TOOLS})
+    assert (text.tools, text.chat_template_kwargs) == (None, {})  # TRL renders no template for text
+
+
+def test_a_tool_call_or_a_reasoning_is_not_an_empty_completion():
+    for chosen in (
+        [{"role": "assistant", "content": None, "tool_calls": [CALL]}],
+        [{"role": "assistant", "content": "", "reasoning_content": "Think."}],
+    ):
+        assert canonical_pair({**CHAT, "chosen": chosen}).chosen == [
+            {key: value for key, value in chosen[0].items() if value is not None}
+        ]
+
+
+def test_pair_id_covers_tools_kwargs_and_message_keys():
+    ids = {
+        canonical_pair(row).pair_id
+        for row in (
+            CHAT,
+            {**CHAT, "tools": TOOLS},
+            {**CHAT, "tools": []},
+            {**CHAT, "chat_template_kwargs": {"enable_thinking": False}},
+            {**CHAT, "chat_template_kwargs": {"enable_thinking": True}},
+            {**CHAT, "chosen": [{**CHAT["chosen"][0], "reasoning_content": "Think."}]},
+            {**CHAT, "chosen": [{**CHAT["chosen"][0], "name": "bot"}]},
+        )
+    }
+    assert len(ids) == 7
+    same = {
+        canonical_pair(row).pair_id
+        for row in (
+            {**CHAT, "tools": TOOLS},
+            {**CHAT, "tools": json.dumps(TOOLS)},
+            {**CHAT, "tools": TOOLS, "chat_template_kwargs": None},
+            {**CHAT, "tools": TOOLS, "chosen": [{**CHAT["chosen"][0], "name": None}]},  # Arrow's null key
+        )
+    }
+    assert len(same) == 1
+
+
+def test_rows_without_tools_keep_their_earlier_content_hash():
+    """The hash of [prompt, chosen, rejected] that ids were before tools were read: caches stay valid."""
+    before = json.dumps(
+        [CHAT["prompt"], CHAT["chosen"], CHAT["rejected"]], sort_keys=True, ensure_ascii=False
+    )
+    expected = hashlib.sha256(before.encode()).hexdigest()[:32]
+    assert (
+        canonical_pair(CHAT).pair_id
+        == canonical_pair({**CHAT, "chat_template_kwargs": {}}).pair_id
+        == expected
+    )
+
+
+# Rows whose messages differ in their keys: in Parquet, a Hugging Face or a Ray dataset, Arrow gives each
+# message and row the keys of all of them, as nulls. Tools are JSON strings, each row's as it is.
+ARROW_ROWS = [
+    {**CHAT, "tools": json.dumps(TOOLS), "chat_template_kwargs": {"enable_thinking": False}},
+    {
+        **CHAT,
+        "chosen": [{"role": "assistant", "content": None, "tool_calls": [CALL]}],
+        "tools": json.dumps(TOOLS),
+    },
+    {
+        "prompt": [
+            *CHAT["prompt"],
+            {"role": "assistant", "content": "", "tool_calls": [CALL]},
+            {"role": "tool", "name": "get_weather", "tool_call_id": "call-1", "content": "18C, sun"},
+        ],
+        "chosen": [{"role": "assistant", "content": "Sunny.", "reasoning_content": "It says sun."}],
+        "rejected": CHAT["rejected"],
+    },
+    CHAT,
+]
+
+
+def test_every_source_gives_the_same_pairs(ray_session, tmp_path):
+    """JSONL, Parquet, a saved Hugging Face dataset and a Ray dataset: the rows as the pipeline reads
+    them (Arrow batches to Python) become the pairs the rows themselves make, ids included."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data
+
+    expected = [canonical_pair(row) for row in ARROW_ROWS]
+    pq.write_table(pa.Table.from_pylist(ARROW_ROWS), tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(ARROW_ROWS).save_to_disk(str(tmp_path / "saved"))
+    sources = {
+        "jsonl": str(write_jsonl(tmp_path / "rows.jsonl", ARROW_ROWS)),
+        "parquet": str(tmp_path / "rows.parquet"),
+        "huggingface": str(tmp_path / "saved"),
+        "ray": ray.data.from_items(ARROW_ROWS),
+    }
+    for kind, source in sources.items():
+        dataset, _ = open_source(source)
+        rows = [row for batch in dataset.iter_batches(batch_format="pyarrow") for row in batch.to_pylist()]
+        rows.sort(key=lambda row: row.pop(SOURCE_ROW))
+        assert [canonical_pair(parse_row(row)) for row in rows] == expected, kind
+
+
 @pytest.mark.parametrize(
     "row, reason",
     [
@@ -113,6 +240,26 @@ def test_id_column_is_used_and_content_hash_is_stable():
             },
             "empty prompt",
         ),
+        ({**CHAT, "chosen": [{"role": "assistant", "content": None}]}, "content is not a string"),
+        ({**CHAT, "chosen": [{"role": "assistant", "content": []}]}, "content is not a string"),
+        ({**CHAT, "chosen": [{"role": "assistant", "content": [{"text": "a"}]}]}, "content is not a string"),
+        (
+            {**CHAT, "chosen": [{"role": "assistant", "content": [{"type": "text", "text": " "}]}]},
+            "empty chosen",
+        ),
+        (
+            {
+                **CHAT,
+                "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+            },
+            "content part of type 'image'; raydpo takes text parts only",
+        ),
+        ({**CHAT, "images": ["cat.png"]}, "the row has images"),
+        ({**CHAT, "tools": {"name": "f"}}, "tools is not a list of tool schemas"),
+        ({**CHAT, "tools": "[{"}, "tools is a string but not valid JSON"),
+        ({**CHAT, "chat_template_kwargs": "enable_thinking"}, "chat_template_kwargs is not a mapping"),
+        ({**CHAT, "chat_template_kwargs": {"tokenize": False}}, "sets 'tokenize', which tokenization sets"),
+        ({**CHAT, "chosen": [{"role": "assistant", "content": "a", "extra": b"\x00"}]}, "not JSON"),
     ],
 )
 def test_bad_rows_raise_a_reason(row, reason):

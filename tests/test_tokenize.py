@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -109,3 +110,154 @@ def test_conversational_row_without_chat_template_is_rejected(tokenizer, en_rows
     plain.chat_template = None
     with pytest.raises(RowError, match="no chat template"):
         tokenize_pair(plain, canonical_pair(en_rows[0]))
+
+
+# ---- what a chat template reads besides role and content ----------------------------------------------
+
+# A ChatML variant that renders everything TRL hands the template: tools, a message's name, tool_call_id,
+# reasoning_content and tool_calls, content as a string or as text parts, and a per-row kwarg.
+TOOLS_TEMPLATE = (
+    "{%- if enable_thinking is defined %}<|im_start|>system{{ '\\n' }}thinking={{ enable_thinking }}"
+    "<|im_end|>{{ '\\n' }}{% endif %}"
+    "{%- if tools %}<|im_start|>system{{ '\\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\\n' }}"
+    "{% endfor %}<|im_end|>{{ '\\n' }}{% endif %}"
+    "{%- for message in messages %}<|im_start|>{{ message.role }}"
+    "{% if message.name is defined %} name={{ message.name }}{% endif %}"
+    "{% if message.tool_call_id is defined %} id={{ message.tool_call_id }}{% endif %}{{ '\\n' }}"
+    "{% if message.reasoning_content is defined %}<think>{{ message.reasoning_content }}</think>{% endif %}"
+    "{% if message.content is string %}{{ message.content }}"
+    "{% elif message.content is defined %}{% for part in message.content %}{{ part.text }}{% endfor %}"
+    "{% endif %}"
+    "{% for call in message.tool_calls or [] %}<tool_call>{{ call.function | tojson }}</tool_call>{% endfor %}"
+    "<|im_end|>{{ '\\n' }}{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+WEATHER_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+QUESTION = {"role": "user", "content": "What is the weather in Paris?"}
+CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+
+
+def answer(content, **keys) -> list[dict]:
+    return [{"role": "assistant", "content": content, **keys}]
+
+
+@pytest.fixture(scope="module")
+def tools_tokenizer(toy_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(toy_model)
+    tokenizer.chat_template = TOOLS_TEMPLATE
+    return tokenizer
+
+
+@pytest.mark.parametrize(
+    "row, shown",
+    [
+        pytest.param(
+            {
+                "prompt": [QUESTION],
+                "chosen": answer("Sunny."),
+                "rejected": answer("Rain."),
+                "tools": WEATHER_TOOLS,
+            },
+            "get_weather",
+            id="tools",
+        ),
+        pytest.param(
+            {
+                "prompt": [QUESTION],
+                "chosen": answer("Sunny."),
+                "rejected": answer("Rain."),
+                "tools": json.dumps(WEATHER_TOOLS),
+            },
+            "get_weather",
+            id="tools-as-json-string",
+        ),
+        pytest.param(
+            {
+                "prompt": [QUESTION],
+                "chosen": answer(None, tool_calls=[CALL]),
+                "rejected": answer("I cannot tell."),
+                "tools": WEATHER_TOOLS,
+            },
+            '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>',
+            id="tool-calls-content-none",
+        ),
+        pytest.param(
+            {
+                "prompt": [
+                    QUESTION,
+                    *answer("", tool_calls=[CALL]),
+                    {"role": "tool", "name": "get_weather", "tool_call_id": "call-1", "content": "18C, sun"},
+                ],
+                "chosen": answer("18C and sunny."),
+                "rejected": answer("Cold."),
+                "tools": WEATHER_TOOLS,
+            },
+            "<|im_start|>tool name=get_weather id=call-1",
+            id="tool-result-name-tool-call-id",
+        ),
+        pytest.param(
+            {
+                "prompt": [QUESTION],
+                "chosen": answer("Sunny.", reasoning_content="The forecast says sun."),
+                "rejected": answer("Snow.", reasoning_content="A guess."),
+            },
+            "<think>The forecast says sun.</think>",
+            id="reasoning-content",
+        ),
+        pytest.param(
+            {
+                "prompt": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}],
+                    }
+                ],
+                "chosen": answer([{"type": "text", "text": "4"}]),
+                "rejected": answer([{"type": "text", "text": "5"}]),
+            },
+            "What is 2+2?",
+            id="text-parts",
+        ),
+        pytest.param(
+            {
+                "prompt": [QUESTION],
+                "chosen": answer("Sunny."),
+                "rejected": answer("Rain."),
+                "chat_template_kwargs": {"enable_thinking": False},
+            },
+            "thinking=False",
+            id="chat-template-kwargs",
+        ),
+    ],
+)
+def test_template_inputs_match_trl(tools_tokenizer, row, shown):
+    """Tools, chat_template_kwargs and every message key reach the template as TRL passes them; SHOWN,
+    a piece only that input renders, is in the ids, so an input both left out would still fail."""
+    expected = trl_tokenize(tools_tokenizer, [row])[0]  # one row a dataset: Arrow keeps its own keys
+    ours = tokenize_pair(tools_tokenizer, canonical_pair(row), max_length=None)
+    assert_same_ids(ours, expected)
+    assert shown in tools_tokenizer.decode(ours.prompt_ids + ours.chosen_ids)
+
+
+def test_a_conversation_the_template_cannot_render_is_a_reject(tokenizer):
+    """ChatML adds content to a string: text parts (TypeError) or no content (undefined) cannot render."""
+    parts = {"prompt": [QUESTION], "chosen": answer([{"type": "text", "text": "4"}]), "rejected": answer("5")}
+    calls = {"prompt": [QUESTION], "chosen": answer(None, tool_calls=[CALL]), "rejected": answer("5")}
+    for row in (parts, calls):
+        with pytest.raises(RowError, match="chat template refused the conversation"):
+            tokenize_pair(tokenizer, canonical_pair(row))
