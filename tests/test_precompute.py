@@ -83,6 +83,13 @@ def test_row_count_invariant_and_rejects(first_run):
     assert "empty chosen completion" in reasons and "unknown role" in reasons
     assert "prompt fills max_length" in reasons
     assert all(json.loads(r["row_json"]) for r in rejects)
+    # the manifest counts each reason without the row's own figures; the summary names the commonest
+    kinds = counts.reject_reasons
+    assert sum(kinds.values()) == counts.rejected and "empty chosen completion" in kinds
+    length = [r["reason"] for r in rejects if r["reason"].startswith("prompt fills max_length")]
+    assert kinds["prompt fills max_length"] == len(length) and all("(" in reason for reason in length)
+    reason, count = max(kinds.items(), key=lambda item: item[1])
+    assert f"{counts.rejected} rejected ({count} {reason}; see rejects/)" in result.train.summary()
     data = pq.read_table(output / "train" / "data")
     assert data.num_rows == counts.written
     assert len(set(data.column("pair_id").to_pylist())) == data.num_rows

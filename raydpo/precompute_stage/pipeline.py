@@ -83,9 +83,13 @@ class SplitResult:
         saved = stats.tokens_saved_by_prefix_sharing
         sharing = f", prompts computed once ({saved / stats.tokens:.1%} fewer tokens)" if saved else ""
         restarted = f", {restarts_phrase(stats.scorer_restarts)}" if stats.scorer_restarts else ""
+        rejected = f"{counts.rejected} rejected"
+        if counts.reject_reasons:  # the commonest reason; every row's in OUTPUT/<split>/rejects
+            reason, count = max(counts.reject_reasons.items(), key=lambda item: item[1])
+            rejected += f" ({count} {reason}; see rejects/)"
         return (
             f"{self.name}: {counts.read} rows read, {counts.written} written, "
-            f"{counts.rejected} rejected; {stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, "
+            f"{rejected}; {stats.tokens} tokens, {stats.tokens_per_s:.0f} tokens/s, "
             f"{stats.padding_fraction:.1%} padding{sharing}{restarted} ({head}) -> {self.path}"
         )
 

@@ -8,6 +8,7 @@ duplicates moved to rejects) and writes the manifest last.
 from __future__ import annotations
 
 import json
+import re
 import time
 import zlib
 from collections import Counter
@@ -68,7 +69,7 @@ class CacheSink(Datasink):
                 fault_point("precompute.write")
         if rejected.num_rows:
             totals["rejected"] += rejected.num_rows
-            reasons.update(rejected.column("reason").to_pylist())
+            reasons.update(map(reason_kind, rejected.column("reason").to_pylist()))
             rejects = rejected.select(cache.REJECT_SCHEMA.names).cast(cache.REJECT_SCHEMA)
             for part in self._files(rejects):
                 cache.write_part(fs, f"{root}/{cache.REJECTS_DIR}", part, part_metadata(part, self.key))
@@ -110,7 +111,7 @@ def part_metadata(table: pa.Table, key: str) -> dict[bytes, bytes]:
         cache.ROWS_METADATA: cache.RowRanges.of(table.column("source_row").to_numpy()).to_json().encode(),
     }
     if "reason" in table.column_names:
-        reasons = Counter(table.column("reason").to_pylist())
+        reasons = Counter(map(reason_kind, table.column("reason").to_pylist()))
         metadata[cache.REASONS_METADATA] = json.dumps(reasons, ensure_ascii=False).encode()
     if cache.REFERENCE_COLUMNS[0] in table.column_names:
         metadata[cache.NONFINITE_METADATA] = json.dumps(cache.nonfinite_counts(table)).encode()
@@ -257,6 +258,13 @@ def _throughput(config: PrecomputeConfig, totals: dict[str, Any], wall_time: flo
         batch_size=config.batch_size,
         scorer_restarts=totals.get("scorer_restarts", 0),
     )
+
+
+def reason_kind(reason: str) -> str:
+    """What a reject is counted under in the manifest: its reason without the row's own figures
+    (`prompt fills max_length (1372 prompt tokens >= max_length 1024)` counts as `prompt fills
+    max_length`); the rejects files keep each row's whole reason."""
+    return re.sub(r"\d+", "N", re.sub(r" \([^()]*\d[^()]*\)", "", reason))
 
 
 DUPLICATE_REASON = "duplicate pair_id: an earlier row of the input has the same id"
