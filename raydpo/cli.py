@@ -14,7 +14,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-from raydpo.config import PrecomputeConfig, TrainConfig, from_mapping, load, missing_required
+from raydpo.config import PrecomputeConfig, TrainConfig, from_mapping, load, load_yaml, missing_required
 from raydpo.console import keep_log_in, run_command
 from raydpo.errors import RaydpoError
 
@@ -73,9 +73,30 @@ def _parser_for(kind: Any):
     return str
 
 
+# what `raydpo train` takes from a job config's `precompute:` section where its `train:` section is
+# silent, as the job does (`raydpo.job.train_config_for`): train setting <- precompute setting
+TRAIN_FROM_PRECOMPUTE = {
+    "model": "model",
+    "data": "output",
+    "trust_remote_code": "trust_remote_code",
+    "attn_implementation": "attn_implementation",
+}
+
+
 def _config(cls: type, args: argparse.Namespace, section: str):
-    """YAML (a `section:` mapping or flat) < --set overrides (`section.key=v` or `key=v`) < flags."""
+    """YAML (a `section:` mapping or flat) < --set overrides (`section.key=v` or `key=v`) < flags; for
+    `train`, a job config's `precompute:` section first, as the job reads it."""
     values = load(args.config, args.set or [], section)
+    if section == "train" and args.config:
+        precompute = load_yaml(args.config).get("precompute")
+        if isinstance(precompute, dict):
+            precompute = {key.replace("-", "_"): value for key, value in precompute.items()}
+            defaults = {
+                ours: precompute[theirs]
+                for ours, theirs in TRAIN_FROM_PRECOMPUTE.items()
+                if theirs in precompute
+            }
+            values = {**defaults, **values}
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
     values.update({name: value for name, value in flags.items() if value is not None})
     missing = missing_required(cls, values)

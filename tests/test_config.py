@@ -95,6 +95,13 @@ def test_train_yaml_mirrors_the_flags(tmp_path):
     config = _config(TrainConfig, flags, "train")
     assert config.loss_type == ["sigmoid", "bco_pair"] and config.loss_weights == [0.8, 0.2]
 
+    job = tmp_path / "job.yaml"  # a job config: train defaults to its precompute's model and output
+    job.write_text("precompute:\n  model: m\n  output: c\n  trust-remote-code: true\ntrain:\n  beta: 0.2\n")
+    config = _config(TrainConfig, build_parser().parse_args(["train", "--config", str(job)]), "train")
+    assert (config.model, config.data, config.trust_remote_code, config.beta) == ("m", "c", True, 0.2)
+    args = build_parser().parse_args(["train", "--config", str(job), "--model", "n", "--data", "d"])
+    assert (_config(TrainConfig, args, "train").model, _config(TrainConfig, args, "train").data) == ("n", "d")
+
 
 @pytest.fixture()
 def model_dir(tmp_path):
