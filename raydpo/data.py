@@ -353,6 +353,13 @@ def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[r
         raise RaydpoError(f"no .json, .jsonl or .parquet files under {source}")
     if len(formats) > 1:
         raise RaydpoError(f"{source} mixes JSON and Parquet files; point to one kind")
+    unread = [info.base_name for info in files if _suffix(info.path) in UNREAD_DATA_SUFFIXES]
+    if unread:  # rows in them would be left out without a word
+        shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")
+        raise RaydpoError(
+            f"{source} also holds data files raydpo does not read ({shown}): convert them to JSON, JSONL "
+            "or Parquet, or move them out"
+        )
     paths = [info.path for info in files if _suffix(info.path) in FILE_FORMATS]
     fingerprint = {
         "kind": "files",
@@ -482,6 +489,7 @@ def _list_files(source: str):
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 DATA_SUFFIXES = (*FILE_FORMATS, ".csv", ".txt", ".arrow", ".gz", ".zst")
+UNREAD_DATA_SUFFIXES = (".csv", ".arrow", ".gz", ".zst")  # in a folder: data left out unless refused
 
 
 def is_hub_id(source: str) -> bool:

@@ -54,6 +54,16 @@ def test_relative_paths_and_hub_names_are_told_apart(tmp_path, monkeypatch):
         _list_files("nope.json")
 
 
+def test_a_folder_with_data_files_not_read_is_refused(tmp_path):
+    from raydpo.data import open_source
+
+    write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
+    (tmp_path / "b.jsonl.gz").write_bytes(b"")
+    (tmp_path / "NOTES.txt").write_text("not data")
+    with pytest.raises(RaydpoError, match=r"also holds data files raydpo does not read \(b.jsonl.gz\)"):
+        open_source(str(tmp_path))
+
+
 def test_parquet_folder_and_file_uri(toy_model, rows, reference, tmp_path):
     folder = tmp_path / "parquet"
     folder.mkdir()
