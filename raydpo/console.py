@@ -300,6 +300,8 @@ def run_command(prog: str, command: Callable[[], None], log: str | None = None) 
             message, code = f"{prog}: {one_line(error, limit=None)}", 1
             if session is not None:  # what failed in full, behind the one line
                 session.file.write("".join(traceback.format_exception(error)))
+        except KeyboardInterrupt:  # Ctrl-C outside a stage's own handling
+            message, code = f"{prog}: interrupted", 130
         else:
             message, code = None, 0
         if session is not None and not connected_before:

@@ -29,6 +29,9 @@ logger = logging.getLogger(__name__)
 
 FAULT_ENV = "RAYDPO_FAULT"
 FAULT_DIR_ENV = "RAYDPO_FAULT_DIR"
+# where each training worker appends the pair ids of every micro-batch it trains on, a JSON line each
+# (`pairs-rank<r>.jsonl`): the record a drill checks data order against
+PAIR_TRACE_ENV = "RAYDPO_PAIR_TRACE_DIR"
 ACTIONS = ("exit", "stall")
 _SPEC = re.compile(r"(?P<point>[\w.]+):(?P<count>[1-9]\d*):(?P<action>\w+)(@(?P<rank>\d+))?")
 
@@ -76,7 +79,20 @@ def _parse(spec: str | None, directory: str | None) -> Fault | None:
 def fault_env() -> dict[str, str]:
     """The fault variables to forward to workers and actors, checked once here, before any starts."""
     armed()
-    return {name: os.environ[name] for name in (FAULT_ENV, FAULT_DIR_ENV) if os.environ.get(name)}
+    names = (FAULT_ENV, FAULT_DIR_ENV, PAIR_TRACE_ENV)
+    return {name: os.environ[name] for name in names if os.environ.get(name)}
+
+
+def trace_pairs(rank: int, step: int, epoch: int, pair_ids) -> None:
+    """Append a trained micro-batch's pair ids to this rank's trace; a no-op unless PAIR_TRACE_ENV is set."""
+    directory = os.environ.get(PAIR_TRACE_ENV)
+    if directory:
+        import json
+
+        line = json.dumps({"step": step, "epoch": epoch, "pairs": [str(pair) for pair in pair_ids]})
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        with open(Path(directory) / f"pairs-rank{rank}.jsonl", "a", encoding="utf-8") as trace:
+            trace.write(line + "\n")
 
 
 def fault_point(name: str, rank: int | None = None) -> None:

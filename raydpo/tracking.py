@@ -29,6 +29,7 @@ MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 WORKER_FAILURES = "raydpo.worker_failures"  # worker-group failures over every attempt of the run
 LAST_FAILURE = "raydpo.last_failure"  # the line of the latest, retried or not
 FAILED_NOTE = "**Failed:** "  # the description of a run that failed, until it is resumed
+INTERRUPTED_NOTE = "**Interrupted:** "  # of a run stopped by Ctrl-C, until it is resumed
 
 
 class MetricLogger(Protocol):
@@ -48,17 +49,27 @@ class NullLogger:
 
 
 class MlflowLogger:
-    """Logs metrics into an existing MLflow run."""
+    """Logs metrics into an existing MLflow run.
+
+    Workers restarted from a checkpoint (or a run resumed with --resume) take again the steps the failed
+    attempt had taken past that checkpoint; the metrics of a step already logged are not logged twice."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
+        # the last step logged for the train metrics (with "loss") and the eval metrics ("eval_loss")
+        self.logged = {
+            key: max((metric.step for metric in self.client.get_metric_history(run_id, key)), default=0)
+            for key in ("loss", "eval_loss")
+        }
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if any(key in metrics and step <= last for key, last in self.logged.items()):
+            return  # a step taken again after a restart: its metrics are in the run already
         now = int(time.time() * 1000)
         entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=entries, synchronous=True)
@@ -184,11 +195,23 @@ def record_run_failed(tracking_uri: str, run_id: str, line: str) -> None:
     client.set_terminated(run_id, status="FAILED")
 
 
-def _clear_failed_note(client, run_id: str) -> None:
-    """A resumed run's description no longer says it failed (`raydpo.last_failure` keeps the line)."""
+def record_run_interrupted(tracking_uri: str, run_id: str, line: str) -> None:
+    """Mark a run its user stopped KILLED (MLflow's status for it), with `line` as its description until
+    a `--resume` reopens it."""
+    from mlflow import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-    if client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "").startswith(FAILED_NOTE):
+    client = MlflowClient(tracking_uri=tracking_uri)
+    client.set_tag(run_id, MLFLOW_RUN_NOTE, f"{INTERRUPTED_NOTE}{line}")
+    client.set_terminated(run_id, status="KILLED")
+
+
+def _clear_failed_note(client, run_id: str) -> None:
+    """A resumed run's description no longer says it failed or was interrupted (`raydpo.last_failure`
+    keeps a failure's line)."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    if client.get_run(run_id).data.tags.get(MLFLOW_RUN_NOTE, "").startswith((FAILED_NOTE, INTERRUPTED_NOTE)):
         client.delete_tag(run_id, MLFLOW_RUN_NOTE)
 
 

@@ -270,6 +270,11 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
     assert metric_history(result, "loss")[STEPS] == pytest.approx(
         metric_history(base_run, "loss")[STEPS], rel=1e-5
     )
+    # step 4, logged before the kill and taken again after it, is in the run once; no tokens lost
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    steps = [metric.step for metric in client.get_metric_history(result.run_id, "loss")]
+    assert sorted(steps) == list(range(1, STEPS + 1))
+    assert metric_history(result, "num_tokens") == metric_history(base_run, "num_tokens")
     reliability.record(
         "train-1-worker-killed",
         "training",
@@ -280,6 +285,95 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
         "`weights_only=True`) and ran steps 4-6; final weights equal to an uninterrupted run "
         "(max |diff| <= 1e-6), final loss equal to 1e-5",
     )
+
+
+def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(train_cache, toy_model, tmp_path):
+    """SIGINT to `raydpo train` (Ray Train's handler aborts the run and exits the process): one line
+    that names the checkpoint to resume from, exit code 1, the log kept, run.json "interrupted" and the
+    MLflow run KILLED with the line as its description."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV
+
+    faults, output = tmp_path / "faults", tmp_path / "run"
+    faults.mkdir()
+    settings = run_settings(
+        toy_model, train_cache, output, num_workers=1, checkpoint_steps=1, eval_steps=None
+    )
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items() if value is not None]
+    environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    environment.update({FAULT_ENV: "train.after_step:2:stall", FAULT_DIR_ENV: str(faults)})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "raydpo.cli", "train", *flags],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while (
+        fired(faults, "train.after_step") is None and process.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=180)
+    last = err.strip().splitlines()[-1]
+    assert process.returncode == 1, err
+    assert re.fullmatch(
+        r"raydpo train: training interrupted \(Ctrl-C\); rerun with --resume to continue from checkpoint-0000000[12] .*",
+        last,
+    ), err
+    assert "Traceback" not in err and "full log: " in err
+    state = json.loads((output / "run.json").read_text())
+    assert state["status"] == "interrupted"
+    run = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["run_id"])
+    assert run.info.status == "KILLED"
+    assert run.data.tags[MLFLOW_RUN_NOTE] == "**Interrupted:** " + last.removeprefix("raydpo train: ")
+
+
+def test_each_epoch_trains_every_pair_once_across_a_restart(train_cache, toy_model, tmp_path, monkeypatch):
+    """Two epochs on 2 workers: each epoch's steps train distinct pairs, all but the equal split's and
+    the last partial step's leftovers; a worker killed in epoch 2 resumes from a checkpoint of epoch 2
+    and the restarted steps train the same pairs as before."""
+    from raydpo.faults import PAIR_TRACE_ENV
+
+    pairs = raydpo.read_output(str(train_cache)).num_rows - NONFINITE_ROWS
+    steps_per_epoch = (pairs // 2) // 2
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    monkeypatch.setenv(PAIR_TRACE_ENV, str(traces))
+    inject(monkeypatch, tmp_path, f"train.after_step:{steps_per_epoch + 3}:stall@1")
+    output = tmp_path / "run"
+    checkpoint = steps_per_epoch + 2
+    kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(output, checkpoint))
+    settings = run_settings(toy_model, train_cache, output, max_steps=None, epochs=2, max_failures=1)
+    settings.update(checkpoint_steps=checkpoint, eval_steps=None, logging_steps=5)
+    result = raydpo.train(settings)
+    assert len(result.step_seconds) == 2 * steps_per_epoch - checkpoint  # the restarted group's steps
+    by_step: dict[tuple[int, int], list[str]] = {}
+    epochs: dict[int, int] = {}
+    for rank in (0, 1):
+        for line in (traces / f"pairs-rank{rank}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            key = (rank, record["step"])
+            assert by_step.setdefault(key, record["pairs"]) == record["pairs"], (
+                key
+            )  # a rerun step: same pairs
+            epochs[record["step"]] = record["epoch"]
+    assert sorted({step for _, step in by_step}) == list(range(1, 2 * steps_per_epoch + 1))
+    for epoch in (0, 1):
+        steps = range(epoch * steps_per_epoch + 1, (epoch + 1) * steps_per_epoch + 1)
+        assert {epochs[step] for step in steps} == {epoch}
+        trained = [pair for (_, step), ids in by_step.items() if step in steps for pair in ids]
+        assert len(trained) == len(set(trained)) == 4 * steps_per_epoch  # every pair at most once
+        assert (
+            len(trained) >= pairs - 1 - 2
+        )  # leftovers: the equal split's (<= 1) and each rank's partial step
 
 
 def test_a_worker_group_failure_is_named_by_the_rank_that_caused_it():
@@ -322,6 +416,8 @@ def test_interrupted_run_resumes_to_the_same_model(
         raydpo.train(settings)
     with pytest.raises(RaydpoError, match="started with 2 workers"):  # their checkpoints hold 2 partitions
         raydpo.train(settings, resume=True, num_workers=1)
+    with pytest.raises(RaydpoError, match="--resume: micro_batch_size, seed changed since the run started"):
+        raydpo.train(settings, resume=True, micro_batch_size=1, seed=7)  # a place in the data moves with them
     unset = {name: value for name, value in settings.items() if name != "num_workers"}
     result = raydpo.train(unset, resume=True)  # the count the run started with
     assert result.plan.world_size == 2
@@ -722,7 +818,42 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
         pq.write_table(table.drop_columns(["ref_rejected_logps"]), part)
     with pytest.raises(RaydpoError, match=r"lacks the columns \['ref_rejected_logps'\]"):
         raydpo.train(settings, data=str(stripped))
+    with pytest.raises(RaydpoError, match="is the eval split of a precompute output, not its train split"):
+        raydpo.train(settings, data=str(train_cache / "eval"))
     assert not (tmp_path / "run").exists()
+
+    from raydpo.config import TrainConfig
+    from raydpo.train_stage.driver import _open_splits
+
+    splits = _open_splits(TrainConfig(model=str(toy_model), data=str(train_cache / "train")))
+    assert splits["eval"].path == str(train_cache / "eval")  # beside OUTPUT/train, as beside OUTPUT
+
+
+def test_a_refused_overwrite_leaves_the_finished_run_and_bad_outputs_are_one_line(
+    base_run, train_cache, toy_model, sample_dir, tmp_path
+):
+    """--overwrite clears a finished run only once every check passed: a DeepSpeed JSON that
+    contradicts the settings is refused with the run's model and state as they were."""
+    finished = tmp_path / "finished"
+    shutil.copytree(Path(base_run.model_path).parent, finished, ignore=shutil.ignore_patterns("checkpoints"))
+    state = (finished / "run.json").read_text()
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 99}))
+    settings = run_settings(toy_model, train_cache, finished, overwrite=True, deepspeed_config=str(user))
+    with pytest.raises(RaydpoError, match="train_micro_batch_size_per_gpu=99"):
+        raydpo.train(settings)
+    with pytest.raises(RaydpoError, match=r"lora_target_modules \['q_prj'\] match no module of .*: .*q_proj"):
+        raydpo.train({**settings, "deepspeed_config": None, "lora_r": 4, "lora_target_modules": ["q_prj"]})
+    assert (finished / "model" / "config.json").is_file()
+    assert (finished / "run.json").read_text() == state
+
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(RaydpoError, match=r"^the run directory .*afile is a file, not a directory$"):
+        raydpo.train(run_settings(toy_model, train_cache, tmp_path / "afile"))
+    with pytest.raises(RaydpoError, match=r"^the output .*afile is a file, not a directory$"):
+        raydpo.precompute(
+            model=str(toy_model), dataset=str(tmp_path / "ds.json"), output=str(tmp_path / "afile")
+        )
 
 
 @pytest.mark.parametrize(
@@ -778,9 +909,11 @@ def test_plan_counts_steps_and_epochs():
     plan = plan_run(
         TrainConfig(model="m", num_workers=2, micro_batch_size=4, grad_accum=2, epochs=3), 101, None
     )
-    assert plan.steps_per_epoch == 50 // 8 and plan.total_steps == (3 * 101 // 2) // 8
+    # each worker's 50 pairs of an epoch make 6 steps of 8; the 2 left are not trained on in that epoch
+    assert plan.steps_per_epoch == 6 and plan.total_steps == 18 and plan.epochs_streamed == 3
+    assert plan.epoch_at(6) == 1.0 and plan.epoch_at(9) == 1.5
     plan = plan_run(TrainConfig(model="m", num_workers=2, micro_batch_size=4, max_steps=40), 101, None)
-    assert plan.total_steps == 40 and (plan.epochs_streamed * 101 // 2) // 4 >= 40
+    assert plan.steps_per_epoch == 12 and plan.total_steps == 40 and plan.epochs_streamed == 4
 
 
 def test_cli_train_bad_input_is_one_line_and_exit_2(toy_model, tmp_path, capsys):
@@ -838,3 +971,47 @@ def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_mode
         f"`--skip-nonfinite-loss`, {skipped} micro-batches in 3 steps were skipped, counted in "
         "`skipped_nonfinite_batches`, and replaced; every logged loss finite",
     )
+
+
+def fake_forward(loss: float, chosen_rewards, rejected_rewards, chosen_logit_mean: float, tokens: int):
+    """A micro-batch's `Forward` with given rewards and a chosen mean logit over `tokens` tokens each."""
+    from types import SimpleNamespace
+
+    from raydpo.logprobs import CompletionLogps
+
+    pairs = len(chosen_rewards)
+    mask = torch.zeros(2 * pairs, tokens, dtype=torch.bool)
+    mask[:pairs] = True
+    logits_sums = torch.tensor([chosen_logit_mean * tokens] * pairs + [0.0] * pairs)
+    zeros = torch.zeros(2 * pairs)
+    scores = CompletionLogps(torch.zeros(mask.shape), mask, zeros, zeros, zeros, mask.sum(1), logits_sums)
+    rewards = SimpleNamespace(
+        chosen_rewards=torch.tensor(chosen_rewards), rejected_rewards=torch.tensor(rejected_rewards)
+    )
+    inputs = SimpleNamespace(chosen_logps=torch.zeros(pairs), rejected_logps=torch.zeros(pairs))
+    return SimpleNamespace(loss=torch.tensor(loss), scores=scores, output=rewards, inputs=inputs, tokens=1)
+
+
+def test_metric_means_are_trls():
+    """TRL takes each metric's mean over a micro-batch and averages those means unweighted; Hugging
+    Face's evaluation loop weights eval_loss by pairs. Train: chosen logits 0.5 over 20 tokens, then 1.0
+    over 200 tokens, log (0.5 + 1.0) / 2 = 0.75 (not the token mean, 0.95). Eval, 5 pairs in micro-batches
+    of 2, 2, 1 with losses 0.2, 0.4, 1.5: eval_loss (0.2*2 + 0.4*2 + 1.5) / 5 = 0.54; chosen rewards with
+    batch means 0.1, 0.2, 0.9: (0.1 + 0.2 + 0.9) / 3 = 0.4."""
+    from raydpo.train_stage.metrics import MetricWindow
+
+    train = MetricWindow(torch.device("cpu"))
+    train.add(fake_forward(0.6, [0.1, 0.3], [0.0, 0.0], 0.5, 20))
+    train.add(fake_forward(0.8, [0.2, 0.2], [0.0, 0.5], 1.0, 200))
+    metrics = train.reduce()
+    assert metrics["logits/chosen"] == pytest.approx(0.75)
+    assert metrics["loss"] == pytest.approx(0.7)
+    assert metrics["rewards/accuracies"] == pytest.approx(0.75)
+
+    evaluation = MetricWindow(torch.device("cpu"))
+    for index, (loss, chosen) in enumerate([(0.2, [0.0, 0.2]), (0.4, [0.1, 0.3]), (1.5, [0.9])]):
+        evaluation.add(fake_forward(loss, chosen, [0.0] * len(chosen), 1.0, 4), index)
+    metrics = evaluation.reduce(pair_weighted_loss=True)
+    assert metrics["loss"] == pytest.approx(0.54)
+    assert metrics["rewards/chosen"] == pytest.approx(0.4)
+    assert metrics["_pairs"] == 5

@@ -105,13 +105,20 @@ def _footers(fs: pafs.FileSystem, root: str, path: str, manifest: Manifest) -> l
     return concurrently(footer, [entry.path for entry in manifest.files])
 
 
-def read_output(path: str, split: str = "train") -> CacheSplit:
-    """Open a finished precompute output (OUTPUT or OUTPUT/<split>, a path or URI) for inspection or
-    training."""
+def read_output(path: str, split: str | None = None) -> CacheSplit:
+    """Open a finished precompute output for inspection or training: OUTPUT/<split> of OUTPUT (`split`
+    default: train), or a split's own directory (which must be `split` where one is named); a path or URI."""
     fs, root = resolve(path)
+    wanted = split or "train"
     if (
         fs.get_file_info(f"{root}/{MANIFEST}").type != pafs.FileType.File
-        and fs.get_file_info(f"{root}/{split}").type == pafs.FileType.Directory
+        and fs.get_file_info(f"{root}/{wanted}").type == pafs.FileType.Directory
     ):
-        path = join(path, split)
-    return open_split(path)
+        path = join(path, wanted)
+    opened = open_split(path)
+    if split is not None and opened.manifest.split != split:
+        raise RaydpoError(
+            f"{path} is the {opened.manifest.split} split of a precompute output, not its {split} split; "
+            f"pass the output (OUTPUT) or OUTPUT/{split}"
+        )
+    return opened

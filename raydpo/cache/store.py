@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raydpo.cache.schema import COMPLETE_MARKER, LOCK, MANIFEST, PART_PREFIXES, part_name
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 # ---- file systems and atomic writes ------------------------------------------------------------------
 
@@ -172,6 +172,18 @@ def list_parts(fs: pafs.FileSystem, directory: str) -> list[pafs.FileInfo]:
 # ---- the lock ----------------------------------------------------------------------------------------
 
 
+def make_local_dir(path: str, what: str) -> None:
+    """Create a local directory (and its parents), or stop with one line that says why it cannot be."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise RaydpoError(f"the {what} {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise RaydpoError(
+            f"the {what} {path} cannot be created: {error.strerror or one_line(error)}"
+        ) from None
+
+
 @contextlib.contextmanager
 def output_lock(path: str) -> Iterator[None]:
     """Hold OUTPUT/.lock for the run; a second run into the same directory stops with the owner's details.
@@ -185,7 +197,7 @@ def output_lock(path: str) -> Iterator[None]:
         yield
         return
     created = not os.path.exists(root)
-    os.makedirs(root, exist_ok=True)
+    make_local_dir(root, "output")
     lock = os.path.join(root, LOCK)
     owner = {
         "host": socket.gethostname(),

@@ -302,7 +302,9 @@ class TrainConfig:
     lora_target_modules: list[str] | str = setting(
         "all-linear", help="Modules that get LoRA adapters (peft's `target_modules`)."
     )
-    logging_steps: int = setting(10, help="Log metrics every N optimizer steps (and at step 1).")
+    logging_steps: int = setting(
+        10, help="Log metrics every N optimizer steps (and at step 1, at each checkpoint and at the end)."
+    )
     eval_steps: int | None = setting(
         None, help="Evaluate every N steps; the eval split is always evaluated at the end."
     )
@@ -413,12 +415,12 @@ class TrainConfig:
         check_choices(self)
         if self.learning_rate <= 0 or not 0 <= self.warmup_ratio < 1:
             raise RaydpoError("learning_rate must be > 0 and warmup_ratio in [0, 1)")
-        self.loss_settings()  # validates the loss combination
-
         if self.weight_decay < 0 or self.gradient_clipping < 0:
             raise RaydpoError("weight_decay and gradient_clipping must be >= 0 (gradient_clipping 0: none)")
         if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise RaydpoError("lora_alpha must be > 0 and lora_dropout in [0, 1)")
+        self.loss_settings()  # validates the loss combination
+
     def loss_settings(self) -> LossSettings:
         """The loss settings of this run (`LossSettings` checks their combination)."""
         declared = [f for f in fields(self) if "loss_setting" in f.metadata]

@@ -16,6 +16,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +40,7 @@ from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
 from raydpo.train_stage.checks import check_cache_matches, drop_nonfinite, finite_rows, required_columns
-from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
+from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run, train_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -91,25 +93,31 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     reference = check_cache_matches(config, splits, tokenizer)
     columns = required_columns(config)
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
+    if isinstance(fs, pafs.LocalFileSystem):
+        cache.make_local_dir(run_dir, "run directory")
     recorded = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")  # the run already in OUTPUT, if any
     config, workers_reason = _with_workers(config, recorded)
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
 
-    from raydpo.tracking import record_run_failed, resolve_tracking_uri
+    from raydpo.tracking import record_run_failed, record_run_interrupted, resolve_tracking_uri
     from raydpo.train_stage.failures import failed_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
-    state = _prepare_run_dir(config, fs, run_dir, recorded, storage_path, splits["train"].manifest.key)
+    state, replace = _run_state(config, recorded, splits["train"].manifest.key)
     _check_cluster(config, output, storage_path, tracking_uri)
     runtime_env = worker_env(
         {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_allocator_env(config.cpu_allocator))}
     )
     ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
+    engine.check_lora_targets(config)
     run_id = _start_mlflow_run(
         config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
     )
+    if replace:  # only once every check passed: a refused run leaves the one in OUTPUT as it was
+        _clear_run(fs, run_dir, storage_path)
     state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
+    state.setdefault("data_order", DATA_ORDER)
     _write_state(fs, run_dir, state)
 
     model_output = cache.join(output, MODEL_DIR)  # rank 0 publishes it there
@@ -127,6 +135,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     )
     trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
     logger.info("%s: %s", _workers(plan.world_size), workers_reason)
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         result = trainer.fit()
     except Exception as error:
@@ -138,6 +147,18 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         except Exception as unrecorded:  # the failure's line matters more than its MLflow record
             logger.warning("the failure could not be recorded in MLflow: %s", one_line(unrecorded))
         raise TrainingFailed(f"training failed: {line}; {_rerun(storage_path)}") from error
+    except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
+        state["status"] = "interrupted"
+        _write_state(fs, run_dir, state)
+        line = f"training interrupted (Ctrl-C); {_rerun(storage_path)}"
+        try:
+            record_run_interrupted(tracking_uri, run_id, line)
+        except Exception as unrecorded:
+            logger.warning("the interruption could not be recorded in MLflow: %s", one_line(unrecorded))
+        raise TrainingFailed(line) from interrupt
+    finally:  # Ray Train leaves its Ctrl-C handler, which aborts a controller that is gone by now
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
     _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
     fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
@@ -310,8 +331,11 @@ def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
     splits = {"train": cache.read_output(config.data, "train")}
     if config.eval_data is not None:
         splits["eval"] = cache.read_output(config.eval_data, "eval")
-    else:
+    else:  # DATA/eval, or beside DATA where DATA is OUTPUT/train
+        head, _, query = config.data.rstrip("/").partition("?")
         candidate = cache.join(config.data, "eval")
+        if head.endswith("/train") and cache.split_state(candidate) != "finished":
+            candidate = head.removesuffix("train") + "eval" + (f"?{query}" if query else "")
         if cache.split_state(candidate) == "finished":
             splits["eval"] = cache.open_split(candidate)
     return splits
@@ -325,28 +349,34 @@ def _started_with(state: dict[str, Any] | None) -> int | None:
     return (state or {}).get("config", {}).get("num_workers")
 
 
-def _prepare_run_dir(
-    config: TrainConfig,
-    fs: pafs.FileSystem,
-    run_dir: str,
-    state: dict[str, Any] | None,
-    storage_path: str,
-    data_key: str,
-) -> dict[str, Any]:
-    """Start, resume or (with overwrite) replace the run in OUTPUT, whose recorded STATE is read once by
-    the caller; refuse to mix runs."""
+# the order in which the workers take the pairs: epochs split on their own (`train_dataset`), a place in
+# an epoch counted in micro-batches; a run's checkpoints resume only under the same, and with the same
+# settings that decide it
+DATA_ORDER = "epochs-v1"
+DATA_ORDER_SETTINGS = (
+    "micro_batch_size",
+    "grad_accum",
+    "shuffle",
+    "shuffle_buffer",
+    "seed",
+    "balance_ranks",
+    "epochs",
+    "max_steps",
+)
+
+
+def _run_state(
+    config: TrainConfig, state: dict[str, Any] | None, data_key: str
+) -> tuple[dict[str, Any], bool]:
+    """The state to run with, and whether what OUTPUT holds must be cleared first: start, resume or
+    (with overwrite) replace the run in OUTPUT, whose recorded STATE is read once by the caller; refuse
+    to mix runs. Nothing is changed here."""
     if state is None:
         if config.resume:
             raise RaydpoError(f"--resume: {config.output} holds no run to resume")
-        _clear_checkpoints(storage_path)
-        fs.create_dir(run_dir, recursive=True)
-        return {"data_key": data_key}
+        return {"data_key": data_key}, True
     if config.overwrite:
-        _clear_checkpoints(storage_path)
-        model = f"{run_dir}/{MODEL_DIR}"
-        if fs.get_file_info(model).type == pafs.FileType.Directory:
-            fs.delete_dir(model)
-        return {"data_key": data_key}
+        return {"data_key": data_key}, True
     if state.get("status") == "finished":
         raise RaydpoError(f"{config.output} holds a finished run; pass --overwrite to train again there")
     if not config.resume:
@@ -355,6 +385,20 @@ def _prepare_run_dir(
         )
     if state.get("data_key") != data_key:
         raise RaydpoError("--resume: the precompute output changed since the run started; it cannot continue")
+    if state.get("data_order") != DATA_ORDER:
+        raise RaydpoError(
+            "--resume: the run's checkpoints do not record their place in its epochs (an earlier raydpo "
+            "wrote them); start it over with --overwrite"
+        )
+    recorded = state.get("config", {})
+    changed = [
+        name for name in DATA_ORDER_SETTINGS if name in recorded and recorded[name] != getattr(config, name)
+    ]
+    if changed:
+        raise RaydpoError(
+            f"--resume: {', '.join(changed)} changed since the run started, and each checkpoint holds its "
+            "place in the data in the run's own terms; resume with the settings it started with"
+        )
     started_with = _started_with(state)
     if started_with is not None and started_with != config.num_workers:
         # each worker's checkpoint holds its ZeRO partition and its place in its own shard of the data
@@ -362,7 +406,16 @@ def _prepare_run_dir(
             f"--resume: the run started with {started_with} workers and its checkpoints hold their "
             f"partitions; resume with --num-workers {started_with} (or without --num-workers)"
         )
-    return state
+    return state, False
+
+
+def _clear_run(fs: pafs.FileSystem, run_dir: str, storage_path: str) -> None:
+    """Remove a replaced run's checkpoints and final model (a new run's stale checkpoints too)."""
+    _clear_checkpoints(storage_path)
+    fs.create_dir(run_dir, recursive=True)
+    model = f"{run_dir}/{MODEL_DIR}"
+    if fs.get_file_info(model).type == pafs.FileType.Directory:
+        fs.delete_dir(model)
 
 
 def _clear_checkpoints(storage_path: str) -> None:
@@ -423,11 +476,15 @@ def _trainer(
         return ds.map_batches(drop_nonfinite, batch_format="pyarrow", fn_kwargs={"names": reference})
 
     train = read(splits["train"])
-    if config.shuffle == "full":
-        epochs = [train.random_shuffle(seed=config.seed + e) for e in range(plan.run.epochs_streamed)]
-    else:  # the workers' buffers shuffle within the file order
-        epochs = [train.randomize_block_order(seed=config.seed + e) for e in range(plan.run.epochs_streamed)]
-    datasets = {"train": epochs[0].union(*epochs[1:]) if len(epochs) > 1 else epochs[0]}
+    # one dataset per epoch, each split equally between the workers: an epoch is every pair once, and a
+    # worker's shuffle buffer never mixes two epochs. A split runs only when its epoch is reached.
+    datasets = {}
+    for epoch in range(plan.run.epochs_streamed):
+        if config.shuffle == "full":
+            datasets[train_dataset(epoch)] = train.random_shuffle(seed=config.seed + epoch)
+        else:  # the workers' buffers shuffle within the file order
+            datasets[train_dataset(epoch)] = train.randomize_block_order(seed=config.seed + epoch)
+    epochs = list(datasets)
     if "eval" in splits:
         datasets["eval"] = read(splits["eval"])
     resources = {"CPU": config.cpus_per_worker}
@@ -455,6 +512,6 @@ def _trainer(
         # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs.
         # The eval split is not split: every worker streams it whole and scores its share (`evaluate`).
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)
+            datasets_to_split=epochs, execution_options=ExecutionOptions(preserve_order=True)
         ),
     )

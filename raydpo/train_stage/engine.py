@@ -254,6 +254,34 @@ def load_policy(config: TrainConfig, dtype: str) -> torch.nn.Module:
     return model
 
 
+def check_lora_targets(config: TrainConfig) -> None:
+    """Before any worker starts: the LoRA target modules name modules of the policy (peft's own match,
+    on the model built on the meta device, which allocates nothing)."""
+    if not config.lora_r:
+        return
+    targets = _target_modules(config.lora_target_modules)
+    if targets == "all-linear":
+        return
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoModelForCausalLM
+
+    model_config = load_config(config.model, config.trust_remote_code)
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.trust_remote_code)
+    lora = LoraConfig(r=config.lora_r, target_modules=targets)
+    names = [name for name, _ in built.named_modules()]
+    if not any(check_target_module_exists(lora, name) for name in names):
+        leaves = sorted(
+            {name.rsplit(".", 1)[-1] for name, module in built.named_modules() if not list(module.children())}
+        )
+        raise RaydpoError(
+            f"lora_target_modules {targets} match no module of {config.model}; its modules end in: "
+            f"{', '.join(leaves)} (or use all-linear)"
+        )
+
+
 def _target_modules(value: list[str] | str) -> list[str] | str:
     if isinstance(value, list) and len(value) == 1 and value[0] == "all-linear":
         return "all-linear"  # peft takes this one as a string, not a module name

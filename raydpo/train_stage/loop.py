@@ -23,7 +23,8 @@ import torch
 
 from raydpo.cluster import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.config import TrainConfig
-from raydpo.faults import fault_point
+from raydpo.errors import RaydpoError
+from raydpo.faults import fault_point, trace_pairs
 from raydpo.losses import LossSettings
 from raydpo.numerics import has_dropout
 from raydpo.train_stage.balance import balanced_micro_batches
@@ -52,6 +53,8 @@ class TrainState:
     step: int = 0
     num_tokens: int = 0
     skipped_batches: int = 0
+    epoch: int = 0  # the epoch the next micro-batch comes from
+    epoch_batches: int = 0  # the micro-batches taken from it so far (skipped ones too)
 
     @classmethod
     def from_client_state(cls, values: dict[str, Any]) -> TrainState:
@@ -93,6 +96,9 @@ def train_loop(values: dict[str, Any]) -> WorkerOutcome | None:
     for step in range(state.step + 1, worker.plan.run.total_steps + 1):
         step_started = time.perf_counter()
         train_step(worker, batches, state, window, step)
+        if step % worker.plan.run.steps_per_epoch == 0:
+            batches.end_epoch(step // worker.plan.run.steps_per_epoch - 1)
+        batches.record(state)
         worker.step_seconds.append(time.perf_counter() - step_started)
         window = after_step(worker, state, window, step)
     return finish(worker, time.perf_counter() - started)
@@ -185,42 +191,101 @@ def _cpu_allocator(device: torch.device, config: TrainConfig, rank: int) -> str 
     return allocator_in_effect(config.cpu_allocator, f"rank {rank}") if device.type == "cpu" else None
 
 
-def resume(worker: Worker) -> tuple[TrainState, Iterator[dict[str, Any]]]:
+def resume(worker: Worker) -> tuple[TrainState, EpochBatches]:
     """The state of the latest checkpoint (if any), and the worker's micro-batches after those it used."""
     import ray.train
 
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        # every rank loads rank 0's client state: the ranks take their steps in lockstep
         state = TrainState.from_client_state(load_checkpoint(worker.engine, checkpoint))
         logger.info("rank %d resumed from %s at step %d", worker.rank, checkpoint.path, state.step)
-    config = worker.config
-    shuffle_buffer = config.shuffle_buffer if config.shuffle == "files" else None
-    batches = micro_batches(
-        ray.train.get_dataset_shard("train"),
-        config.micro_batch_size,
-        shuffle_buffer,
-        config.seed + worker.rank,
-    )
-    for _ in range(state.step * config.grad_accum + state.skipped_batches):  # seen before the checkpoint
-        next(batches)
-    if config.balance_ranks:
-        batches = balanced_micro_batches(batches, worker.rank, worker.plan.run.world_size, worker.device)
-    return state, batches
+    return state, EpochBatches(worker, state.epoch, state.epoch_batches)
+
+
+class EpochBatches:
+    """The worker's micro-batches, epoch after epoch, each epoch from its own equally split dataset.
+
+    An epoch's steps take its first micro-batches; what is left when they are done (fewer than a step's,
+    or the spares of skipped micro-batches) is not used. A step whose skipped micro-batches used up its
+    epoch takes its replacements from the next one, which then goes on from there."""
+
+    def __init__(self, worker: Worker, epoch: int, taken: int):
+        self.worker, self.epoch, self.taken = worker, epoch, taken
+        self.stream: Iterator[dict[str, Any]] | None = None
+
+    def _open(self) -> Iterator[dict[str, Any]]:
+        """The epoch's micro-batches after the `taken` ones (skipped as read, before any regrouping)."""
+        import ray.train
+
+        from raydpo.train_stage.plan import train_dataset
+
+        worker, config = self.worker, self.worker.config
+        world = worker.plan.run.world_size
+        batches = micro_batches(
+            ray.train.get_dataset_shard(train_dataset(self.epoch)),
+            config.micro_batch_size,
+            config.shuffle_buffer if config.shuffle == "files" else None,
+            config.seed + worker.rank + self.epoch * world,  # one seed per worker and epoch
+        )
+        for _ in range(self.taken):
+            next(batches)
+        if config.balance_ranks:
+            batches = balanced_micro_batches(batches, worker.rank, world, worker.device)
+        return batches
+
+    def _take(self) -> dict[str, Any] | None:
+        if self.stream is None:
+            self.stream = self._open()
+        columns = next(self.stream, None)
+        if columns is not None:
+            self.taken += 1
+        return columns
+
+    def _next_epoch(self) -> None:
+        self.epoch, self.taken, self.stream = self.epoch + 1, 0, None
+
+    def __iter__(self) -> EpochBatches:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        columns = self._take()
+        if columns is None:  # skipped micro-batches used up this epoch's spares
+            if self.epoch + 1 >= self.worker.plan.run.epochs_streamed:
+                raise StopIteration
+            self._next_epoch()
+            columns = self._take()
+            if columns is None:
+                raise StopIteration
+        return columns
+
+    def end_epoch(self, epoch: int) -> None:
+        """The steps of `epoch` are done: its leftovers are dropped, the next epoch comes next (unless a
+        step of it already went on into the next)."""
+        if self.epoch == epoch:
+            self._next_epoch()
+
+    def record(self, state: TrainState) -> None:
+        """Where the next micro-batch comes from, for the checkpoint."""
+        state.epoch, state.epoch_batches = self.epoch, self.taken
 
 
 # ---- a step ------------------------------------------------------------------------------------------
 
 
 def train_step(
-    worker: Worker, batches: Iterator[dict[str, Any]], state: TrainState, window: MetricWindow, step: int
+    worker: Worker, batches: EpochBatches, state: TrainState, window: MetricWindow, step: int
 ) -> None:
     """One optimizer step: `grad_accum` micro-batches with finite losses, each forward and backward."""
     used = 0
     while used < worker.config.grad_accum:
         columns = next(batches, None)
-        if columns is None:  # only when skipped batches used up the stream's spare pairs
-            raise RuntimeError(f"the data ran out at step {step} after skipping non-finite batches")
+        if columns is None:  # only when skipped batches used up the last epoch's spare pairs
+            raise RaydpoError(
+                f"the data ran out at step {step}: the skipped non-finite micro-batches ({state.skipped_batches}) "
+                f"used up the last epoch's spare pairs; train with --max-steps {step - 1}, or fix the cache"
+            )
         forward = loss_on_batch(
             worker.engine, columns, worker.settings, worker.plan.pad_token_id, worker.device
         )
@@ -228,6 +293,7 @@ def train_step(
             state.skipped_batches += 1
             continue  # a replacement micro-batch keeps the accumulation aligned with the steps
         worker.engine.backward(forward.loss)
+        trace_pairs(worker.rank, step, batches.epoch, columns["pair_id"])
         used += 1
         if used == worker.config.grad_accum:
             worker.checks.before_update(step)
@@ -240,7 +306,9 @@ def after_step(worker: Worker, state: TrainState, window: MetricWindow, step: in
     """Log, evaluate and checkpoint where due; returns the window the next step adds to."""
     config, total_steps = worker.config, worker.plan.run.total_steps
     is_last = step == total_steps
-    if step == 1 or step % config.logging_steps == 0 or is_last:
+    checkpoint_due = bool(config.checkpoint_steps) and step % config.checkpoint_steps == 0 and not is_last
+    # a checkpoint step is logged too: a restart from it then loses no step's tokens or loss
+    if step == 1 or step % config.logging_steps == 0 or is_last or checkpoint_due:
         worker.final_metrics.update(log_step(worker, state, window, step))
         window = MetricWindow(worker.device)
     if worker.plan.has_eval and (is_last or (config.eval_steps and step % config.eval_steps == 0)):
@@ -249,7 +317,7 @@ def after_step(worker: Worker, state: TrainState, window: MetricWindow, step: in
         worker.final_metrics.update(eval_metrics)
         worker.engine.train()
         window.started = time.perf_counter()
-    if config.checkpoint_steps and step % config.checkpoint_steps == 0 and not is_last:
+    if checkpoint_due:
         metrics = {"step": step, **worker.final_metrics}
         save_checkpoint(worker.engine, dataclasses.asdict(state), metrics, worker.rank)
     fault_point("train.after_step", rank=worker.rank)
@@ -257,7 +325,7 @@ def after_step(worker: Worker, state: TrainState, window: MetricWindow, step: in
 
 
 def log_step(worker: Worker, state: TrainState, window: MetricWindow, step: int) -> dict[str, float]:
-    """The window's metrics over all ranks (the one host sync of the window), logged by rank 0."""
+    """The window's metrics over all ranks (the host syncs of the window), logged by rank 0."""
     metrics = window.reduce()
     if step == 1 and worker.checks.reference is not None:
         metrics.update(worker.checks.reference)
@@ -310,12 +378,12 @@ def evaluate(worker: Worker) -> dict[str, float]:
     ):
         first = columns if first is None else first
         total = index + 1
-        if index % world == rank:
-            window.add(forward_batch(worker, columns))
+        if index % world == rank:  # round index // world: TRL's eval batch of every rank's micro-batch
+            window.add(forward_batch(worker, columns), index // world)
             scored += 1
     for _ in range(-(-total // world) - scored):  # the rounds other workers still take part in
         forward_batch(worker, first)
-    metrics = window.reduce()
+    metrics = window.reduce(pair_weighted_loss=True)
     metrics.pop("_tokens")
     metrics["pairs"] = metrics.pop("_pairs")  # every eval pair once: the report checks it
     metrics["runtime"] = time.perf_counter() - window.started

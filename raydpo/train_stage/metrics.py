@@ -10,10 +10,12 @@ import torch
 
 from raydpo.train_stage.forward import Forward
 
-# Per-rank sums, all-reduced together; means are formed after the reduction. The device sums are
-# tensors added on the device; the counts are known on the host and never wait for the device.
-DEVICE_SUMS = (
-    "loss",
+# A row of per-rank sums for each micro-batch, all-reduced together once per logging step; means are
+# formed after the reduction. TRL takes each metric's mean over one micro-batch of every rank (a
+# "round"), then averages the rounds of a logging window unweighted: the rows keep rounds apart.
+ROUND_SUMS = (
+    "loss",  # the micro-batches' mean losses, summed
+    "pair_loss",  # each mean loss times its pairs (eval_loss: Hugging Face's evaluation loop weights by pairs)
     "rewards/chosen",
     "rewards/rejected",
     "rewards/accuracies",
@@ -25,31 +27,34 @@ DEVICE_SUMS = (
     "logits/rejected",
     "rejected_tokens",
 )
-HOST_COUNTS = ("micro_batches", "pairs", "tokens")
+ROUND_COUNTS = ("micro_batches", "pairs", "tokens")  # known on the host: never wait for the device
 PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
 PAIR_MEANS += ("logps/chosen", "logps/rejected")
 
 
 @dataclass
 class MetricWindow:
-    """Per-rank sums of the metrics over a logging window (or an eval pass)."""
+    """Per-rank sums of the metrics over a logging window (or an eval pass), a row per round."""
 
     device: torch.device
-    sums: torch.Tensor | None = None  # DEVICE_SUMS, on the device
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(HOST_COUNTS, 0))
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)  # round -> ROUND_SUMS, on the device
+    counts: dict[int, list[int]] = field(default_factory=dict)  # round -> ROUND_COUNTS, on the host
     started: float = field(default_factory=time.perf_counter)
 
-    def add(self, forward: Forward) -> None:
-        """Add a micro-batch's values: device work only, no host sync."""
+    def add(self, forward: Forward, round_index: int | None = None) -> None:
+        """Add a micro-batch's values as round `round_index` (default: the next round): device work
+        only, no host sync."""
         output, scores = forward.output, forward.scores
         chosen_rewards, rejected_rewards = output.chosen_rewards, output.rejected_rewards
         chosen_logits, rejected_logits = scores.split(scores.logits_sums)
-        chosen_lengths, rejected_lengths = scores.split(scores.lengths)
+        chosen_mask, rejected_mask = scores.split(scores.target_mask)
+        pairs = chosen_rewards.numel()
         values = torch.stack(
             [
                 value.detach().to(torch.float64)
                 for value in (
                     forward.loss,
+                    forward.loss * pairs,
                     chosen_rewards.sum(),
                     rejected_rewards.sum(),
                     (chosen_rewards > rejected_rewards).sum(),
@@ -57,36 +62,62 @@ class MetricWindow:
                     forward.inputs.chosen_logps.sum(),
                     forward.inputs.rejected_logps.sum(),
                     chosen_logits.sum(),
-                    chosen_lengths.sum(),
+                    chosen_mask.sum(),  # the tokens the logits were taken at
                     rejected_logits.sum(),
-                    rejected_lengths.sum(),
+                    rejected_mask.sum(),
                 )
             ]
         )
-        self.sums = values if self.sums is None else self.sums + values
-        self.counts["micro_batches"] += 1
-        self.counts["pairs"] += chosen_rewards.numel()
-        self.counts["tokens"] += forward.tokens
+        index = len(self.rows) if round_index is None else round_index
+        self.rows[index] = values if index not in self.rows else self.rows[index] + values
+        counts = self.counts.setdefault(index, [0, 0, 0])
+        for position, value in enumerate((1, pairs, forward.tokens)):
+            counts[position] += value
 
-    def reduce(self) -> dict[str, float]:
-        """All-reduce the sums (one collective, one host read) and form TRL's means."""
+    def reduce(self, pair_weighted_loss: bool = False) -> dict[str, float]:
+        """All-reduce the rows (two collectives: the round count, then the rows) and form TRL's means:
+        each metric's mean over a round, averaged over the rounds. The loss is the mean over
+        micro-batches, or with `pair_weighted_loss` over pairs (an eval pass)."""
         import torch.distributed as dist
 
-        sums = self.sums if self.sums is not None else torch.zeros(len(DEVICE_SUMS), dtype=torch.float64)
-        counts = torch.tensor([self.counts[name] for name in HOST_COUNTS], dtype=torch.float64)
-        total = torch.cat([sums.to(self.device), counts.to(self.device)])
+        count = torch.tensor([max(self.rows, default=-1) + 1], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
-            dist.all_reduce(total)
-        s = dict(zip(DEVICE_SUMS + HOST_COUNTS, total.cpu().tolist(), strict=True))
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        names = ROUND_SUMS + ROUND_COUNTS
+        host = torch.zeros(max(int(count.item()), 1), len(ROUND_COUNTS), dtype=torch.float64)
+        for index, values in self.counts.items():
+            host[index] = torch.tensor(values, dtype=torch.float64)
+        table = torch.cat(
+            [
+                torch.zeros(len(host), len(ROUND_SUMS), dtype=torch.float64, device=self.device),
+                host.to(self.device),
+            ],
+            dim=1,
+        )
+        for index, values in self.rows.items():
+            table[index, : len(ROUND_SUMS)] = values.to(self.device)
+        if dist.is_initialized():
+            dist.all_reduce(table)
+        column = dict(zip(names, table.cpu().T, strict=True))
+        taken = column["pairs"] > 0  # rounds with any pairs
+
+        def round_mean(total: str, count: str) -> float:
+            means = column[total][taken] / column[count][taken].clamp(min=1)
+            return means.mean().item() if len(means) else 0.0
+
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        metrics = {"loss": s["loss"] / max(s["micro_batches"], 1)}
-        metrics.update({name: s[name] / max(s["pairs"], 1) for name in PAIR_MEANS})
-        metrics["logits/chosen"] = s["logits/chosen"] / max(s["chosen_tokens"], 1)
-        metrics["logits/rejected"] = s["logits/rejected"] / max(s["rejected_tokens"], 1)
-        metrics["tokens_per_second"] = s["tokens"] / elapsed
-        metrics["samples_per_second"] = s["pairs"] / elapsed
-        metrics["_tokens"] = s["tokens"]
-        metrics["_pairs"] = s["pairs"]
+        pairs, tokens = column["pairs"].sum().item(), column["tokens"].sum().item()
+        if pair_weighted_loss:
+            metrics = {"loss": column["pair_loss"].sum().item() / max(pairs, 1)}
+        else:
+            metrics = {"loss": column["loss"].sum().item() / max(column["micro_batches"].sum().item(), 1)}
+        metrics.update({name: round_mean(name, "pairs") for name in PAIR_MEANS})
+        metrics["logits/chosen"] = round_mean("logits/chosen", "chosen_tokens")
+        metrics["logits/rejected"] = round_mean("logits/rejected", "rejected_tokens")
+        metrics["tokens_per_second"] = tokens / elapsed
+        metrics["samples_per_second"] = pairs / elapsed
+        metrics["_tokens"] = tokens
+        metrics["_pairs"] = pairs
         return metrics
 
 

@@ -36,15 +36,21 @@ class RunPlan:
         return cls(**values)
 
     def epoch_at(self, step: int) -> float:
-        """The epochs of pairs that `step` steps have taken (TRL's `epoch`)."""
-        return step * self.pairs_per_step / self.train_rows
+        """The epochs that `step` steps have taken (TRL's `epoch`)."""
+        return step / self.steps_per_epoch
+
+
+def train_dataset(epoch: int) -> str:
+    """The name of epoch `epoch`'s dataset among the trainer's datasets."""
+    return f"train-epoch-{epoch}"
 
 
 def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> RunPlan:
     """How many steps the run takes and how many epochs of shuffled data it streams.
 
-    The stream is `epochs` seeded shuffles of the pairs, one after another, split equally between the
-    workers (Ray Data's equal split drops at most world_size - 1 rows).
+    Each epoch is its own seeded shuffle of the pairs, split equally between the workers (Ray Data's
+    equal split drops at most world_size - 1 rows). Its steps take whole steps of its pairs: what is left
+    (fewer than a step's pairs) is not trained on in that epoch.
     """
     world = config.num_workers
     per_worker_step = config.micro_batch_size * config.grad_accum
@@ -59,20 +65,19 @@ def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> Run
         )
     if eval_rows is not None and eval_rows == 0:
         raise RaydpoError("the eval split has no pairs with finite reference log-probs")
+    steps_per_epoch = (train_rows // world) // per_worker_step
     if config.max_steps is not None:
-        epochs = math.ceil(config.max_steps * pairs_per_step / train_rows)
-        while (epochs * train_rows // world) // per_worker_step < config.max_steps:
-            epochs += 1
+        epochs = math.ceil(config.max_steps / steps_per_epoch)
         total_steps = config.max_steps
     else:
         epochs = config.epochs
-        total_steps = (epochs * train_rows // world) // per_worker_step
+        total_steps = epochs * steps_per_epoch
     return RunPlan(
         world_size=world,
         train_rows=train_rows,
         eval_rows=eval_rows,
         pairs_per_step=pairs_per_step,
-        steps_per_epoch=(train_rows // world) // per_worker_step,
+        steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         epochs_streamed=epochs,
     )
