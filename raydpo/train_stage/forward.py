@@ -143,7 +143,7 @@ def loss_inputs(
 def micro_batches(
     shard, micro_batch_size: int, shuffle_buffer: int | None = None, seed: int | None = None
 ) -> Iterator[dict[str, Any]]:
-    """The worker's shard as full micro-batches (the last partial one is dropped, as TRL does), drawn
+    """The worker's shard as full micro-batches (the last partial one is left out; TRL trains on it), drawn
     from a seeded buffer of SHUFFLE_BUFFER pairs if given."""
     yield from shard.iter_batches(
         batch_size=micro_batch_size,
