@@ -73,21 +73,13 @@ def _parser_for(kind: Any):
     return str
 
 
-# what `raydpo train` takes from a job config's `precompute:` section where its `train:` section is
-# silent, as the job does (`raydpo.job.train_config_for`): train setting <- precompute setting
-TRAIN_FROM_PRECOMPUTE = {
-    "model": "model",
-    "data": "output",
-    "trust_remote_code": "trust_remote_code",
-    "attn_implementation": "attn_implementation",
-}
-
-
 def _config(cls: type, args: argparse.Namespace, section: str):
     """YAML (a `section:` mapping or flat) < --set overrides (`section.key=v` or `key=v`) < flags; for
     `train`, a job config's `precompute:` section first, as the job reads it."""
     values = load(args.config, args.set or [], section)
     if section == "train" and args.config:
+        from raydpo.job import TRAIN_FROM_PRECOMPUTE
+
         precompute = load_yaml(args.config).get("precompute")
         if isinstance(precompute, dict):
             precompute = {key.replace("-", "_"): value for key, value in precompute.items()}

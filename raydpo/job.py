@@ -41,15 +41,19 @@ class JobResult:
         return "\n".join(lines)
 
 
+# what the train stage takes from the precompute where its own settings are silent: train <- precompute
+TRAIN_FROM_PRECOMPUTE = {
+    "model": "model",
+    "data": "output",
+    "trust_remote_code": "trust_remote_code",
+    "attn_implementation": "attn_implementation",
+}
+
+
 def train_config_for(precompute: PrecomputeConfig, values: dict[str, Any] | TrainConfig) -> TrainConfig:
     """The train stage's config: `model`, `data`, `trust_remote_code` and `attn_implementation` default
     to the precompute's."""
-    defaults = {
-        "model": precompute.model,
-        "data": precompute.output,
-        "trust_remote_code": precompute.trust_remote_code,
-        "attn_implementation": precompute.attn_implementation,
-    }
+    defaults = {ours: getattr(precompute, theirs) for ours, theirs in TRAIN_FROM_PRECOMPUTE.items()}
     return coerce(TrainConfig, defaults, as_dict(values) if isinstance(values, TrainConfig) else values)
 
 

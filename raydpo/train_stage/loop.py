@@ -41,7 +41,7 @@ from raydpo.train_stage.engine import (
 )
 from raydpo.train_stage.forward import PolicyScorer, decide_prefix_sharing, loss_on_batch, micro_batches
 from raydpo.train_stage.metrics import MetricWindow, peak_memory_gb
-from raydpo.train_stage.plan import WorkerOutcome, WorkerPlan
+from raydpo.train_stage.plan import WorkerOutcome, WorkerPlan, train_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +218,6 @@ class EpochBatches:
     def _open(self) -> Iterator[dict[str, Any]]:
         """The epoch's micro-batches after the `taken` ones (skipped as read, before any regrouping)."""
         import ray.train
-
-        from raydpo.train_stage.plan import train_dataset
 
         worker, config = self.worker, self.worker.config
         world = worker.plan.run.world_size
