@@ -86,10 +86,25 @@ def with_nonfinite_rows(output: Path) -> Path:
     return output
 
 
+def shm_segments() -> set[str]:
+    """Names of the shared-memory segments DeepSpeed's CPU all-reduce makes, one per worker."""
+    return {path.name for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 @pytest.fixture(scope="module")
-def base_run(train_cache, toy_model, tmp_path_factory):
+def shm_before_base_run() -> set[str]:
+    return shm_segments()
+
+
+@pytest.fixture(scope="module")
+def base_run(shm_before_base_run, train_cache, toy_model, tmp_path_factory):
     output = tmp_path_factory.mktemp("runs") / "base"
     return raydpo.train(run_settings(toy_model, train_cache, output))
+
+
+def test_training_leaves_no_shared_memory_behind(base_run, shm_before_base_run):
+    """Each run's two CPU workers made 64 MiB segments in /dev/shm that outlived them, held in RAM."""
+    assert shm_segments() - shm_before_base_run == set()
 
 
 def metric_history(result, name: str) -> dict[int, float]:

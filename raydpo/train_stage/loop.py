@@ -10,6 +10,7 @@ by log, eval and checkpoint where due) -> final save.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -133,6 +134,8 @@ def setup(plan: WorkerPlan) -> Worker:
     transformers.set_seed(config.seed)
     allocator = _cpu_allocator(device, config, rank)
     deepspeed.init_distributed()  # adopts the process group Ray Train created (gloo on CPUs, NCCL on GPUs)
+    if device.type == "cpu":
+        _unlink_shm_workspace(rank)
     loading = zero3_loading(plan.deepspeed_config)  # alive while the model loads
     memory_at_start = peak_memory_gb(device, reduce=False)
     policy = load_policy(config, plan.dtype)
@@ -155,6 +158,24 @@ def setup(plan: WorkerPlan) -> Worker:
         zero3_loading=loading,
         system_metrics=_system_metrics(plan),
     )
+
+
+def _unlink_shm_workspace(rank: int) -> None:
+    """Unlink the shared-memory segment DeepSpeed's CPU all-reduce made for this rank, once all have mapped it.
+
+    DeepSpeed never unlinks it: every training run on CPUs left 64 MiB of /dev/shm per worker behind,
+    held in RAM until the node restarts. Each rank maps every other rank's segment while DeepSpeed
+    initializes, so after a barrier the names are no longer needed; the mappings live on until the
+    workers exit, however they exit. Ranks on several nodes make no segment (DeepSpeed uses it only
+    when all ranks are local).
+    """
+    import torch.distributed as dist
+
+    dist.barrier()
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{rank}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def _log_zero_stage(plan: WorkerPlan, rank: int) -> None:
