@@ -49,6 +49,10 @@ class CompletionLogps:
     lengths: torch.Tensor  # [2B], completion token counts
     logits_sums: torch.Tensor | None = None  # [2B], sum over completion tokens of the mean logit (TRL metric)
     token_log_sum_sq_probs: torch.Tensor | None = None  # [2B, T-1], log sum_v p_v^2 (WPO weights)
+    entropy_sums: torch.Tensor | None = None  # [2B], sum over completion tokens of the entropy (TRL metric)
+    top1_counts: torch.Tensor | None = (
+        None  # [2B], completion tokens that are the argmax (mean_token_accuracy)
+    )
 
     def split(self, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(chosen half, rejected half) of a per-sequence tensor."""
@@ -80,7 +84,9 @@ def completion_logps(
         target_mask = batch.completion_mask[:, 1:].bool()
         targets = batch.input_ids[:, 1:][target_mask]  # [M]
         states = hidden[:, :-1][target_mask]  # [M, H]
-    logps, mean_logits, log_sum_sq = _call_head(head, states, targets, transform, chunk_tokens, with_stats)
+    logps, mean_logits, log_sum_sq, entropy, is_top1 = _call_head(
+        head, states, targets, transform, chunk_tokens, with_stats
+    )
 
     token_logps = _scatter(target_mask, logps)
     lengths = target_mask.sum(dim=1)
@@ -98,6 +104,8 @@ def completion_logps(
     )
     if with_stats:
         result.logits_sums = _scatter(target_mask, mean_logits).sum(dim=1)
+        result.entropy_sums = _scatter(target_mask, entropy).sum(dim=1)
+        result.top1_counts = _scatter(target_mask, is_top1).sum(dim=1)
         result.token_log_sum_sq_probs = _scatter(target_mask, log_sum_sq)
     return result
 
@@ -140,6 +148,9 @@ def _call_head(head, states, targets, transform: LogitTransform, chunk_tokens: i
         del head.forward
 
 
+HEAD_STATS = ("mean_logits", "log_sum_sq", "entropy", "is_top1")  # per token, besides the log-prob (metrics)
+
+
 class _HeadLogps(torch.autograd.Function):
     """log p(target) under log_softmax(transform(states @ weight.T + bias)), a chunk of rows at a time.
 
@@ -149,25 +160,30 @@ class _HeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, states, weight, bias, targets, transform, chunk_tokens, with_stats):
-        logps, normalizers, mean_logits, log_sum_sq = [], [], [], []
+        logps, normalizers = [], []
+        stats = {name: [] for name in HEAD_STATS}
         for start in range(0, targets.numel(), chunk_tokens):
             rows = slice(start, start + chunk_tokens)
             logits, _ = transform(F.linear(states[rows], weight, bias).float())
             normalizer = torch.logsumexp(logits, dim=-1)
             logps.append(logits.gather(-1, targets[rows, None]).squeeze(-1) - normalizer)
             normalizers.append(normalizer)
-            if with_stats:
-                mean_logits.append(logits.mean(dim=-1))
-                log_sum_sq.append(torch.logsumexp(2 * (logits - normalizer[:, None]), dim=-1))
+            if with_stats:  # two [rows, vocab] temporaries beside the logits
+                stats["mean_logits"].append(logits.mean(dim=-1))
+                stats["is_top1"].append(logits.argmax(dim=-1) == targets[rows])  # the first maximum, as TRL
+                log_probs = logits - normalizer[:, None]
+                probs = log_probs.exp()
+                stats["log_sum_sq"].append(torch.linalg.vecdot(probs, probs).log())
+                stats["entropy"].append(-torch.linalg.vecdot(probs, log_probs))
         empty = states.new_zeros(0, dtype=torch.float32)
-        outputs = [torch.cat(values) if values else empty for values in (logps, mean_logits, log_sum_sq)]
+        outputs = [torch.cat(values) if values else empty for values in (logps, *stats.values())]
         ctx.save_for_backward(states, weight, bias, targets, torch.cat(normalizers) if normalizers else empty)
         ctx.transform, ctx.chunk_tokens = transform, chunk_tokens
-        ctx.mark_non_differentiable(outputs[1], outputs[2])
+        ctx.mark_non_differentiable(*outputs[1:])
         return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_logps, _grad_mean_logits, _grad_log_sum_sq):
+    def backward(ctx, grad_logps, *_grad_stats):
         states, weight, bias, targets, normalizers = ctx.saved_tensors
         need_states, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_states = torch.zeros_like(states) if need_states else None

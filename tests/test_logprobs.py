@@ -112,6 +112,58 @@ def test_chunked_head_gradients_equal_full_logits_autograd(model, tokenizer, pai
         torch.testing.assert_close(chunked[name], full[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def per_sequence(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per-token values at `mask`'s positions summed per row."""
+    return torch.zeros(mask.shape).masked_scatter(mask, values.float()).sum(dim=1)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_head_statistics_equal_trls_chunked_head(model, tokenizer, pairs, softcap):
+    """Entropy, mean logit, log sum_v p_v^2 and top-1 hits per token equal TRL's chunked LM head, which
+    makes its `entropy`, `logits/*` and `mean_token_accuracy` metrics and the WPO weights. The chosen
+    completions are the model's own greedy continuations, so each of their tokens is a top-1 hit."""
+    from trl.kernels.chunked_logprob import OPTIONAL_OUTPUTS, ChunkedLogProbFunction
+
+    prompts = [p.prompt_ids[-48:] for p in pairs[:3]]
+    with torch.no_grad():
+        greedy = [
+            model.generate(
+                torch.tensor([prompt]), max_new_tokens=10, min_new_tokens=10, do_sample=False, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+            for prompt in prompts
+        ]
+    batch = pack_pairs(prompts, greedy, [p.chosen_ids[: 10 + 7 * i] for i, p in enumerate(pairs[:3])], 0)
+    model.config.final_logit_softcapping = softcap
+    try:
+        with torch.no_grad():
+            ours = completion_logps(model, batch, chunk_tokens=7, with_stats=True)
+            hidden = model.model(
+                input_ids=batch.input_ids, attention_mask=batch.attention_mask
+            ).last_hidden_state
+    finally:
+        model.config.final_logit_softcapping = None
+    mask = batch.completion_mask[:, 1:].bool()
+    head = model.lm_head
+    _, entropy, log_sum_sq, mean_logits, is_top1 = ChunkedLogProbFunction.apply(
+        hidden[:, :-1][mask],
+        head.weight,
+        head.bias,
+        batch.input_ids[:, 1:][mask],
+        1.0,
+        64,
+        softcap,
+        1.0,
+        OPTIONAL_OUTPUTS,
+    )
+    torch.testing.assert_close(ours.entropy_sums, per_sequence(mask, entropy), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.logits_sums, per_sequence(mask, mean_logits), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ours.token_log_sum_sq_probs[mask], log_sum_sq, rtol=1e-5, atol=1e-5)
+    assert ours.top1_counts.tolist() == per_sequence(mask, is_top1).tolist()
+    chosen_hits, rejected_hits = ours.split(ours.top1_counts)
+    assert chosen_hits.tolist() == [10.0, 10.0, 10.0]
+    assert (rejected_hits < ours.split(ours.lengths)[1]).all()
+
+
 def test_head_path_check_catches_unknown_logit_processing(model):
     check_head_path(model, model.config.vocab_size)
     model.config.final_logit_softcapping = 0.5  # the split path now transforms, the model does not

@@ -145,7 +145,15 @@ def test_prefix_sharing_off_gives_the_same_first_step(base_run, train_cache, toy
     settings = run_settings(toy_model, train_cache, tmp_path / "unshared", max_steps=1, prefix_sharing="off")
     unshared = raydpo.train({**settings, "eval_steps": None, "checkpoint_steps": None})
     assert unshared.prefix_sharing is False
-    for name in ("loss", "logps/chosen", "logps/rejected", "logits/chosen", "grad_norm", "num_tokens"):
+    for name in (
+        "loss",
+        "logps/chosen",
+        "logps/rejected",
+        "logits/chosen",
+        "grad_norm",
+        "num_tokens",
+        "entropy",
+    ):
         expected = metric_history(base_run, name)[1]
         assert metric_history(unshared, name)[1] == pytest.approx(expected, rel=1e-5), name
 
@@ -173,6 +181,8 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
         "logps/rejected",
         "logits/chosen",
         "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
         "grad_norm",
         "learning_rate",
         "epoch",
@@ -182,7 +192,7 @@ def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, 
     ]
     for name in trl_names:
         assert sorted(metric_history(base_run, name)) == list(range(1, STEPS + 1)), name
-    for name in ("eval_loss", "eval_rewards/accuracies", "eval_logps/chosen"):
+    for name in ("eval_loss", "eval_rewards/accuracies", "eval_logps/chosen", "eval_entropy"):
         assert sorted(metric_history(base_run, name)) == [3, STEPS], name
     eval_written = json.loads((train_cache / "eval" / "manifest.json").read_text())["counts"]["written"]
     assert metric_history(base_run, "eval_pairs") == {3: eval_written, STEPS: eval_written}  # none dropped
@@ -988,8 +998,16 @@ def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_mode
     )
 
 
-def fake_forward(loss: float, chosen_rewards, rejected_rewards, chosen_logit_mean: float, tokens: int):
-    """A micro-batch's `Forward` with given rewards and a chosen mean logit over `tokens` tokens each."""
+def fake_forward(
+    loss: float,
+    chosen_rewards,
+    rejected_rewards,
+    chosen_logit_mean: float,
+    tokens: int,
+    hit_rate: float = 0.0,
+):
+    """A micro-batch's `Forward` with given rewards, and over `tokens` chosen tokens each a mean logit (and
+    the same mean entropy) and a share of top-1 hits."""
     from types import SimpleNamespace
 
     from raydpo.logprobs import CompletionLogps
@@ -1000,6 +1018,8 @@ def fake_forward(loss: float, chosen_rewards, rejected_rewards, chosen_logit_mea
     logits_sums = torch.tensor([chosen_logit_mean * tokens] * pairs + [0.0] * pairs)
     zeros = torch.zeros(2 * pairs)
     scores = CompletionLogps(torch.zeros(mask.shape), mask, zeros, zeros, zeros, mask.sum(1), logits_sums)
+    scores.entropy_sums = logits_sums
+    scores.top1_counts = torch.tensor([hit_rate * tokens] * pairs + [0.0] * pairs)
     rewards = SimpleNamespace(
         chosen_rewards=torch.tensor(chosen_rewards), rejected_rewards=torch.tensor(rejected_rewards)
     )
@@ -1016,10 +1036,12 @@ def test_metric_means_are_trls():
     from raydpo.train_stage.metrics import MetricWindow
 
     train = MetricWindow(torch.device("cpu"))
-    train.add(fake_forward(0.6, [0.1, 0.3], [0.0, 0.0], 0.5, 20))
-    train.add(fake_forward(0.8, [0.2, 0.2], [0.0, 0.5], 1.0, 200))
+    train.add(fake_forward(0.6, [0.1, 0.3], [0.0, 0.0], 0.5, 20, hit_rate=0.5))
+    train.add(fake_forward(0.8, [0.2, 0.2], [0.0, 0.5], 1.0, 200, hit_rate=1.0))
     metrics = train.reduce()
     assert metrics["logits/chosen"] == pytest.approx(0.75)
+    assert metrics["entropy"] == pytest.approx(0.75)
+    assert metrics["mean_token_accuracy"] == pytest.approx(0.75)  # not the token mean, 0.95
     assert metrics["loss"] == pytest.approx(0.7)
     assert metrics["rewards/accuracies"] == pytest.approx(0.75)
 

@@ -26,6 +26,8 @@ ROUND_SUMS = (
     "chosen_tokens",
     "logits/rejected",
     "rejected_tokens",
+    "entropy",  # over the tokens of both completions
+    "mean_token_accuracy",  # the chosen completions' tokens that are the argmax
 )
 ROUND_COUNTS = ("micro_batches", "pairs", "tokens")  # known on the host: never wait for the device
 PAIR_MEANS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
@@ -65,6 +67,8 @@ class MetricWindow:
                     chosen_mask.sum(),  # the tokens the logits were taken at
                     rejected_logits.sum(),
                     rejected_mask.sum(),
+                    scores.entropy_sums.sum(),
+                    scores.split(scores.top1_counts)[0].sum(),
                 )
             ]
         )
@@ -101,8 +105,8 @@ class MetricWindow:
         column = dict(zip(names, table.cpu().T, strict=True))
         taken = column["pairs"] > 0  # rounds with any pairs
 
-        def round_mean(total: str, count: str) -> float:
-            means = column[total][taken] / column[count][taken].clamp(min=1)
+        def round_mean(total: str, *counts: str) -> float:
+            means = column[total][taken] / sum(column[count][taken] for count in counts).clamp(min=1)
             return means.mean().item() if len(means) else 0.0
 
         elapsed = max(time.perf_counter() - self.started, 1e-9)
@@ -114,6 +118,8 @@ class MetricWindow:
         metrics.update({name: round_mean(name, "pairs") for name in PAIR_MEANS})
         metrics["logits/chosen"] = round_mean("logits/chosen", "chosen_tokens")
         metrics["logits/rejected"] = round_mean("logits/rejected", "rejected_tokens")
+        metrics["entropy"] = round_mean("entropy", "chosen_tokens", "rejected_tokens")
+        metrics["mean_token_accuracy"] = round_mean("mean_token_accuracy", "chosen_tokens")
         metrics["tokens_per_second"] = tokens / elapsed
         metrics["samples_per_second"] = pairs / elapsed
         metrics["_tokens"] = tokens
