@@ -972,14 +972,25 @@ def test_nonfinite_loss_stops_with_its_pairs_or_is_skipped(train_cache, toy_mode
         index = table.schema.get_field_index("ref_chosen_logps")
         pq.write_table(table.set_column(index, "ref_chosen_logps", pa.array(values, pa.float32())), part)
     settings = run_settings(
-        toy_model, poisoned, tmp_path / "run", loss_type="ipo", eval_steps=None, checkpoint_steps=None
+        toy_model,
+        poisoned,
+        tmp_path / "run",
+        loss_type="ipo",
+        eval_steps=None,
+        checkpoint_steps=None,
+        max_failures=1,  # not used: a restart would stop again
     )
-    with pytest.raises(TrainingFailed, match="non-finite loss") as failure:
+    with pytest.raises(TrainingFailed, match="^training failed: non-finite loss on some worker") as failure:
         raydpo.train(settings)
     assert str(failure.value).endswith(
         "; no checkpoint was written: rerun with --resume to start again in the same MLflow run"
     )
     assert any(pair_id in str(failure.value) for pair_id in bad_ids)
+    # every rank stops together, at once: no worker failure, which Ray Train would restart to stop again
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    stopped = MlflowClient(tracking_uri=state["tracking_uri"]).get_run(state["run_id"])
+    assert state["status"] == "failed" and stopped.info.status == "FAILED"
+    assert "raydpo.worker_failures" not in stopped.data.tags
 
     assert not (tmp_path / "run" / "model").exists()
     step = re.search(r"at step (\d+)", str(failure.value)).group(1)

@@ -208,7 +208,7 @@ class StepChecks:
         rank, value, ids = next(entry for entry in gathered if entry is not None)
         where = f"step {step}, worker {rank} (loss {value:.4g}), pairs {ids}"
         if not self.config.skip_nonfinite_loss:
-            raise FloatingPointError(
+            raise AgreedStop(
                 f"non-finite loss on some worker at {where}; skip_nonfinite_loss skips such batches"
             )
         logger.warning("skipping a micro-batch with a non-finite loss at %s", where)
@@ -245,5 +245,11 @@ def enforce_reference_check(check: dict[str, float], config, dropout_on: bool, r
     )
 
 
-class ReferenceMismatchError(RuntimeError):
+class AgreedStop(RuntimeError):
+    """A stop every rank reaches together, for a reason in the data or the settings (a non-finite loss,
+    a reference that step 1 does not reproduce). A restart would stop again at the same place, so the
+    workers end the run with it (`loop.train_loop`) rather than fail, which Ray Train would retry."""
+
+
+class ReferenceMismatchError(AgreedStop):
     """Step 1 of training does not reproduce the cached reference log-probs."""

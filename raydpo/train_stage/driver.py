@@ -136,17 +136,20 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
     logger.info("%s: %s", _workers(plan.world_size), workers_reason)
     sigint = signal.getsignal(signal.SIGINT)
-    try:
-        result = trainer.fit()
-    except Exception as error:
+
+    def failed(line: str) -> TrainingFailed:
         state["status"] = "failed"
         _write_state(fs, run_dir, state)
-        line = failed_run(error, config.max_failures)
         try:
             record_run_failed(tracking_uri, run_id, line)
         except Exception as unrecorded:  # the failure's line matters more than its MLflow record
             logger.warning("the failure could not be recorded in MLflow: %s", one_line(unrecorded))
-        raise TrainingFailed(f"training failed: {line}; {_rerun(storage_path)}") from error
+        return TrainingFailed(f"training failed: {line}; {_rerun(storage_path)}")
+
+    try:
+        result = trainer.fit()
+    except Exception as error:
+        raise failed(failed_run(error, config.max_failures)) from error
     except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
         state["status"] = "interrupted"
         _write_state(fs, run_dir, state)
@@ -160,8 +163,11 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
     outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
+    if outcome.stopped:  # the workers stopped together, for a reason a restart would meet again
+        raise failed(outcome.stopped)
     _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
     fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
+    del fields["stopped"]
     return TrainResult(
         result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
     )

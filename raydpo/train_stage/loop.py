@@ -24,12 +24,11 @@ import torch
 
 from raydpo.cluster import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.config import TrainConfig
-from raydpo.errors import RaydpoError
 from raydpo.faults import fault_point, trace_pairs
 from raydpo.losses import LossSettings
 from raydpo.numerics import has_dropout
 from raydpo.train_stage.balance import balanced_micro_batches
-from raydpo.train_stage.checks import StepChecks
+from raydpo.train_stage.checks import AgreedStop, StepChecks
 from raydpo.train_stage.engine import (
     grad_norm,
     initialize,
@@ -94,14 +93,19 @@ def train_loop(values: dict[str, Any]) -> WorkerOutcome | None:
     worker.engine.train()
     started = time.perf_counter()
     window = MetricWindow(worker.device)
-    for step in range(state.step + 1, worker.plan.run.total_steps + 1):
-        step_started = time.perf_counter()
-        train_step(worker, batches, state, window, step)
-        if step % worker.plan.run.steps_per_epoch == 0:
-            batches.end_epoch(step // worker.plan.run.steps_per_epoch - 1)
-        batches.record(state)
-        worker.step_seconds.append(time.perf_counter() - step_started)
-        window = after_step(worker, state, window, step)
+    try:
+        for step in range(state.step + 1, worker.plan.run.total_steps + 1):
+            step_started = time.perf_counter()
+            train_step(worker, batches, state, window, step)
+            if step % worker.plan.run.steps_per_epoch == 0:
+                batches.end_epoch(step // worker.plan.run.steps_per_epoch - 1)
+            batches.record(state)
+            worker.step_seconds.append(time.perf_counter() - step_started)
+            window = after_step(worker, state, window, step)
+    except AgreedStop as stop:  # every rank is here: end the run, which a raised error would restart
+        if worker.system_metrics is not None:
+            worker.system_metrics.finish()
+        return WorkerOutcome(model_path="", stopped=str(stop)) if worker.rank == 0 else None
     return finish(worker, time.perf_counter() - started)
 
 
@@ -301,7 +305,7 @@ def train_step(
     while used < worker.config.grad_accum:
         columns = next(batches, None)
         if columns is None:  # only when skipped batches used up the last epoch's spare pairs
-            raise RaydpoError(
+            raise AgreedStop(
                 f"the data ran out at step {step}: the skipped non-finite micro-batches ({state.skipped_batches}) "
                 f"used up the last epoch's spare pairs; train with --max-steps {step - 1}, or fix the cache"
             )

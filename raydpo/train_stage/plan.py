@@ -123,3 +123,4 @@ class WorkerOutcome:
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step this run took
     cpu_allocator: str | None = None  # "mimalloc" or "system" on CPUs
     prefix_sharing: bool | None = None
+    stopped: str | None = None  # why the workers ended the run early (`checks.AgreedStop`): a failed run
