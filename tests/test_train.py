@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +400,52 @@ def test_each_epoch_trains_every_pair_once_across_a_restart(train_cache, toy_mod
         assert (
             len(trained) >= pairs - 1 - 2
         )  # leftovers: the equal split's (<= 1) and each rank's partial step
+
+
+def split_coordinators_since(started_ms: float) -> list[dict]:
+    """Ray Data's split coordinator actors started since `started_ms`, from the GCS's actor table."""
+    import ray
+
+    actors = ray._private.state.actors().values()
+    return [
+        actor
+        for actor in actors
+        if actor["ActorClassName"] == "SplitCoordinator" and actor["StartTime"] >= started_ms
+    ]
+
+
+def most_alive_at_once(actors: list[dict]) -> int:
+    events = sorted(
+        [(actor["StartTime"], 1) for actor in actors]
+        + [(actor["EndTime"] or math.inf, -1) for actor in actors],
+        key=lambda event: (event[0], event[1]),  # an end before a start at the same instant
+    )
+    alive = most = 0
+    for _, change in events:
+        alive += change
+        most = max(most, alive)
+    return most
+
+
+def test_a_run_of_many_epochs_keeps_two_split_coordinators_alive(train_cache, toy_model, tmp_path):
+    """One step an epoch for 5 steps: each epoch is split by its own Ray Data coordinator actor (a process
+    of about 115 MiB); rank 0 kills those of the epochs every rank has finished, so no more than two
+    live at once, where all five used to live to the end of the run."""
+    pairs = raydpo.read_output(str(train_cache)).num_rows - NONFINITE_ROWS
+    micro_batch_size = 4
+    grad_accum = (pairs // 2) // micro_batch_size  # each worker's share of an epoch is one step
+    started_ms = time.time() * 1000
+    settings = run_settings(toy_model, train_cache, tmp_path / "run", max_steps=5)
+    settings.update(
+        micro_batch_size=micro_batch_size, grad_accum=grad_accum, eval_steps=None, logging_steps=5
+    )
+    result = raydpo.train(settings)
+    assert result.plan.steps_per_epoch == 1 and result.plan.epochs_streamed == 5
+    coordinators = split_coordinators_since(started_ms)
+    assert len(coordinators) == 5  # one split an epoch
+    killed = [actor for actor in coordinators if "RAY_KILL" in str(actor["DeathCause"])]
+    assert len(killed) == 4  # all but the last epoch's, which ends with its owner, rank 0
+    assert most_alive_at_once(coordinators) == 2
 
 
 def test_a_worker_group_failure_is_named_by_the_rank_that_caused_it():

@@ -40,7 +40,7 @@ from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
 from raydpo.train_stage.checks import check_cache_matches, drop_nonfinite, finite_rows, required_columns
-from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run, train_dataset
+from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +355,7 @@ def _started_with(state: dict[str, Any] | None) -> int | None:
     return (state or {}).get("config", {}).get("num_workers")
 
 
-# the order in which the workers take the pairs: epochs split on their own (`train_dataset`), a place in
+# the order in which the workers take the pairs: epochs split on their own (`epochs`), a place in
 # an epoch counted in micro-batches; a run's checkpoints resume only under the same, and with the same
 # settings that decide it
 DATA_ORDER = "epochs-v1"
@@ -481,23 +481,15 @@ def _trainer(
         ds.context.enable_progress_bars = False  # the steps' progress line says how far training is
         return ds.map_batches(drop_nonfinite, batch_format="pyarrow", fn_kwargs={"names": reference})
 
+    # the workers split each epoch of it themselves, when they reach it (`epochs.split_epoch`)
     train = read(splits["train"])
-    # one dataset per epoch, each split equally between the workers: an epoch is every pair once, and a
-    # worker's shuffle buffer never mixes two epochs. A split runs only when its epoch is reached.
-    datasets = {}
-    for epoch in range(plan.run.epochs_streamed):
-        if config.shuffle == "full":
-            datasets[train_dataset(epoch)] = train.random_shuffle(seed=config.seed + epoch)
-        else:  # the workers' buffers shuffle within the file order
-            datasets[train_dataset(epoch)] = train.randomize_block_order(seed=config.seed + epoch)
-    epochs = list(datasets)
-    if "eval" in splits:
-        datasets["eval"] = read(splits["eval"])
+    # the eval split is not split: every worker streams it whole and scores its share (`evaluate`)
+    datasets = {"eval": read(splits["eval"])} if "eval" in splits else None
     resources = {"CPU": config.cpus_per_worker}
     storage_filesystem, storage_root = cache.resolve(storage_path)  # keeps a URI's endpoint settings
     return TorchTrainer(
         train_loop,
-        train_loop_config=plan.to_dict(),
+        train_loop_config={"plan": plan.to_dict(), "train": train},
         # CPU workers spread over the nodes: each then runs on more cores (`cpu_threads`); GPU workers pack
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.num_workers,
@@ -515,9 +507,7 @@ def _trainer(
             callbacks=[FailureRecorder(plan.tracking_uri, plan.run_id, config.max_failures)],
         ),
         datasets=datasets,
-        # preserve_order makes the split between workers deterministic: a restarted run sees the same pairs.
-        # The eval split is not split: every worker streams it whole and scores its share (`evaluate`).
         dataset_config=ray.train.DataConfig(
-            datasets_to_split=epochs, execution_options=ExecutionOptions(preserve_order=True)
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
         ),
     )

@@ -16,7 +16,6 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,6 @@ from raydpo.config import TrainConfig
 from raydpo.faults import fault_point, trace_pairs
 from raydpo.losses import LossSettings
 from raydpo.numerics import has_dropout
-from raydpo.train_stage.balance import balanced_micro_batches
 from raydpo.train_stage.checks import AgreedStop, StepChecks
 from raydpo.train_stage.engine import (
     grad_norm,
@@ -39,9 +37,10 @@ from raydpo.train_stage.engine import (
     save_final_model,
     zero3_loading,
 )
-from raydpo.train_stage.forward import PolicyScorer, decide_prefix_sharing, loss_on_batch, micro_batches
+from raydpo.train_stage.epochs import EpochBatches
+from raydpo.train_stage.forward import PolicyScorer, decide_prefix_sharing, loss_on_batch
 from raydpo.train_stage.metrics import MetricWindow, peak_memory_gb
-from raydpo.train_stage.plan import WorkerOutcome, WorkerPlan, train_dataset
+from raydpo.train_stage.plan import WorkerOutcome, WorkerPlan
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +86,10 @@ class Worker:
 
 
 def train_loop(values: dict[str, Any]) -> WorkerOutcome | None:
-    """Entry point of every Ray Train worker; rank 0 returns the outcome."""
-    worker = setup(WorkerPlan.from_dict(values))
-    state, batches = resume(worker)
+    """Entry point of every Ray Train worker (`values`: the plan and the training pairs' Ray Dataset);
+    rank 0 returns the outcome."""
+    worker = setup(WorkerPlan.from_dict(values["plan"]))
+    state, batches = resume(worker, values["train"])
     worker.engine.train()
     started = time.perf_counter()
     window = MetricWindow(worker.device)
@@ -216,7 +216,7 @@ def _cpu_allocator(device: torch.device, config: TrainConfig, rank: int) -> str 
     return allocator_in_effect(config.cpu_allocator, f"rank {rank}") if device.type == "cpu" else None
 
 
-def resume(worker: Worker) -> tuple[TrainState, EpochBatches]:
+def resume(worker: Worker, train) -> tuple[TrainState, EpochBatches]:
     """The state of the latest checkpoint (if any), and the worker's micro-batches after those it used."""
     import ray.train
 
@@ -226,72 +226,10 @@ def resume(worker: Worker) -> tuple[TrainState, EpochBatches]:
         # every rank loads rank 0's client state: the ranks take their steps in lockstep
         state = TrainState.from_client_state(load_checkpoint(worker.engine, checkpoint))
         logger.info("rank %d resumed from %s at step %d", worker.rank, checkpoint.path, state.step)
-    return state, EpochBatches(worker, state.epoch, state.epoch_batches)
-
-
-class EpochBatches:
-    """The worker's micro-batches, epoch after epoch, each epoch from its own equally split dataset.
-
-    An epoch's steps take its first micro-batches; what is left when they are done (fewer than a step's,
-    or the spares of skipped micro-batches) is not used. A step whose skipped micro-batches used up its
-    epoch takes its replacements from the next one, which then goes on from there."""
-
-    def __init__(self, worker: Worker, epoch: int, taken: int):
-        self.worker, self.epoch, self.taken = worker, epoch, taken
-        self.stream: Iterator[dict[str, Any]] | None = None
-
-    def _open(self) -> Iterator[dict[str, Any]]:
-        """The epoch's micro-batches after the `taken` ones (skipped as read, before any regrouping)."""
-        import ray.train
-
-        worker, config = self.worker, self.worker.config
-        world = worker.plan.run.world_size
-        batches = micro_batches(
-            ray.train.get_dataset_shard(train_dataset(self.epoch)),
-            config.micro_batch_size,
-            config.shuffle_buffer if config.shuffle == "files" else None,
-            config.seed + worker.rank + self.epoch * world,  # one seed per worker and epoch
-        )
-        for _ in range(self.taken):
-            next(batches)
-        if config.balance_ranks:
-            batches = balanced_micro_batches(batches, worker.rank, world, worker.device)
-        return batches
-
-    def _take(self) -> dict[str, Any] | None:
-        if self.stream is None:
-            self.stream = self._open()
-        columns = next(self.stream, None)
-        if columns is not None:
-            self.taken += 1
-        return columns
-
-    def _next_epoch(self) -> None:
-        self.epoch, self.taken, self.stream = self.epoch + 1, 0, None
-
-    def __iter__(self) -> EpochBatches:
-        return self
-
-    def __next__(self) -> dict[str, Any]:
-        columns = self._take()
-        if columns is None:  # skipped micro-batches used up this epoch's spares
-            if self.epoch + 1 >= self.worker.plan.run.epochs_streamed:
-                raise StopIteration
-            self._next_epoch()
-            columns = self._take()
-            if columns is None:
-                raise StopIteration
-        return columns
-
-    def end_epoch(self, epoch: int) -> None:
-        """The steps of `epoch` are done: its leftovers are dropped, the next epoch comes next (unless a
-        step of it already went on into the next)."""
-        if self.epoch == epoch:
-            self._next_epoch()
-
-    def record(self, state: TrainState) -> None:
-        """Where the next micro-batch comes from, for the checkpoint."""
-        state.epoch, state.epoch_batches = self.epoch, self.taken
+    batches = EpochBatches(
+        train, worker.config, worker.plan.run, worker.rank, worker.device, state.epoch, state.epoch_batches
+    )
+    return state, batches
 
 
 # ---- a step ------------------------------------------------------------------------------------------

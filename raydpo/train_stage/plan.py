@@ -40,11 +40,6 @@ class RunPlan:
         return step / self.steps_per_epoch
 
 
-def train_dataset(epoch: int) -> str:
-    """The name of epoch `epoch`'s dataset among the trainer's datasets."""
-    return f"train-epoch-{epoch}"
-
-
 def plan_run(config: TrainConfig, train_rows: int, eval_rows: int | None) -> RunPlan:
     """How many steps the run takes and how many epochs of shuffled data it streams.
 
@@ -99,7 +94,7 @@ class WorkerPlan:
     has_eval: bool
 
     def to_dict(self) -> dict[str, Any]:
-        """Ray Train's `train_loop_config`."""
+        """The plan's part of Ray Train's `train_loop_config`."""
         values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
         return {**values, "run": self.run.to_dict(), "config": as_dict(self.config)}
 
