@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import shlex
 import sys
 import typing
 from collections.abc import Sequence
@@ -95,6 +96,20 @@ def _config(cls: type, args: argparse.Namespace, section: str):
     if missing:
         raise RaydpoError(f"{_flag(missing[0])} is required")
     return from_mapping(cls, values)
+
+
+def train_command(precompute: PrecomputeConfig) -> str:
+    """`raydpo train` on this precompute's output, with the settings training takes from it (as the job
+    does: `job.TRAIN_FROM_PRECOMPUTE`) where they differ from training's defaults."""
+    from raydpo.job import TRAIN_FROM_PRECOMPUTE
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    words = ["raydpo", "train"]
+    for ours, theirs in TRAIN_FROM_PRECOMPUTE.items():
+        value = getattr(precompute, theirs)
+        if ours in ("model", "data") or value != defaults[ours]:
+            words += [_flag(ours)] if value is True else [_flag(ours), shlex.quote(str(value))]
+    return " ".join(words)
 
 
 def config_reference() -> str:
@@ -188,14 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             config = _config(PrecomputeConfig, args, "precompute")
             keep_log_in(config.output)
-            result = precompute(config)
+            print(precompute(config).summary())
+            print(f"next: {train_command(config)}")
         else:
             from raydpo.train_stage import train
 
             config = _config(TrainConfig, args, "train")
             keep_log_in(config.output)
-            result = train(config)
-        print(result.summary())
+            print(train(config).summary())
 
     return run_command(f"raydpo {args.command}", command, log=args.command)
 

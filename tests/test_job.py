@@ -8,6 +8,7 @@ import json
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -267,15 +268,13 @@ def test_cli_subcommands_end_to_end(toy_model, sample_dir, tmp_path):
     for bookkeeping in ("Execution plan of Dataset", "Data sink CacheSink finished"):
         assert bookkeeping in logged and bookkeeping not in screen
     assert screen.strip().count("\n") < 12, screen  # lines, each status line redrawn within one
+    (hint,) = [line for line in ANSI.sub("", screen).splitlines() if line.startswith("next: ")]
+    assert hint == f"next: raydpo train --model {toy_model} --data {tmp_path / 'cache'}"
 
     train = run_cli(
-        "train",
+        *shlex.split(hint.removeprefix("next: raydpo ")),  # the command the precompute gave
         "--config",
         smoke,
-        "--model",
-        str(toy_model),
-        "--data",
-        str(tmp_path / "cache"),
         "--output",
         str(tmp_path / "run"),
         "--set",
