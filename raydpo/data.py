@@ -1,4 +1,4 @@
-"""Preference data in: sources -> Ray Dataset, and rows in any accepted format -> one canonical pair.
+"""Preference rows in any accepted format -> one canonical pair (or a reject with its reason).
 
 Formats (the ones TRL's DPOTrainer accepts, plus ShareGPT):
 - standard: `prompt`, `chosen`, `rejected` strings;
@@ -11,25 +11,22 @@ Formats (the ones TRL's DPOTrainer accepts, plus ShareGPT):
 A row that fits none of them, or that has images (raydpo trains text-only models), becomes a reject with a
 reason; it is never dropped silently.
 
-JSON and JSONL files are read record by record (`JSON_RECORD`) and each record is parsed on its own, so
-one record with other types, another format or invalid UTF-8 is one reject, not a failed file.
+JSON and JSONL files are read record by record (`sources.json_records` into `JSON_RECORD`) and each
+record is parsed on its own here, so one record with other types, another format or invalid UTF-8 is one
+reject, not a failed file.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raydpo.errors import RaydpoError, one_line
+from raydpo.errors import one_line
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-    import ray.data
+    pass
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -46,12 +43,6 @@ IMAGE_COLUMNS = ("image", "images")  # TRL's sign of a vision dataset
 # apply_chat_template's arguments that tokenization sets itself; TRL fails on a row whose kwargs repeat them
 TOKENIZATION_ARGUMENTS = ("conversation", "tokenize", "return_dict", "add_generation_prompt")
 JSON_RECORD = "_raydpo_json_record"  # the raw bytes of one JSON record, parsed by `parse_row`
-# Every input row's position in the source, carried from the reader to the output (`source_row`):
-# `file_index << FILE_SHIFT | record` for files (in the fingerprint's sorted order), the row's index for a
-# Hugging Face or Ray dataset. It orders the rows ("first occurrence" of a duplicate id is the smallest)
-# and lets a resumed run skip whole ranges of rows already written.
-SOURCE_ROW = "_raydpo_source_row"
-FILE_SHIFT = 32
 
 
 Message = dict[str, Any]  # a chat message: `role`, `content` and any other key the chat template reads
@@ -318,257 +309,3 @@ def _sharegpt_messages(value: Any, name: str) -> list[Message]:
             raise RowError(f"{name} holds a turn whose value is not a string")
         messages.append({"role": SHAREGPT_ROLES[speaker], "content": content})
     return messages
-
-
-# ---- sources ---------------------------------------------------------------------------------------------
-
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[ray.data.Dataset, dict]:
-    """Open a preference data source as a Ray Dataset of numbered rows (`SOURCE_ROW`), with a fingerprint
-    of what was opened.
-
-    Files are fingerprinted by path, size and modification time (cheap, and changes whenever the data
-    does); a Hugging Face dataset by its own fingerprint; an in-memory Ray Dataset by its content.
-    """
-    import ray.data
-
-    if isinstance(source, ray.data.Dataset):
-        # digested before numbering: a dataset's blocks may have different columns (rows of `from_items`
-        # with and without `tools`), and dropping the number column would project every block to the first's
-        materialized = source.materialize()
-        return _numbered(materialized), {
-            "kind": "ray_dataset",
-            "content": dataset_content_digest(materialized),
-        }
-    if not isinstance(source, str) or not source:
-        raise RaydpoError("dataset must be a path, a URI or a ray.data.Dataset")
-
-    files, filesystem = _list_files(source)
-    if files is None:
-        return _open_hf(source, split)
-    formats = {FILE_FORMATS.get(_suffix(info.path)) for info in files} - {None}
-    if not formats:
-        raise RaydpoError(f"no .json, .jsonl or .parquet files under {source}")
-    if len(formats) > 1:
-        raise RaydpoError(f"{source} mixes JSON and Parquet files; point to one kind")
-    unread = [info.base_name for info in files if _suffix(info.path) in UNREAD_DATA_SUFFIXES]
-    if unread:  # rows in them would be left out without a word
-        shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")
-        raise RaydpoError(
-            f"{source} also holds data files raydpo does not read ({shown}): convert them to JSON, JSONL "
-            "or Parquet, or move them out"
-        )
-    paths = [info.path for info in files if _suffix(info.path) in FILE_FORMATS]
-    fingerprint = {
-        "kind": "files",
-        "files": [[info.path, info.size, info.mtime_ns] for info in files if info.path in paths],
-    }
-    if formats == {"json"}:
-        listing = ray.data.from_items(
-            [{"path": path, "file_index": index} for index, path in enumerate(paths)],
-            override_num_blocks=len(paths),
-        )
-        return listing.flat_map(json_records, fn_kwargs={"filesystem": filesystem}), fingerprint
-    return _read_parquet_numbered(paths, filesystem), fingerprint
-
-
-def json_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:
-    """Split one JSON or JSONL file into raw records: a top-level array's items, else its non-blank lines.
-
-    Records stay bytes until `parse_row`, so types may differ between records (Arrow's JSON reader wants
-    one schema per file) and a record with invalid UTF-8 spoils only itself. An array that does not
-    parse is one record, and so one reject with the parser's reason. Each record is numbered
-    (`SOURCE_ROW`) by its file's index and its place in the file.
-    """
-    with filesystem.open_input_stream(file["path"]) as stream:
-        data = stream.read().removeprefix(codecs.BOM_UTF8)
-    if data.lstrip()[:1] != b"[":
-        records = [line for line in data.split(b"\n") if line.strip()]
-    else:
-        try:
-            records = [
-                json.dumps(item).encode() for item in json.loads(data.decode("utf-8", "surrogateescape"))
-            ]
-        except json.JSONDecodeError:
-            records = [data]
-    base = file["file_index"] << FILE_SHIFT
-    return [{JSON_RECORD: record, SOURCE_ROW: base + index} for index, record in enumerate(records)]
-
-
-def _read_parquet_numbered(paths: list[str], filesystem) -> ray.data.Dataset:
-    """Parquet files read a row group per block, each row numbered by its file and place in the file."""
-    import pyarrow.parquet as pq
-    import ray.data
-
-    pieces = []
-    for file_index, path in enumerate(paths):  # footers only: the cost grows with the files, not the rows
-        metadata = pq.read_metadata(path, filesystem=filesystem)
-        offset = file_index << FILE_SHIFT
-        for group in range(metadata.num_row_groups):
-            pieces.append({"path": path, "row_group": group, "first": offset})
-            offset += metadata.row_group(group).num_rows
-    if not pieces:
-        raise RaydpoError(f"no rows in {', '.join(paths)}")
-    listing = ray.data.from_items(pieces, override_num_blocks=len(pieces))
-    return listing.map_batches(
-        _read_row_groups, batch_size=1, batch_format="pyarrow", fn_kwargs={"filesystem": filesystem}
-    )
-
-
-def _read_row_groups(pieces, filesystem) -> pa.Table:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    tables = []
-    for piece in pieces.to_pylist():
-        table = pq.ParquetFile(piece["path"], filesystem=filesystem).read_row_group(piece["row_group"])
-        rows = pa.array(range(piece["first"], piece["first"] + table.num_rows), pa.int64())
-        tables.append(table.append_column(SOURCE_ROW, rows))
-    return pa.concat_tables(tables)
-
-
-def _numbered(dataset: ray.data.Dataset) -> ray.data.Dataset:
-    """A Ray Dataset's rows numbered in its block order (it is materialized once for that)."""
-    import ray
-    import ray.data
-
-    number = ray.remote(_number_block)
-    refs, first = [], 0
-    for bundle in dataset.materialize().iter_internal_ref_bundles():
-        for block, metadata in zip(bundle.block_refs, bundle.metadata, strict=True):
-            refs.append(number.remote(block, first))
-            first += metadata.num_rows
-    return ray.data.from_arrow_refs(refs)
-
-
-def _number_block(block, first: int):
-    import pyarrow as pa
-    from ray.data.block import BlockAccessor
-
-    table = BlockAccessor.for_block(block).to_arrow()
-    rows = pa.array(range(first, first + table.num_rows), pa.int64())
-    return table.append_column(SOURCE_ROW, rows)
-
-
-def _suffix(path: str) -> str:
-    dot = path.rfind(".")
-    return path[dot:].lower() if dot >= 0 else ""
-
-
-def _list_files(source: str):
-    """Files under a local path or pyarrow URI; (None, None) if it is not a file or folder of data files."""
-    import pyarrow.fs as pafs
-
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(source)
-    except (ValueError, TypeError):  # a plain path; pyarrow's ArrowInvalid is a ValueError
-        filesystem, path = pafs.LocalFileSystem(), source
-    if isinstance(filesystem, pafs.LocalFileSystem):
-        path = str(Path(path).resolve())
-    info = filesystem.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        return [info], filesystem
-    if info.type != pafs.FileType.Directory:
-        if not is_hub_id(source):
-            raise RaydpoError(f"dataset not found: {source}")
-        return None, None  # a name for datasets.load_dataset
-    if filesystem.get_file_info(f"{path}/dataset_info.json").type == pafs.FileType.File:
-        return None, None  # saved with datasets.save_to_disk
-    if _is_dataset_repo(filesystem, path):
-        return None, None  # a hub dataset repository checked out locally: its card says how to load it
-    selector = pafs.FileSelector(path, recursive=True)
-    files = [
-        entry
-        for entry in filesystem.get_file_info(selector)
-        if entry.type == pafs.FileType.File and not entry.base_name.startswith((".", "_"))
-    ]
-    return sorted(files, key=lambda entry: entry.path), filesystem
-
-
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-DATA_SUFFIXES = (*FILE_FORMATS, ".csv", ".txt", ".arrow", ".gz", ".zst")
-UNREAD_DATA_SUFFIXES = (".csv", ".arrow", ".gz", ".zst")  # in a folder: data left out unless refused
-
-
-def is_hub_id(source: str) -> bool:
-    """Whether a source that is not an existing file or folder reads as a Hugging Face hub dataset id.
-
-    Hub ids are `name` or `org/name` of letters, digits, `-`, `_` and `.` (`org/name-2.5-data` is one);
-    a URI, a path starting with `/`, `.` or `~`, a deeper path, or a name ending in a data file's suffix
-    is a path that does not exist.
-    """
-    return (
-        HUB_ID.fullmatch(source) is not None
-        and ".." not in source
-        and not source.lower().endswith(DATA_SUFFIXES)
-    )
-
-
-def _is_dataset_repo(filesystem, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    card = f"{path}/README.md"
-    if filesystem.get_file_info(card).type != pafs.FileType.File:
-        return False
-    with filesystem.open_input_stream(card) as stream:
-        head = stream.read(65536).decode("utf-8", "replace")
-    front_matter = head.split("---")[1] if head.startswith("---") and head.count("---") >= 2 else ""
-    return "configs:" in front_matter
-
-
-def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
-    import datasets
-    import ray.data
-
-    try:
-        try:
-            loaded = datasets.load_from_disk(source)
-        except FileNotFoundError:
-            loaded = datasets.load_dataset(source)
-    except Exception as error:  # datasets raises many kinds; all mean "could not open"
-        raise RaydpoError(f"could not open dataset {source!r}: {one_line(error)}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise RaydpoError(f"dataset {source!r} has no split {split!r} (has: {', '.join(loaded)})")
-        loaded = loaded[split]
-    if loaded._indices is not None:  # a select/shuffle view: materialize the rows it points to
-        loaded = loaded.flatten_indices()
-    # from_arrow, not from_huggingface: the latter asks the hub for Parquet files of datasets it
-    # believes come from there, which a local or offline dataset does not have.
-    import pyarrow as pa
-
-    table = loaded.data.table
-    rows_per_block = max(1, min(table.num_rows, 1024))
-    blocks = [
-        table.slice(start, rows_per_block).append_column(
-            SOURCE_ROW, pa.array(range(start, min(start + rows_per_block, table.num_rows)), pa.int64())
-        )
-        for start in range(0, table.num_rows, rows_per_block)
-    ]
-    return ray.data.from_arrow(blocks or [table]), {"kind": "huggingface", "fingerprint": loaded._fingerprint}
-
-
-def dataset_content_digest(dataset: ray.data.Dataset) -> str:
-    """An order-independent digest of a Ray Dataset's rows: one cheap pass, no model.
-
-    Each row hashes to two 32-bit numbers; their sums (which cannot overflow int64 below 2**31 rows) and
-    the row count make the digest.
-    """
-
-    def row_digests(batch: Any) -> dict[str, Any]:
-        import numpy as np
-
-        hashes = [
-            hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).digest()
-            for row in batch.to_dict("records")
-        ]
-        return {
-            "high": np.asarray([int.from_bytes(h[:4], "big") for h in hashes], dtype=np.int64),
-            "low": np.asarray([int.from_bytes(h[4:8], "big") for h in hashes], dtype=np.int64),
-            "one": np.ones(len(hashes), dtype=np.int64),
-        }
-
-    sums = dataset.map_batches(row_digests, batch_format="pandas").sum(["high", "low", "one"]) or {}
-    return "{}:{:x}:{:x}".format(*(int(sums.get(f"sum({key})", 0) or 0) for key in ("one", "high", "low")))

@@ -9,7 +9,8 @@ import pytest
 from conftest import to_conversational, write_jsonl
 from trl.data_utils import extract_prompt as trl_extract_prompt
 
-from raydpo.data import SOURCE_ROW, RowError, canonical_pair, extract_prompt, open_source, parse_row
+from raydpo.data import RowError, canonical_pair, extract_prompt, parse_row
+from raydpo.sources import SOURCE_ROW, open_source
 
 
 def test_sharegpt_row_maps_roles_and_keeps_system_prompt(en_rows):
@@ -292,6 +293,6 @@ def test_missing_id_value_is_a_reject():
 )
 def test_missing_source_is_a_hub_id_or_a_missing_path(source, hub):
     """A source that is not on disk is a hub dataset id (dots allowed) or a path that does not exist."""
-    from raydpo.data import is_hub_id
+    from raydpo.sources import is_hub_id
 
     assert is_hub_id(source) is hub

@@ -15,8 +15,8 @@ from conftest import write_jsonl
 import raydpo
 from raydpo import cache
 from raydpo.cache import RowRanges
-from raydpo.data import FILE_SHIFT, SOURCE_ROW, open_source
 from raydpo.precompute_stage.sink import DUPLICATE_REASON, part_metadata
+from raydpo.sources import FILE_SHIFT, SOURCE_ROW, open_source
 
 SETTINGS = {"id_column": "id", "rows_per_file": 1, "batch_size": 1, "sort_window": 1, "max_length": 256}
 

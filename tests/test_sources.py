@@ -41,7 +41,7 @@ def same_values(result, reference):
 
 
 def test_relative_paths_and_hub_names_are_told_apart(tmp_path, monkeypatch):
-    from raydpo.data import _list_files
+    from raydpo.sources import _list_files
 
     (tmp_path / "data").mkdir()
     write_jsonl(tmp_path / "data" / "r.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
@@ -55,7 +55,7 @@ def test_relative_paths_and_hub_names_are_told_apart(tmp_path, monkeypatch):
 
 
 def test_a_folder_with_data_files_not_read_is_refused(tmp_path):
-    from raydpo.data import open_source
+    from raydpo.sources import open_source
 
     write_jsonl(tmp_path / "a.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
     (tmp_path / "b.jsonl.gz").write_bytes(b"")

@@ -19,7 +19,7 @@ LAYERS = [
     {"attention", "faults", "layout", "loss_settings", "numerics", "toy", "tracking"},
     {"config"},
     {"data", "losses", "logprobs", "cluster"},
-    {"tokenize"},
+    {"tokenize", "sources"},
     {"cache"},
     {"console"},
     {"precompute_stage", "train_stage"},

@@ -1,7 +1,7 @@
 """Sets of input rows as sorted ranges: what a part file holds, what a resumed run skips, and the proof
 that a finished split holds every input row exactly once.
 
-Rows are numbered by their position in the input (`source_row`, see `raydpo.data.SOURCE_ROW`). Scored
+Rows are numbered by their position in the input (`source_row`, see `raydpo.sources.SOURCE_ROW`). Scored
 in input order, the rows of a part file are a few runs of consecutive numbers, so a file's ranges fit in
 its Parquet footer and a split's ranges are about one per input file, whatever the number of rows.
 """

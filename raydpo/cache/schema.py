@@ -39,7 +39,7 @@ TOKEN_LIST = pa.list_(pa.int32())
 DATA_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
-        ("source_row", pa.int64()),  # the row's position in the input: see raydpo.data.SOURCE_ROW
+        ("source_row", pa.int64()),  # the row's position in the input: see raydpo.sources.SOURCE_ROW
         ("prompt_input_ids", TOKEN_LIST),
         ("chosen_input_ids", TOKEN_LIST),
         ("rejected_input_ids", TOKEN_LIST),

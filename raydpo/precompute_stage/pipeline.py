@@ -32,13 +32,14 @@ from raydpo.cluster import (
     worker_env,
 )
 from raydpo.config import PrecomputeConfig, coerce
-from raydpo.data import SOURCE_ROW, RowError, canonical_pair, open_source, parse_row, reject_id, row_text
+from raydpo.data import RowError, canonical_pair, parse_row, reject_id, row_text
 from raydpo.errors import DEATH_CAUSES, PrecomputeFailed, RaydpoError, one_line, process_died, raised_within
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report, restarts_phrase
 from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
+from raydpo.sources import SOURCE_ROW, open_source
 from raydpo.tokenize import (
     cached_tokenizer,
     load_tokenizer,
@@ -52,7 +53,7 @@ logger = logging.getLogger(__name__)
 PREPARED_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
-        ("source_row", pa.int64()),  # the row's position in the input (`data.SOURCE_ROW`)
+        ("source_row", pa.int64()),  # the row's position in the input (`sources.SOURCE_ROW`)
         ("status", pa.string()),  # "ok", "rejected" or "done" (already in the output: resumed run)
         ("reason", pa.string()),
         ("row_json", pa.string()),
