@@ -450,8 +450,9 @@ def test_cli_bad_input_is_one_line_and_good_rows_survive_bad_ones(
     finished = cli(mixed, "o2")
     assert finished.returncode == 0, finished.stderr
     assert "Traceback" not in finished.stdout + finished.stderr
-    *_, summary, log = finished.stdout.strip().splitlines()
+    *_, summary, hint, log = finished.stdout.strip().splitlines()
     assert summary.startswith("train: 4 rows read, 2 written, 2 rejected"), finished.stdout
+    assert hint == f"next: raydpo train --model {toy_model} --data {tmp_path / 'o2'}"
     assert log == f"full log: {next((tmp_path / 'o2' / 'logs').glob('precompute-*.log'))}"
     reliability.record(
         "input-12-cli",
