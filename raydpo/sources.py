@@ -12,6 +12,7 @@ import codecs
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,29 +33,26 @@ FILE_SHIFT = 32
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
-def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[ray.data.Dataset, dict]:
-    """Open a preference data source as a Ray Dataset of numbered rows (`SOURCE_ROW`), with a fingerprint
-    of what was opened.
+@dataclass(frozen=True)
+class DataFiles:
+    """A path's or URI's data files, listed and checked (one kind, none that would be left unread), and
+    their fingerprint: path, size and modification time of each (cheap, and it changes with the data)."""
 
-    Files are fingerprinted by path, size and modification time (cheap, and changes whenever the data
-    does); a Hugging Face dataset by its own fingerprint; an in-memory Ray Dataset by its content.
-    """
-    import ray.data
+    paths: list[str]
+    kind: str  # "json" (JSON or JSONL) or "parquet"
+    filesystem: Any  # pyarrow's
+    fingerprint: dict[str, Any]
 
-    if isinstance(source, ray.data.Dataset):
-        # digested before numbering: a dataset's blocks may have different columns (rows of `from_items`
-        # with and without `tools`), and dropping the number column would project every block to the first's
-        materialized = source.materialize()
-        return _numbered(materialized), {
-            "kind": "ray_dataset",
-            "content": dataset_content_digest(materialized),
-        }
+
+def find_files(source: str) -> DataFiles | None:
+    """The data files of `source`, or None where it names a Hugging Face dataset (a hub id, or one saved
+    or checked out locally). Needs no Ray: a stage calls it before it joins a cluster, so a missing or
+    unreadable source is refused at once."""
     if not isinstance(source, str) or not source:
         raise RaydpoError("dataset must be a path, a URI or a ray.data.Dataset")
-
     files, filesystem = _list_files(source)
     if files is None:
-        return _open_hf(source, split)
+        return None
     formats = {FILE_FORMATS.get(_suffix(info.path)) for info in files} - {None}
     if not formats:
         raise RaydpoError(f"no .json, .jsonl or .parquet files under {source}")
@@ -67,18 +65,40 @@ def open_source(source: str | ray.data.Dataset, split: str = "train") -> tuple[r
             f"{source} also holds data files raydpo does not read ({shown}): convert them to JSON, JSONL "
             "or Parquet, or move them out"
         )
-    paths = [info.path for info in files if _suffix(info.path) in FILE_FORMATS]
-    fingerprint = {
-        "kind": "files",
-        "files": [[info.path, info.size, info.mtime_ns] for info in files if info.path in paths],
-    }
-    if formats == {"json"}:
+    read = [info for info in files if _suffix(info.path) in FILE_FORMATS]
+    fingerprint = {"kind": "files", "files": [[info.path, info.size, info.mtime_ns] for info in read]}
+    return DataFiles([info.path for info in read], formats.pop(), filesystem, fingerprint)
+
+
+def open_source(
+    source: str | ray.data.Dataset, split: str = "train", files: DataFiles | None = None
+) -> tuple[ray.data.Dataset, dict]:
+    """Open a preference data source as a Ray Dataset of numbered rows (`SOURCE_ROW`), with a fingerprint
+    of what was opened: `files` where `find_files` found them already.
+
+    Files are fingerprinted by path, size and modification time; a Hugging Face dataset by its own
+    fingerprint; an in-memory Ray Dataset by its content.
+    """
+    import ray.data
+
+    if isinstance(source, ray.data.Dataset):
+        # digested before numbering: a dataset's blocks may have different columns (rows of `from_items`
+        # with and without `tools`), and dropping the number column would project every block to the first's
+        materialized = source.materialize()
+        return _numbered(materialized), {
+            "kind": "ray_dataset",
+            "content": dataset_content_digest(materialized),
+        }
+    files = files or find_files(source)
+    if files is None:
+        return _open_hf(source, split)
+    if files.kind == "json":
         listing = ray.data.from_items(
-            [{"path": path, "file_index": index} for index, path in enumerate(paths)],
-            override_num_blocks=len(paths),
+            [{"path": path, "file_index": index} for index, path in enumerate(files.paths)],
+            override_num_blocks=len(files.paths),
         )
-        return listing.flat_map(json_records, fn_kwargs={"filesystem": filesystem}), fingerprint
-    return _read_parquet_numbered(paths, filesystem), fingerprint
+        return listing.flat_map(json_records, fn_kwargs={"filesystem": files.filesystem}), files.fingerprint
+    return _read_parquet_numbered(files.paths, files.filesystem), files.fingerprint
 
 
 def json_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import to_conversational
+from conftest import run_cli, to_conversational
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -464,6 +464,32 @@ def test_cli_bad_input_is_one_line_and_good_rows_survive_bad_ones(
         f"(a) exit {failed.returncode}: '{error_lines[0].replace(str(tmp_path) + '/', '')}', no traceback; "
         f"(b) exit {finished.returncode}: '{summary.split(';')[0]}', no traceback",
     )
+
+
+def test_a_source_that_cannot_be_read_is_refused_before_ray_starts(toy_model, tmp_path):
+    """A missing dataset, and a folder whose CSV file would be left out, stop `raydpo precompute` with
+    one line (exit 2) before a Ray instance is started or joined."""
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps(SHORT_ROWS[0]) + "\n")
+    (folder / "b.csv").write_text("prompt,chosen,rejected\n")
+    for dataset, line in (
+        (tmp_path / "missing.jsonl", f"dataset not found: {tmp_path / 'missing.jsonl'}"),
+        (folder, f"{folder} also holds data files raydpo does not read (b.csv)"),
+    ):
+        ran = run_cli(
+            "precompute",
+            "--model",
+            str(toy_model),
+            "--dataset",
+            str(dataset),
+            "--output",
+            str(tmp_path / "o"),
+        )
+        assert ran.returncode == 2, ran.stderr
+        assert ran.stderr.strip().splitlines()[-1].startswith(f"raydpo precompute: error: {line}"), ran.stderr
+        assert "Ray" not in ran.stderr, ran.stderr  # neither started nor joined
+    assert not (tmp_path / "o").exists()
 
 
 def test_paths_from_ids_and_manifests_stay_inside_the_output(tmp_path, reliability):

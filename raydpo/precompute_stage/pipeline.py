@@ -39,7 +39,7 @@ from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report, restarts_phrase
 from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
-from raydpo.sources import SOURCE_ROW, open_source
+from raydpo.sources import SOURCE_ROW, DataFiles, find_files, open_source
 from raydpo.tokenize import (
     cached_tokenizer,
     load_tokenizer,
@@ -134,6 +134,8 @@ def precompute(
         "model": cache.model_fingerprint(config.model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
+    # the data files found and checked before Ray starts: a missing or unreadable source is one line
+    found = {name: find_files(source) for name, (source, _) in sources.items() if isinstance(source, str)}
     init_ray(config.ray_address)
     check_shared_paths(
         outputs={"the output": config.output},
@@ -156,7 +158,7 @@ def precompute(
     with cache.output_lock(config.output), _progress_bars_off():
         for name, (source, split) in sources.items():
             result.splits[name] = _precompute_split(
-                config, name, source, split, tokenizer, fingerprints, actors_reason
+                config, name, source, found.get(name), split, tokenizer, fingerprints, actors_reason
             )
     return result
 
@@ -195,6 +197,7 @@ def _precompute_split(
     config: PrecomputeConfig,
     name: str,
     source: Any,
+    files: DataFiles | None,
     split: str,
     tokenizer,
     fingerprints: dict[str, Any],
@@ -202,7 +205,7 @@ def _precompute_split(
 ) -> SplitResult:
     """One split: check its first rows, key it by what determines the values, then reuse, resume or
     compute its output directory."""
-    ds, dataset_fingerprint = open_source(source, split)
+    ds, dataset_fingerprint = open_source(source, split, files)
     if config.limit is not None:
         ds = ds.limit(config.limit)
     _check_rows(ds, tokenizer, config)

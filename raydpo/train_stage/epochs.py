@@ -42,12 +42,13 @@ def split_epoch(train, config: TrainConfig, epoch: int, rank: int, world: int, d
 
     dataset = epoch_order(train, config, epoch)
     data_config = ray.train.DataConfig(execution_options=ExecutionOptions(preserve_order=True))
+    node = ray.get_runtime_context().get_node_id()
     if world == 1:
-        return data_config.configure({"train": dataset}, 1, None, None)[0]["train"]
+        return data_config.configure({"train": dataset}, 1, None, [node])[0]["train"]
     import torch.distributed as dist
 
     nodes: list[Any] = [None] * world
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+    dist.all_gather_object(nodes, node)
     parts: list[Any] = [None]
     if rank == 0:
         parts = [[split["train"] for split in data_config.configure({"train": dataset}, world, None, nodes)]]
