@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import inject, kill_when_fired
+from conftest import inject, kill_when_fired, run_cli
 from mlflow import MlflowClient
 
 import raydpo
@@ -899,6 +899,28 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
 
     splits = _open_splits(TrainConfig(model=str(toy_model), data=str(train_cache / "train")))
     assert splits["eval"].path == str(train_cache / "eval")  # beside OUTPUT/train, as beside OUTPUT
+
+
+def test_settings_that_do_not_fit_the_model_are_refused_before_ray_starts(train_cache, toy_model, tmp_path):
+    """A DeepSpeed file that contradicts the settings, and LoRA targets the model lacks, stop `raydpo
+    train` with one line (exit 2) before a Ray instance is started or joined."""
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 99}))
+    for flags, line in (
+        (["--deepspeed-config", str(user)], "train_micro_batch_size_per_gpu=99"),
+        (
+            ["--lora-r", "4", "--lora-target-modules", "q_prj"],
+            "lora_target_modules ['q_prj'] match no module",
+        ),
+    ):
+        ran = run_cli(
+            "train", "--model", str(toy_model), "--data", str(train_cache), "--output", str(tmp_path / "run"),
+            "--num-workers", "2", *flags,
+        )  # fmt: skip
+        assert ran.returncode == 2, ran.stderr
+        last = ran.stderr.strip().splitlines()[-1]
+        assert last.startswith("raydpo train: error: ") and line in last, ran.stderr
+        assert "Ray" not in ran.stderr, ran.stderr  # neither started nor joined
 
 
 def test_a_refused_overwrite_leaves_the_finished_run_and_bad_outputs_are_one_line(

@@ -96,8 +96,11 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     if isinstance(fs, pafs.LocalFileSystem):
         cache.make_local_dir(run_dir, "run directory")
     recorded = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")  # the run already in OUTPUT, if any
+    engine.check_lora_targets(config)
+    # the checks above need no cluster; without --num-workers the count is the cluster's (Ray starts)
     config, workers_reason = _with_workers(config, recorded)
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
+    ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
 
     from raydpo.tracking import record_run_failed, record_run_interrupted, resolve_tracking_uri
     from raydpo.train_stage.failures import failed_run
@@ -105,12 +108,10 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     storage_path = config.storage_path or cache.join(output, "checkpoints")
     state, replace = _run_state(config, recorded, splits["train"].manifest.key)
-    _check_cluster(config, output, storage_path, tracking_uri)
+    _check_cluster(config, output, storage_path, tracking_uri)  # Ray starts here at the latest
     runtime_env = worker_env(
         {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_allocator_env(config.cpu_allocator))}
     )
-    ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
-    engine.check_lora_targets(config)
     run_id = _start_mlflow_run(
         config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
     )
