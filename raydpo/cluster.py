@@ -125,21 +125,60 @@ def answers(address: str, timeout: float = PROBE_SECONDS) -> bool:
 
 def _start_local(log_to_driver: bool, options: dict[str, Any]) -> str:
     """Start a local instance whose GCS port is chosen here, so that its address is known in time to
-    pin it in the job's runtime env (Ray reads RAY_GCS_SERVER_PORT when it starts a head)."""
+    pin it in the job's runtime env (Ray reads RAY_GCS_SERVER_PORT when it starts a head).
+
+    The port is free when chosen and bound by the GCS a moment later; should another process take it
+    in between, the GCS fails to start (after Ray's 40 s wait) and one more port is tried."""
+    import ray
+
+    if GCS_PORT in os.environ:  # the user's choice: used as it is
+        return _start_on(os.environ[GCS_PORT], log_to_driver, options)
+    port = free_port()
+    try:
+        return _start_on(port, log_to_driver, options)
+    except RuntimeError as error:
+        if "Failed to start GCS" not in str(error):
+            raise
+    ray.shutdown()
+    logger.warning("Ray's GCS could not bind port %d, taken meanwhile: starting on another", port)
+    return _start_on(free_port(), log_to_driver, options)
+
+
+def _start_on(port: int | str, log_to_driver: bool, options: dict[str, Any]) -> str:
     import ray
 
     chosen = GCS_PORT not in os.environ
-    if chosen:
-        with socket.socket() as probe:
-            probe.bind(("", 0))
-            os.environ[GCS_PORT] = str(probe.getsockname()[1])
-    address = f"{ray.util.get_node_ip_address()}:{os.environ[GCS_PORT]}"
+    os.environ[GCS_PORT] = str(port)
     try:
+        address = f"{ray.util.get_node_ip_address()}:{port}"
         ray.init(address="local", log_to_driver=log_to_driver, runtime_env=_pinned_env(address), **options)
     finally:
         if chosen:
             del os.environ[GCS_PORT]
     return ray.get_runtime_context().gcs_address
+
+
+# `ray start`'s workers take ports from 10002-19999 (`--min-worker-port`, `--max-worker-port`), other
+# processes and outgoing connections theirs from the kernel's ephemeral range (from 32768 on Linux): a
+# port between them is taken by neither while the GCS starts.
+GCS_PORTS = (20000, 32768)
+
+
+def free_port() -> int:
+    """A TCP port free now, from GCS_PORTS where one is free there (else one the kernel picks)."""
+    import random
+
+    for _ in range(64):
+        port = random.randrange(*GCS_PORTS)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
 
 
 def _pinned_env(address: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,25 @@ def cluster(tmp_path_factory):
     finally:
         stop_ray_nodes(*reversed(nodes))
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_local_gcs_port_is_chosen_where_neither_ray_nor_the_kernel_hands_out_ports():
+    """Between the port's check and the GCS binding it, no Ray worker (10002-19999) and no outgoing
+    connection (the kernel's ephemeral range) can take it; each port chosen is free."""
+    from raydpo.cluster import GCS_PORTS
+    from raydpo.cluster import free_port as gcs_port
+
+    low, high = (int(bound) for bound in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert GCS_PORTS[1] <= low and GCS_PORTS[0] > 19999
+    held = []
+    try:
+        for _ in range(5):
+            port = gcs_port()
+            assert GCS_PORTS[0] <= port < GCS_PORTS[1]
+            held.append(socket.create_server(("", port)))  # free: it binds
+    finally:
+        for server in held:
+            server.close()
 
 
 def test_two_node_training_publishes_the_model_to_the_driver(cluster, cache, toy_model, tmp_path):
