@@ -169,6 +169,9 @@ def mlflow_ui(store: str, log_path: Path):
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # stopped with its workers
+            # its background job runners are not needed to show runs, and MLflow leaves their store in
+            # /dev/shm behind
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
     address = f"http://127.0.0.1:{port}"
     try:
