@@ -26,7 +26,9 @@ The function is registered with transformers' `AttentionInterface` as `ATTENTION
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -214,15 +216,24 @@ def _varlen_kernel(
     convention when a sequence has fewer queries than keys): [Nq, H, D] -> [Nq, H, D]."""
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(
-        query,
-        key,
-        value,
-        plan.cu_query,
-        plan.cu_key,
-        plan.max_query,
-        plan.max_key,
-        scale=scaling,
-        window_size=(-1, 0),
-        enable_gqa=query.shape[1] != key.shape[1],
-    )
+    accepted = _varlen_parameters()
+    options: dict = {"scale": scaling}
+    if "window_size" in accepted:
+        options["window_size"] = (-1, 0)
+    else:  # flash's causal mask is aligned to the last key, as the window above says
+        options["is_causal"] = True
+    if query.shape[1] != key.shape[1]:
+        if "enable_gqa" in accepted:
+            options["enable_gqa"] = True
+        else:  # torch < 2.12: one key/value head per query head
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    return varlen_attn(query, key, value, plan.cu_query, plan.cu_key, plan.max_query, plan.max_key, **options)
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    """The keywords of this torch's `varlen_attn`: `enable_gqa` and `window_size` came after 2.10."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)

@@ -371,6 +371,95 @@ def test_a_failing_varlen_kernel_falls_back_to_a_call_per_segment(tokenizer, cap
     ]
 
 
+def varlen_attn_of(version: str):
+    """A stand-in for `torch.nn.attention.varlen.varlen_attn` with the keywords of torch `version`
+    (2.10: `is_causal`; 2.11: `window_size`; 2.12 on: `enable_gqa` too), computing flash's definition.
+    Without `enable_gqa` it takes as many key heads as query heads, as those versions' kernels do."""
+
+    def attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal, gqa):
+        assert causal, "the call asked for no causal mask"
+        assert gqa or key.shape[1] == query.shape[1], "grouped heads without enable_gqa"
+        groups = query.shape[1] // key.shape[1]
+        out = []
+        for sequence in range(len(cu_seq_q) - 1):
+            queries = slice(*cu_seq_q[sequence : sequence + 2].tolist())
+            keys = slice(*cu_seq_k[sequence : sequence + 2].tolist())
+            k, v = (s[keys].transpose(0, 1).repeat_interleave(groups, dim=0) for s in (key, value))
+            out.append(attention._causal(query[queries].transpose(0, 1), k, v, 0.0, scale).transpose(0, 1))
+        return torch.cat(out)
+
+    def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, scale=None):
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, is_causal, False)
+
+    def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        causal = tuple(window_size) == (-1, 0)
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal, False)
+
+    def torch_2_13(
+        query,
+        key,
+        value,
+        cu_seq_q,
+        cu_seq_k,
+        max_q,
+        max_k,
+        *,
+        scale=None,
+        window_size=(-1, -1),
+        enable_gqa=False,
+    ):
+        causal = tuple(window_size) == (-1, 0)
+        return attend(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, causal, enable_gqa)
+
+    return {"2.10": torch_2_10, "2.11": torch_2_11, "2.13": torch_2_13}[version]
+
+
+@pytest.mark.parametrize("version", ["2.10", "2.11", "2.13"])
+def test_the_varlen_call_fits_each_torch_versions_keywords(tokenizer, pairs, version):
+    """torch 2.10 to 2.13 changed `varlen_attn`'s keywords (torch 2.11 has no `enable_gqa`; a GPU with it
+    had fallen back to a call per segment). A grouped-query model's shared sums through the call equal
+    its unshared sums on the sample pairs, whichever keywords the installed torch takes."""
+    from torch.nn.attention import varlen as torch_varlen
+
+    torch.manual_seed(0)
+    qwen2 = architectures(len(tokenizer))["qwen2"].eval()
+    assert qwen2.config.num_attention_heads != qwen2.config.num_key_value_heads
+    pad = pad_token_id(tokenizer)
+    attention._varlen_parameters.cache_clear()
+    with (
+        mock.patch.object(torch_varlen, "varlen_attn", varlen_attn_of(version)),
+        mock.patch.object(logprobs, "use_varlen", lambda device, dtype: True),
+        torch.inference_mode(),
+    ):
+        assert use_prefix_sharing(qwen2, "on")
+        assert attention_mode(qwen2) == "a segment at a time (varlen), pairs packed in one row"
+        unshared = completion_logps(qwen2, pack_pairs(*columns(pairs), pad)).sums
+        shared = completion_logps(qwen2, pack_shared(*columns(pairs), pad, packed=True)).sums
+    attention._varlen_parameters.cache_clear()
+    torch.testing.assert_close(shared, unshared, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_leaves_prefix_sharing_off_on_a_gpu_without_the_varlen_kernel(tokenizer, caplog):
+    """On a GPU, attention a segment at a time costs 2.5-6x the unshared step (measured on an H200), so
+    `auto` keeps sharing off there when the varlen kernel is out (fp32, torch < 2.10, a failing kernel)
+    and says why; `on` keeps it, with the same warning."""
+    torch.manual_seed(0)
+    llama = architectures(len(tokenizer))["llama"].eval()
+    with (
+        mock.patch.object(logprobs, "_on_gpu", lambda model: True),
+        caplog.at_level(logging.WARNING, logger="raydpo.logprobs"),
+    ):
+        assert not use_prefix_sharing(llama, "auto")
+        assert llama.config._attn_implementation == "sdpa"
+        assert use_prefix_sharing(llama, "on")
+    assert attention_mode(llama) == "a segment at a time, pairs packed in one row"
+    slow = "attention a segment at a time is slower on a GPU than unshared rows"
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        f"prefix sharing is off: {slow}",
+        f"prefix sharing: {slow}",
+    ]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel runs on GPUs")
 def test_varlen_on_gpu(tokenizer, pairs):
     """An SDPA model in bf16 on a GPU attends over shared rows with one varlen call per layer: the
