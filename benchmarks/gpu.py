@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,8 +126,30 @@ def model_flops_per_token(model, seq_len: int, training: bool) -> float:
     return (6 * params + 6 * attention) if training else (2 * params + 2 * attention)
 
 
-def trl_logps(model, packed) -> torch.Tensor:
-    """TRL's concatenated forward: full logits, then log-probs of the completion tokens."""
+def trl_fused_head():
+    """TRL's `add_fused_lm_head` (TRL >= 1.15: how its `DPOTrainer` scores, tile by tile over completion
+    positions, with a Triton kernel on a GPU), or None where TRL is not installed."""
+    try:
+        from trl.trainer.utils import add_fused_lm_head
+    except ImportError:
+        return None
+    return add_fused_lm_head
+
+
+def trl_logps(model, packed, fused: bool) -> torch.Tensor:
+    """TRL's concatenated forward. `fused`: its `DPOTrainer._compute_loss` (labels -100 outside the
+    completion, `fused_lm_head=True`, summed log-probs); else the full-logits forward of TRL < 1.15,
+    `selective_log_softmax` over `[2B, T, vocab]` logits (TRL's own where installed)."""
+    if fused:
+        labels = packed.input_ids.masked_fill(packed.completion_mask == 0, -100)
+        outputs = model(
+            input_ids=packed.input_ids,
+            attention_mask=packed.attention_mask,
+            labels=labels,
+            fused_lm_head=True,
+            use_cache=False,
+        )
+        return outputs.log_probs[:, -(packed.input_ids.shape[1] - 1) :].sum(dim=1)
     try:
         from trl.trainer.utils import selective_log_softmax
     except ImportError:
@@ -139,6 +162,25 @@ def trl_logps(model, packed) -> torch.Tensor:
     mask = packed.completion_mask[:, 1:].bool()
     token_logps = selective_log_softmax(logits.float(), labels)
     return (token_logps * mask).sum(dim=1)
+
+
+def trl_variants() -> list[tuple[str, bool]]:
+    """The TRL rows, the first one being what the ratios are taken against: TRL's own fused head where
+    TRL is installed, and the full-logits forward of earlier TRL versions."""
+    full = ("TRL full logits", False)
+    if trl_fused_head() is None:
+        return [full]
+    import trl
+
+    return [(f"TRL {trl.__version__} fused head", True), full]
+
+
+def patch_trl_head(*models) -> None:
+    add_fused_lm_head = trl_fused_head()
+    for model in models:
+        if add_fused_lm_head is not None and not getattr(model, "_trl_fused_head", False):
+            add_fused_lm_head(model)  # `fused_lm_head=False` keeps the original forward
+            model._trl_fused_head = True
 
 
 def dpo_loss(chosen, rejected, ref_chosen, ref_rejected) -> torch.Tensor:
@@ -197,16 +239,20 @@ def measure(name: str, step, args, pairs: Pairs, model, timer: Timer, training: 
 
 def scorer_steps(model, args, device, shared: bool = False):
     pad = 0
+    patch_trl_head(model)
 
     @torch.inference_mode()
     def raydpo_step(start, batch):
         packed = pack_batch(*batch, pad, shared, shared and packs_rows(model)).to(device)
         completion_logps(model, packed, args.chunk_tokens).sums.float().cpu()
 
-    @torch.inference_mode()
-    def trl_step(start, batch):
-        packed = pack_pairs(*batch, pad).to(device)
-        trl_logps(model, packed).cpu()
+    def trl_step(fused: bool):
+        @torch.inference_mode()
+        def step(start, batch):
+            packed = pack_pairs(*batch, pad).to(device)
+            trl_logps(model, packed, fused).cpu()
+
+        return step
 
     return raydpo_step, trl_step
 
@@ -215,6 +261,7 @@ def train_steps(policy, reference, args, pairs: Pairs, device, shared: bool = Fa
     pad = 0
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-6, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    patch_trl_head(policy, reference)
     cached: dict[int, torch.Tensor] = {}  # reference values, as a precompute output provides them
     with torch.inference_mode():
         for start in sorted(set(batch_starts(args, pairs))):
@@ -229,14 +276,17 @@ def train_steps(policy, reference, args, pairs: Pairs, device, shared: bool = Fa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    def trl_online_step(start, batch):
-        packed = pack_pairs(*batch, pad).to(device)
-        with torch.no_grad():
-            ref_chosen, ref_rejected = trl_logps(reference, packed).chunk(2)
-        chosen, rejected = trl_logps(policy, packed).chunk(2)
-        dpo_loss(chosen, rejected, ref_chosen, ref_rejected).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def trl_online_step(fused: bool):
+        def step(start, batch):
+            packed = pack_pairs(*batch, pad).to(device)
+            with torch.no_grad():
+                ref_chosen, ref_rejected = trl_logps(reference, packed, fused).chunk(2)
+            chosen, rejected = trl_logps(policy, packed, fused).chunk(2)
+            dpo_loss(chosen, rejected, ref_chosen, ref_rejected).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        return step
 
     return raydpo_step, trl_online_step
 
@@ -345,7 +395,6 @@ def main(argv: list[str] | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # lines survive a run cut short by a time limit
 
     device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype)
     timer = Timer(device)
     peak = peak_tflops(device, args.peak_tflops)
     vocab = SIZES[args.size]["vocab_size"]
@@ -359,37 +408,61 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for attn in attention_kernels(args.attn, device):
         if "precompute" in args.stages:
-            model = build_model(args.size, attn, dtype, device).eval()
-            raydpo_step, trl_step = scorer_steps(model, args, device)
-            rows = [
-                measure(f"precompute TRL-style ({attn})", trl_step, args, pairs, model, timer, False, peak),
-                measure(f"precompute raydpo ({attn})", raydpo_step, args, pairs, model, timer, False, peak),
-            ]
-            for _ in shared_variants(model, args, pairs, device):
-                shared_step, _ = scorer_steps(model, args, device, shared=True)
-                name = f"precompute raydpo shared ({attn}, {attention_mode(model)})"
-                rows.append(measure(name, shared_step, args, pairs, model, timer, False, peak))
-            results += report(rows)
-            del model
+            results += guarded(
+                f"precompute ({attn})", precompute_rows, attn, args, pairs, device, timer, peak
+            )
         if "train" in args.stages:
-            policy = build_model(args.size, attn, dtype, device).train()
-            reference = build_model(args.size, attn, dtype, device).eval()
-            raydpo_step, trl_step = train_steps(policy, reference, args, pairs, device)
-            rows = [
-                measure(f"train TRL-online-style ({attn})", trl_step, args, pairs, policy, timer, True, peak),
-                measure(f"train raydpo ({attn})", raydpo_step, args, pairs, policy, timer, True, peak),
-            ]
-            for _ in shared_variants(policy, args, pairs, device):
-                shared_step, _ = train_steps(policy, reference, args, pairs, device, shared=True)
-                name = f"train raydpo shared ({attn}, {attention_mode(policy)})"
-                rows.append(measure(name, shared_step, args, pairs, policy, timer, True, peak))
-            results += report(rows)
-            del policy, reference
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            results += guarded(f"train ({attn})", train_rows, attn, args, pairs, device, timer, peak)
         save(args, machine, results, None)  # after each kernel: a run cut short keeps what it measured
     stages = run_stages(args, args.workdir) if args.full else None
     save(args, machine, results, stages)
+
+
+def precompute_rows(attn: str, args, pairs: Pairs, device, timer: Timer, peak: float) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args.size, attn, dtype, device).eval()
+    raydpo_step, trl_step = scorer_steps(model, args, device)
+    rows = [
+        measure(f"precompute {name} ({attn})", trl_step(fused), args, pairs, model, timer, False, peak)
+        for name, fused in trl_variants()
+    ]
+    rows.append(measure(f"precompute raydpo ({attn})", raydpo_step, args, pairs, model, timer, False, peak))
+    for _ in shared_variants(model, args, pairs, device):
+        shared_step, _ = scorer_steps(model, args, device, shared=True)
+        name = f"precompute raydpo shared ({attn}, {attention_mode(model)})"
+        rows.append(measure(name, shared_step, args, pairs, model, timer, False, peak))
+    return report(rows)
+
+
+def train_rows(attn: str, args, pairs: Pairs, device, timer: Timer, peak: float) -> list[dict]:
+    dtype = getattr(torch, args.dtype)
+    policy = build_model(args.size, attn, dtype, device).train()
+    reference = build_model(args.size, attn, dtype, device).eval()
+    raydpo_step, trl_step = train_steps(policy, reference, args, pairs, device)
+    rows = [
+        measure(f"train {name} online ({attn})", trl_step(fused), args, pairs, policy, timer, True, peak)
+        for name, fused in trl_variants()
+    ]
+    rows.append(measure(f"train raydpo ({attn})", raydpo_step, args, pairs, policy, timer, True, peak))
+    for _ in shared_variants(policy, args, pairs, device):
+        shared_step, _ = train_steps(policy, reference, args, pairs, device, shared=True)
+        name = f"train raydpo shared ({attn}, {attention_mode(policy)})"
+        rows.append(measure(name, shared_step, args, pairs, policy, timer, True, peak))
+    return report(rows)
+
+
+def guarded(what: str, rows, *args) -> list[dict]:
+    """One kernel's stage; a failure is printed with its traceback and the next one still runs, so one
+    device session measures all that works."""
+    try:
+        return rows(*args)
+    except Exception:  # noqa: BLE001 - reported, and the other measurements go on
+        print(f"{what}: FAILED")
+        traceback.print_exc(file=sys.stdout)
+        return []
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def save(args, machine: str, results: list[dict], stages: dict | None) -> None:
