@@ -5,11 +5,12 @@ on synthetic pairs of a fixed token budget. Measured with torch and transformers
 a bare GPU image:
 
   - precompute: the reference scorer's forward (`raydpo.logprobs.completion_logps`: the LM head and
-    log-softmax over completion positions only, in chunks) against a TRL-style forward (full
-    `[2B, T, vocab]` logits, `selective_log_softmax` over them);
+    log-softmax over completion positions only, in chunks) against TRL's forward: where TRL is
+    installed, its own (`add_fused_lm_head`, `fused_lm_head=True`, as `DPOTrainer` calls it), and the
+    full-logits forward of earlier TRL versions (`[2B, T, vocab]` logits, `selective_log_softmax`);
   - training: one optimizer step of the policy (chunked head, the sigmoid DPO loss against cached
-    reference values, backward, AdamW) against TRL's online step (a reference forward with full
-    logits, then the policy's, then the same loss, backward and AdamW).
+    reference values, backward, AdamW) against TRL's online step (a reference forward, then the
+    policy's, then the same loss, backward and AdamW), in both TRL forms.
 
 Printed for each: tokens/s (prompt + completion tokens of both sequences of a pair, padding excluded),
 model FLOP utilisation (6·N FLOPs per trained token, 2·N per scored token, plus attention, over the
