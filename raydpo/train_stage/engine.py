@@ -362,13 +362,15 @@ def keep_clipped_grad_norm(engine) -> None:
 
 
 def load_checkpoint_file(path: str, map_location=None) -> Any:
-    """`torch.load(weights_only=True)` of one DeepSpeed checkpoint file: tensors, containers and the two
-    DeepSpeed classes a ZeRO checkpoint holds, never arbitrary pickled objects."""
+    """`torch.load(weights_only=True)` of one DeepSpeed checkpoint file: tensors, containers and the
+    DeepSpeed classes a ZeRO checkpoint holds (its stage, its loss scaler and, at stages 1 and 2, where
+    each parameter's slice lies in the flat partition), never arbitrary pickled objects."""
     import torch
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler]):
+    with torch.serialization.safe_globals([ZeroStageEnum, LossScaler, fragment_address]):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
