@@ -192,6 +192,19 @@ def worker_env(env_vars: dict[str, str] | None = None) -> dict[str, Any] | None:
     return {"env_vars": env} if env else None
 
 
+# A process that Ray gives no GPU sees none. Ray no longer clears CUDA_VISIBLE_DEVICES for num_gpus=0
+# (ray-project/ray#54868), so on a GPU node a CPU scorer or training worker would see every GPU: torch
+# would score on cuda:0 beside the actors Ray placed there, and DeepSpeed would take the GPU as its
+# accelerator while the batches stay on the CPU.
+CPU_ONLY_ENV = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+
+
+def cpu_process_env(allocator: str) -> dict[str, str]:
+    """The environment of a scorer actor or training worker that runs on CPUs: no GPU visible, and
+    `allocator` preloaded."""
+    return {**CPU_ONLY_ENV, **cpu_allocator_env(allocator)}
+
+
 def cpu_allocator_env(allocator: str) -> dict[str, str]:
     """The environment that makes a worker process allocate with `allocator` from its start.
 

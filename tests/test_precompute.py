@@ -289,9 +289,11 @@ def test_scorer_pool_is_as_set_else_one_per_node_on_cpus_and_every_gpu(ray_sessi
 @pytest.mark.parametrize("allocator", ["mimalloc", "system"])
 def test_cpu_scorer_actors_allocate_with_cpu_allocator(ray_session, toy_model, allocator):
     """The scorer actor, started with the runtime env the pipeline gives it, runs with `cpu_allocator`
-    (with glibc's malloc its heap grew with the pairs scored)."""
+    (with glibc's malloc its heap grew with the pairs scored), and sees no GPU: Ray leaves
+    CUDA_VISIBLE_DEVICES alone for num_gpus=0, so on a GPU node torch would score on cuda:0."""
     import ray
 
+    from raydpo.cluster import CPU_ONLY_ENV
     from raydpo.config import PrecomputeConfig
     from raydpo.precompute_stage.pipeline import scorer_env
     from raydpo.precompute_stage.scorer import ReferenceScorer
@@ -304,6 +306,12 @@ def test_cpu_scorer_actors_allocate_with_cpu_allocator(ray_session, toy_model, a
     )
     try:
         assert ray.get(actor.__ray_call__.remote(lambda scorer: scorer.cpu_allocator)) == allocator
+        seen = ray.get(
+            actor.__ray_call__.remote(
+                lambda scorer: (str(scorer.device), {name: os.environ.get(name) for name in CPU_ONLY_ENV})
+            )
+        )
+        assert seen == ("cpu", CPU_ONLY_ENV)
     finally:
         ray.kill(actor)
 

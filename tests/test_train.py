@@ -162,12 +162,15 @@ def test_prefix_sharing_off_gives_the_same_first_step(base_run, train_cache, toy
 
 
 def test_cpu_workers_allocate_with_mimalloc(base_run):
-    """cpu_allocator's default reaches the workers: mimalloc is preloaded into every Ray Train worker."""
-    from raydpo.cluster import cpu_allocator_env
+    """cpu_allocator's default reaches the workers: mimalloc is preloaded into every Ray Train worker.
+    CPU workers see no GPU either way (on a GPU node DeepSpeed would otherwise take one)."""
+    from raydpo.cluster import CPU_ONLY_ENV, cpu_allocator_env, cpu_process_env
 
     assert base_run.cpu_allocator == "mimalloc"
     assert Path(cpu_allocator_env("mimalloc")["LD_PRELOAD"].split()[0]).is_file()
     assert cpu_allocator_env("system") == {}
+    assert cpu_process_env("system") == CPU_ONLY_ENV == {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu"}
+    assert cpu_process_env("mimalloc") == {**CPU_ONLY_ENV, **cpu_allocator_env("mimalloc")}
 
 
 def test_mlflow_run_holds_metrics_settings_and_artifacts(base_run, train_cache, toy_model):

@@ -24,7 +24,7 @@ from raydpo import cache
 from raydpo.cluster import (
     check_cpu_headroom,
     check_shared_paths,
-    cpu_allocator_env,
+    cpu_process_env,
     default_processes,
     init_ray,
     processes_per_node,
@@ -268,9 +268,9 @@ def _stopped(error: Exception, path: str, restarts: int) -> NoReturn:
 
 
 def scorer_env(config: PrecomputeConfig) -> dict[str, Any] | None:
-    """The scorer actors' runtime env: the stage's, and on CPUs `cpu_allocator` preloaded (with glibc's
-    malloc a scorer's heap grows with the pairs it scores)."""
-    return worker_env(None if config.gpus_per_actor else cpu_allocator_env(config.cpu_allocator))
+    """The scorer actors' runtime env: the stage's, and on CPUs no GPU visible and `cpu_allocator`
+    preloaded (with glibc's malloc a scorer's heap grows with the pairs it scores)."""
+    return worker_env(None if config.gpus_per_actor else cpu_process_env(config.cpu_allocator))
 
 
 def _known_rows(ds, fingerprint: dict[str, Any], limit: int | None) -> int | None:

@@ -27,7 +27,7 @@ from raydpo import cache
 from raydpo.cluster import (
     check_cpu_headroom,
     check_shared_paths,
-    cpu_allocator_env,
+    cpu_process_env,
     default_workers,
     init_ray,
     probe_gpus,
@@ -110,7 +110,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     state, replace = _run_state(config, recorded, splits["train"].manifest.key)
     _check_cluster(config, output, storage_path, tracking_uri)  # Ray starts here at the latest
     runtime_env = worker_env(
-        {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_allocator_env(config.cpu_allocator))}
+        {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_process_env(config.cpu_allocator))}
     )
     run_id = _start_mlflow_run(
         config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
