@@ -42,11 +42,12 @@ from raydpo.tokenize import pad_token_id, tokenize_pair
 WINDOW = 16  # shorter than every sequence below: the sliding layers' mask matters
 
 
-def architectures(vocab: int) -> dict[str, torch.nn.Module]:
+def architectures(vocab: int, hidden_size: int = 32) -> dict[str, torch.nn.Module]:
+    """Tiny models of each attention variant; 4 heads of `hidden_size / 4` (GPU kernels want 16 or more)."""
     common = dict(
         vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -57,7 +58,7 @@ def architectures(vocab: int) -> dict[str, torch.nn.Module]:
         "gemma2": Gemma2ForCausalLM(
             Gemma2Config(
                 **common,
-                head_dim=8,
+                head_dim=hidden_size // 4,
                 sliding_window=WINDOW,
                 final_logit_softcapping=5.0,
                 attn_logit_softcapping=10.0,
@@ -66,7 +67,9 @@ def architectures(vocab: int) -> dict[str, torch.nn.Module]:
         ),
         "mistral": MistralForCausalLM(MistralConfig(**common, sliding_window=WINDOW)),
         "gpt2": GPT2LMHeadModel(
-            GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+            GPT2Config(
+                vocab_size=vocab, n_embd=hidden_size, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+            )
         ),
         "qwen2_moe": Qwen2MoeForCausalLM(
             Qwen2MoeConfig(
@@ -260,7 +263,8 @@ def test_flex_block_mask_on_gpu(tokenizer, pairs, name):
     a window shorter than the rows; the values and every gradient of the unshared rows (fp32)."""
     torch.manual_seed(0)
     device = torch.device("cuda")
-    model = architectures(len(tokenizer))[name].to(device).eval()
+    # heads of 16: the compiled kernel's smallest
+    model = architectures(len(tokenizer), hidden_size=64)[name].to(device).eval()
     model.set_attn_implementation("flex_attention")
     assert check_prefix_sharing(model) is None and attention_mode(model) == "through a block mask"
     pad = pad_token_id(tokenizer)
