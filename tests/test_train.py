@@ -564,7 +564,7 @@ from raydpo.train_stage.engine import load_checkpoints_weights_only
 deepspeed.init_distributed(dist_backend="gloo")
 
 
-def engine(stage, dtype):
+def engine(stage, dtype, fp32_sums=False):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)).to(dtype)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -573,6 +573,8 @@ def engine(stage, dtype):
         "zero_optimization": {"stage": stage},
         "bf16": {"enabled": dtype == torch.bfloat16},
     }
+    if fp32_sums:  # DeepSpeed's bf16 optimizer: one bf16 worker's built config
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     load_checkpoints_weights_only(engine)
     return engine
@@ -588,26 +590,22 @@ def step(engine, seed):
 
 
 results = {}
-for stage in (0, 1, 2, 3):
-    for dtype in (torch.float32, torch.bfloat16):
-        trained = engine(stage, dtype)
-        step(trained, 1)
-        directory = tempfile.mkdtemp()
-        trained.save_checkpoint(directory, tag="t")
-        resumed = engine(stage, dtype)
-        resumed.load_checkpoint(directory, tag="t")
-        results[f"{stage}-{dtype}"] = [step(trained, 2), step(resumed, 2)]
+runs = [(stage, dtype, False) for stage in (0, 1, 2, 3) for dtype in (torch.float32, torch.bfloat16)]
+for stage, dtype, fp32_sums in runs + [(1, torch.bfloat16, True)]:
+    trained = engine(stage, dtype, fp32_sums)
+    step(trained, 1)
+    directory = tempfile.mkdtemp()
+    trained.save_checkpoint(directory, tag="t")
+    resumed = engine(stage, dtype, fp32_sums)
+    resumed.load_checkpoint(directory, tag="t")
+    results[f"{stage}-{dtype}-{type(trained.optimizer).__name__}"] = [step(trained, 2), step(resumed, 2)]
 print("RESULTS " + json.dumps(results))
 """
 
 
-def test_a_checkpoint_of_every_zero_stage_resumes_weights_only(tmp_path):
-    """Real DeepSpeed engines at ZeRO stages 0-3, fp32 and bf16, save a checkpoint and a fresh engine
-    loads it through raydpo's weights-only loader: the next step's loss equals the uninterrupted one.
-    Stages 1 and 2 pickle where each parameter's slice lies (`fragment_address`), which a weights-only
-    load refused, so every resume at those stages failed."""
-    script = tmp_path / "resume.py"
-    script.write_text(ZERO_RESUME_SCRIPT)
+def run_deepspeed_script(text: str, script: Path) -> dict:
+    """Run `text` as one single-process DeepSpeed job on CPU (gloo); returns what it printed after RESULTS."""
+    script.write_text(text)
     env = {
         **os.environ,
         "DS_ACCELERATOR": "cpu",
@@ -620,10 +618,81 @@ def test_a_checkpoint_of_every_zero_stage_resumes_weights_only(tmp_path):
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULTS ")]
     assert done.returncode == 0 and lines, done.stderr[-3000:]
-    results = json.loads(lines[0].removeprefix("RESULTS "))
-    assert len(results) == 8
+    return json.loads(lines[0].removeprefix("RESULTS "))
+
+
+def test_a_checkpoint_of_every_zero_stage_resumes_weights_only(tmp_path):
+    """Real DeepSpeed engines at ZeRO stages 0-3, fp32 and bf16, and DeepSpeed's bf16 optimizer (one bf16
+    worker's engine), save a checkpoint and a fresh engine loads it through raydpo's weights-only
+    loader: the next step's loss equals the uninterrupted one.
+    Stages 1 and 2 pickle where each parameter's slice lies (`fragment_address`), which a weights-only
+    load refused, so every resume at those stages failed."""
+    results = run_deepspeed_script(ZERO_RESUME_SCRIPT, tmp_path / "resume.py")
+    assert len(results) == 9 and "1-torch.bfloat16-BF16_Optimizer" in results
     for run, (uninterrupted, resumed) in results.items():
         assert resumed == uninterrupted, run
+
+
+BF16_WORKER_SCRIPT = """
+import json
+import deepspeed, torch
+from raydpo.config import TrainConfig
+from raydpo.train_stage import engine as engines
+
+deepspeed.init_distributed(dist_backend="gloo")
+TENSORS = 64
+CONFIG = TrainConfig(model="unused", learning_rate=1e-2, warmup_ratio=0.0)
+
+
+def run(ds_config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(TENSORS // 2)]).to(torch.bfloat16)
+    engine, _ = engines.initialize(model, CONFIG, ds_config, total_steps=4)
+    losses, reads = [], 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        with torch.profiler.profile() as profile:
+            loss = engine(torch.randn(4, 8, dtype=torch.bfloat16)).float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+        losses.append(loss.item())
+        reads = max(reads, sum(e.count for e in profile.key_averages() if e.key == "aten::_local_scalar_dense"))
+    weights = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()]).tolist()
+    return {"optimizer": type(engine.optimizer).__name__, "reads": reads, "losses": losses, "weights": weights}
+
+
+built = engines.build(
+    zero_stage=3, micro_batch_size=4, grad_accum=1, world_size=1, gradient_clipping=1.0,
+    dtype="bfloat16", on_gpu=False,
+)
+zero3 = {**built, "zero_optimization": {"stage": 3}}
+zero3.pop("data_types")
+stage0 = {**zero3, "zero_optimization": {"stage": 0}}
+print("RESULTS " + json.dumps({"built": run(built), "zero3": run(zero3), "stage0": run(stage0)}))
+"""
+
+
+def test_one_bf16_worker_steps_without_a_host_read_per_tensor(tmp_path):
+    """One bf16 worker's built config runs DeepSpeed's bf16 optimizer (ZeRO stage 1, fp32 gradient sums):
+    a step reads the device back a few times, not once or more per tensor as DeepSpeed's stage-0 bf16
+    wrapper does (on a GPU each read waits for the device), and its losses and weights are those of the
+    same worker at ZeRO-3. (The stage-0 wrapper's are not: it creates AdamW's state with a step of zero
+    gradients, which AdamW counts, so every bias correction is one step late.)"""
+    runs = run_deepspeed_script(BF16_WORKER_SCRIPT, tmp_path / "bf16_worker.py")
+    built, zero3, stage0 = runs["built"], runs["zero3"], runs["stage0"]
+    assert built["optimizer"] == "BF16_Optimizer" and stage0["optimizer"] == "FP16_UnfusedOptimizer"
+    tensors = 64
+    assert stage0["reads"] >= tensors  # the wrapper this config avoids
+    assert built["reads"] <= 8, built["reads"]
+    assert built["losses"] == pytest.approx(zero3["losses"], rel=1e-6)  # equal when measured
+    assert np.allclose(built["weights"], zero3["weights"], rtol=0, atol=1e-6)
+    assert not np.allclose(built["weights"], run_start_weights(tensors), rtol=0, atol=1e-3)
+
+
+def run_start_weights(tensors: int) -> list[float]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(tensors // 2)]).to(torch.bfloat16)
+    return torch.cat([p.detach().float().flatten() for p in model.parameters()]).tolist()
 
 
 def test_checkpoint_files_are_loaded_weights_only(tmp_path):
@@ -777,7 +846,7 @@ def test_one_worker_runs_stage_0_with_the_values_of_zero_3(
     clipped give the same losses, log-probs and gradient norms (both summed in fp64) to 1e-5, and final
     weights (the same weight decay on the same parameters) within 1% of what AdamW can move a weight in 3 steps (about lr each): gradients near AdamW's
     eps carry the rounding of two summation orders into their updates (measured: 6.4e-6 at lr 1e-3).
-    In bf16 (DeepSpeed's bf16 optimizer at stage 0) step 1 passes the strict reference check and the
+    In bf16 (DeepSpeed's bf16 optimizer, at stage 1) step 1 passes the strict reference check and the
     saved model is bf16."""
     from transformers import AutoModelForCausalLM
 
@@ -809,7 +878,8 @@ def test_one_worker_runs_stage_0_with_the_values_of_zero_3(
     settings.update(trust_remote_code=True, max_steps=1, warmup_ratio=0.0)  # the one step updates
     bf16 = raydpo.train(settings)
     ds_config = deepspeed_config_of(bf16, tmp_path / "bf16-config")
-    assert ds_config["zero_optimization"]["stage"] == 0 and ds_config["bf16"] == {"enabled": True}
+    assert ds_config["zero_optimization"]["stage"] == 1 and ds_config["bf16"] == {"enabled": True}
+    assert ds_config["data_types"] == {"grad_accum_dtype": "fp32"}  # DeepSpeed's bf16 optimizer
     assert metric_history(bf16, "loss")[1] == pytest.approx(math.log(2), abs=1e-5)
     assert metric_history(bf16, "ref_check/max_abs_logratio")[1] < 1e-3
     saved = AutoModelForCausalLM.from_pretrained(bf16.model_path, trust_remote_code=True, dtype="auto")

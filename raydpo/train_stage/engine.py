@@ -56,7 +56,7 @@ def build(
     Bucket sizes follow the model's hidden size as Hugging Face's "auto" values do, instead of
     DeepSpeed's fixed defaults (5e8 elements), which are sized for billion-parameter models.
     """
-    zero_stage = effective_zero_stage(zero_stage, world_size, offload_optimizer or offload_params)
+    zero_stage = effective_zero_stage(zero_stage, world_size, offload_optimizer or offload_params, dtype)
     zero: dict[str, Any] = {"stage": zero_stage}
     zero.update(_bucket_sizes(zero_stage, hidden_size))
     if zero_stage == 3:
@@ -69,7 +69,7 @@ def build(
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
-    return {
+    config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
@@ -82,18 +82,31 @@ def build(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if world_size == 1 and zero_stage == 1 and dtype == "bfloat16":
+        # with gradients summed in fp32, DeepSpeed's bf16 optimizer runs stage 1 (effective_zero_stage)
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    return config
 
 
-def effective_zero_stage(zero_stage: int, world_size: int, offload: bool) -> int:
-    """The ZeRO stage a built config runs: 0 for a single worker that offloads nothing.
+def effective_zero_stage(zero_stage: int, world_size: int, offload: bool, dtype: str = "float32") -> int:
+    """The ZeRO stage a built config runs: for a single worker that offloads nothing, 0, and 1 in bf16.
 
     ZeRO partitions the optimizer state, gradients and (stage 3) weights across workers; with one worker
     every partition is the whole, so memory and values are those of stage 0, while stage 3 still gathers
     and releases every layer's weights and copies gradients through its flat buffers (on two CPU threads
     a 55M-parameter step took 3.0 s at stage 3 and 2.0 s at stage 0). Offloading needs ZeRO, so a run
     that offloads keeps its stage.
+
+    In bf16 the single worker runs stage 1 with fp32 gradient sums, which is DeepSpeed's bf16 optimizer:
+    fp32 master weights, gradients and AdamW state in flat buffers, as ZeRO keeps them (ZeRO-3 sums a
+    step's micro-batches in bf16, this in fp32: the same values with one micro-batch a step). At stage 0
+    DeepSpeed wraps bf16 in its unfused fp16 optimizer instead, which checks every gradient for overflow
+    and reads the answer back to the host: 1,461 host reads in a step of a 291-tensor model, against 10
+    (on a GPU each read waits for the device; an H200 step of a 0.5B model spent 150 ms of CPU there).
     """
-    return 0 if world_size == 1 and not offload else zero_stage
+    if world_size == 1 and not offload:
+        return 1 if dtype == "bfloat16" else 0
+    return zero_stage
 
 
 def _bucket_sizes(zero_stage: int, hidden_size: int | None) -> dict[str, int]:
@@ -309,6 +322,7 @@ def initialize(module: torch.nn.Module, config: TrainConfig, ds_config: dict[str
     import deepspeed
     import torch
     import transformers
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
     optimizer = scheduler = None
     if "optimizer" not in ds_config:
@@ -332,11 +346,14 @@ def initialize(module: torch.nn.Module, config: TrainConfig, ds_config: dict[str
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
     load_checkpoints_weights_only(engine)
-    if engine.dp_world_size == 1 and not engine.zero_optimization():
+    if engine.dp_world_size == 1 and (
+        not engine.zero_optimization() or isinstance(engine.optimizer, BF16_Optimizer)
+    ):
         # One data-parallel rank: the all-reduce after backward would copy every gradient into a flat
         # bucket, scale it by 1/1, reduce it with itself and copy it back (the same values; a
-        # gradient-sized buffer and about 5% of a step on CPUs). ZeRO's optimizers reduce into their own
-        # buffers there, so they keep it.
+        # gradient-sized buffer and about 5% of a step on CPUs). The bf16 optimizer has summed the
+        # gradients into its fp32 buffer before; ZeRO's other optimizers reduce into their own buffers
+        # there, so they keep it.
         engine.enable_backward_allreduce = False
     if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
         keep_clipped_grad_norm(engine)

@@ -186,9 +186,10 @@ def _log_zero_stage(plan: WorkerPlan, rank: int) -> None:
     stage = plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
     if rank == 0 and not plan.config.deepspeed_config and stage != plan.config.zero_stage:
         logger.info(
-            "one worker: ZeRO stage %d runs as stage %d (nothing to partition; same values, no gathers)",
+            "one worker: ZeRO stage %d runs as stage %d (nothing to partition; same values, no gathers%s)",
             plan.config.zero_stage,
             stage,
+            "; DeepSpeed's bf16 optimizer" if stage == 1 else "",
         )
 
 
