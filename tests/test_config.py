@@ -129,6 +129,17 @@ def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
     assert for_run(TrainConfig(model=model_dir), 1, 10)["zero_optimization"] == {"stage": 0}
     assert for_run(TrainConfig(model=model_dir), 2, 10)["zero_optimization"]["stage"] == 3
     assert for_run(config, 1, 10)["zero_optimization"]["stage"] == 3
+    # in bf16, stage 0 (one worker's, or one set) runs DeepSpeed's bf16 optimizer: stage 1, fp32 sums
+    bf16 = {"model": model_dir, "dtype": "bfloat16"}
+    for settings, workers in (({}, 1), ({"zero_stage": 0}, 2)):
+        built = for_run(TrainConfig(**bf16, **settings), workers, 10)
+        assert built["zero_optimization"] == {"stage": 1}, settings
+        assert built["data_types"] == {"grad_accum_dtype": "fp32"}
+    for settings in ({"zero_stage": 1}, {"zero_stage": 2}, {}):  # ZeRO's own optimizers, as set
+        built = for_run(TrainConfig(**bf16, **settings), 2, 10)
+        assert built["zero_optimization"]["stage"] == settings.get("zero_stage", 3)
+        assert "data_types" not in built
+    assert "data_types" not in for_run(TrainConfig(model=model_dir, zero_stage=0), 2, 10)  # fp32
 
     user = tmp_path / "ds.json"
     user.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')

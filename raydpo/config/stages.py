@@ -260,7 +260,7 @@ class TrainConfig:
     )
     zero_stage: int = setting(
         3,
-        help="DeepSpeed ZeRO stage; a single worker runs stage 0 (1 in bf16: DeepSpeed's bf16 optimizer) unless it offloads (nothing to partition).",
+        help="DeepSpeed ZeRO stage; a single worker runs stage 0 unless it offloads (nothing to partition); in bf16 stage 0 runs as 1 (DeepSpeed's bf16 optimizer).",
         choices=ZERO_STAGES,
     )
     offload_optimizer: bool = setting(False, help="ZeRO: keep optimizer state in CPU memory.")

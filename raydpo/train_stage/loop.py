@@ -185,12 +185,12 @@ def _unlink_shm_workspace(rank: int) -> None:
 def _log_zero_stage(plan: WorkerPlan, rank: int) -> None:
     stage = plan.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
     if rank == 0 and not plan.config.deepspeed_config and stage != plan.config.zero_stage:
-        logger.info(
-            "one worker: ZeRO stage %d runs as stage %d (nothing to partition; same values, no gathers%s)",
-            plan.config.zero_stage,
-            stage,
-            "; DeepSpeed's bf16 optimizer" if stage == 1 else "",
-        )
+        why = []
+        if plan.run.world_size == 1 and stage < plan.config.zero_stage:
+            why.append("one worker: nothing to partition; same values, no gathers")
+        if "data_types" in plan.deepspeed_config:
+            why.append("bf16: DeepSpeed's bf16 optimizer, not its stage-0 wrapper")
+        logger.info("ZeRO stage %d runs as stage %d (%s)", plan.config.zero_stage, stage, "; ".join(why))
 
 
 def _system_metrics(plan: WorkerPlan):
