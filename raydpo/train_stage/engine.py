@@ -55,10 +55,21 @@ def build(
 
     Bucket sizes follow the model's hidden size as Hugging Face's "auto" values do, instead of
     DeepSpeed's fixed defaults (5e8 elements), which are sized for billion-parameter models.
+
+    In bf16, stage 0 (a single worker's, or one set) runs as stage 1 with fp32 gradient sums, which is
+    DeepSpeed's bf16 optimizer: fp32 master weights, gradients and AdamW state in flat buffers, as ZeRO
+    keeps them (ZeRO-3 sums a step's micro-batches in bf16, this in fp32: the same values with one
+    micro-batch a step), the optimizer state split across workers where there are several. At stage 0
+    DeepSpeed wraps bf16 in its unfused fp16 optimizer instead, which checks every gradient for overflow
+    and reads the answer back to the host (1,461 host reads in a step of a 291-tensor model, against 10;
+    on a GPU each read waits for the device, and an H200 step of a 0.5B model spent 150 ms of CPU
+    there), and creates AdamW's state with a step of zero gradients that AdamW counts, so every bias
+    correction comes one step late.
     """
-    offload = offload_optimizer or offload_params
-    bf16_optimizer = dtype == "bfloat16" and effective_zero_stage(zero_stage, world_size, offload) == 0
-    zero_stage = effective_zero_stage(zero_stage, world_size, offload, dtype)
+    zero_stage = effective_zero_stage(zero_stage, world_size, offload_optimizer or offload_params)
+    bf16_optimizer = zero_stage == 0 and dtype == "bfloat16"
+    if bf16_optimizer:
+        zero_stage = 1  # with gradients summed in fp32 (below): DeepSpeed's bf16 optimizer
     zero: dict[str, Any] = {"stage": zero_stage}
     zero.update(_bucket_sizes(zero_stage, hidden_size))
     if zero_stage == 3:
@@ -84,34 +95,21 @@ def build(
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if bf16_optimizer:  # at stage 1, gradients summed in fp32 select it
+    if bf16_optimizer:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
     return config
 
 
-def effective_zero_stage(zero_stage: int, world_size: int, offload: bool, dtype: str = "float32") -> int:
-    """The ZeRO stage a built config runs: 0 for a single worker that offloads nothing; stage 0 runs as 1
-    in bf16.
+def effective_zero_stage(zero_stage: int, world_size: int, offload: bool) -> int:
+    """The ZeRO stage a built config runs: 0 for a single worker that offloads nothing.
 
     ZeRO partitions the optimizer state, gradients and (stage 3) weights across workers; with one worker
     every partition is the whole, so memory and values are those of stage 0, while stage 3 still gathers
     and releases every layer's weights and copies gradients through its flat buffers (on two CPU threads
     a 55M-parameter step took 3.0 s at stage 3 and 2.0 s at stage 0). Offloading needs ZeRO, so a run
-    that offloads keeps its stage.
-
-    In bf16, stage 0 (a single worker's, or one set) runs as stage 1 with fp32 gradient sums, which is
-    DeepSpeed's bf16 optimizer: fp32 master weights, gradients and AdamW state in flat buffers, as ZeRO
-    keeps them (ZeRO-3 sums a step's micro-batches in bf16, this in fp32: the same values with one
-    micro-batch a step), the optimizer state split across workers where there are several. At stage 0
-    DeepSpeed wraps bf16 in its unfused fp16 optimizer instead, which checks every gradient for overflow
-    and reads the answer back to the host (1,461 host reads in a step of a 291-tensor model, against 10;
-    on a GPU each read waits for the device, and an H200 step of a 0.5B model spent 150 ms of CPU
-    there), and creates AdamW's state with a step of zero gradients that AdamW counts, so every bias
-    correction comes one step late.
+    that offloads keeps its stage. (In bf16, `build` runs stage 0 as 1.)
     """
-    if world_size == 1 and not offload:
-        zero_stage = 0
-    return 1 if zero_stage == 0 and dtype == "bfloat16" else zero_stage
+    return 0 if world_size == 1 and not offload else zero_stage
 
 
 def _bucket_sizes(zero_stage: int, hidden_size: int | None) -> dict[str, int]:
