@@ -24,6 +24,7 @@ import re
 from typing import Any
 
 from raydpo.errors import RaydpoError, one_line
+from raydpo.hub import model_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # config attributes holding a dropout probability: GPT-2's resid/embd/attn_pdrop, OPT's dropout,
@@ -51,8 +52,9 @@ def load_config(model: str, trust_remote_code: bool):
     """The model's transformers config; a model whose code ships with it needs `trust_remote_code`."""
     from transformers import AutoConfig
 
+    directory = model_dir(model)
     try:
-        return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         if "trust_remote_code" in str(error) and not trust_remote_code:
             raise RaydpoError(
@@ -158,7 +160,7 @@ def load_causal_lm(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    loaded = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir(model), **kwargs)
     if disable_dropout:
         disable_dropout_modules(loaded)
     return loaded

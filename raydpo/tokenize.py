@@ -22,6 +22,7 @@ import jinja2
 
 from raydpo.data import CanonicalPair, RowError
 from raydpo.errors import RaydpoError, one_line
+from raydpo.hub import model_dir
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Load a tokenizer and check that it can end a completion."""
     from transformers import AutoTokenizer
 
+    directory = model_dir(name_or_path, what="tokenizer", weights=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         raise RaydpoError(f"could not load tokenizer {name_or_path!r}: {one_line(error)}") from None
     if tokenizer.eos_token is None:

@@ -334,26 +334,26 @@ def test_weight_digests_are_computed_once_per_file(tmp_path, monkeypatch):
     import hashlib
     import shutil
 
-    from raydpo.cache import fingerprint
+    from raydpo import digests
 
-    monkeypatch.setenv(fingerprint.DIGEST_CACHE_ENV, str(tmp_path / "digests"))
+    monkeypatch.setenv(digests.DIGEST_CACHE_ENV, str(tmp_path / "digests"))
     hashed = []
-    real = fingerprint.file_sha256
-    monkeypatch.setattr(fingerprint, "file_sha256", lambda path: hashed.append(path) or real(path))
+    real = digests.file_sha256
+    monkeypatch.setattr(digests, "file_sha256", lambda path: hashed.append(path) or real(path))
     weights = tmp_path / "model" / "model.safetensors"
     weights.parent.mkdir()
     weights.write_bytes(b"a" * 4096)
-    first = fingerprint.weight_sha256(weights)
+    first = digests.cached_sha256(weights)
     assert first == hashlib.sha256(b"a" * 4096).hexdigest() and len(hashed) == 1
-    assert fingerprint.weight_sha256(weights) == first and len(hashed) == 1  # from the digest cache
+    assert digests.cached_sha256(weights) == first and len(hashed) == 1  # from the digest cache
 
     weights.write_bytes(b"b" * 4096)  # in place, same size
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1_000_000))
-    assert fingerprint.weight_sha256(weights) == hashlib.sha256(b"b" * 4096).hexdigest() and len(hashed) == 2
+    assert digests.cached_sha256(weights) == hashlib.sha256(b"b" * 4096).hexdigest() and len(hashed) == 2
     copy = tmp_path / "copy" / "model.safetensors"
     copy.parent.mkdir()
     shutil.copy2(weights, copy)
-    assert fingerprint.weight_sha256(copy) == fingerprint.weight_sha256(weights) and len(hashed) == 3
+    assert digests.cached_sha256(copy) == digests.cached_sha256(weights) and len(hashed) == 3
 
     blob = tmp_path / "hub" / "blobs" / hashlib.sha256(b"hub").hexdigest()
     blob.parent.mkdir(parents=True)
@@ -361,4 +361,4 @@ def test_weight_digests_are_computed_once_per_file(tmp_path, monkeypatch):
     linked = tmp_path / "hub" / "snapshots" / "abc" / "model.safetensors"
     linked.parent.mkdir(parents=True)
     linked.symlink_to(blob)
-    assert fingerprint.weight_sha256(linked) == blob.name and len(hashed) == 3
+    assert digests.cached_sha256(linked) == blob.name and len(hashed) == 3
