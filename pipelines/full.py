@@ -53,7 +53,9 @@ def precompute_config(values: dict) -> PrecomputeConfig:
             )
             section["model"] = str(model)
         section.setdefault("dataset", str(sample_data_dir() / "dpo_en_demo.json"))
-        section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
+        eval_settings = {"eval_split", "eval_split_ratio", "eval_split_count"}  # an eval split of their own
+        if not eval_settings & {key.replace("-", "_") for key in section}:
+            section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
     return from_mapping(PrecomputeConfig, section)
 
 

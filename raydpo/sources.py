@@ -1,15 +1,17 @@
 """Preference data sources -> a Ray Dataset of numbered rows, with a fingerprint of what was opened.
 
-A source is a JSON, JSONL or Parquet file or folder (local or a pyarrow URI such as `s3://`), a Hugging
-Face dataset (a hub id, a `save_to_disk` folder or a checked-out dataset repository), or an in-memory
-Ray Dataset. Every row is numbered by its place in the source (`SOURCE_ROW`); the rows are parsed into
-pairs by `data.parse_row` and `data.canonical_pair`.
+A source is a JSON, JSONL, CSV or Parquet file or folder (local or a pyarrow URI such as `s3://`), a
+Hugging Face dataset (a hub id, a `save_to_disk` folder, a checked-out dataset repository or files named
+by split; one split of it, found by `hf_data`), or an in-memory Ray Dataset. Every row is numbered by its place in the source (`SOURCE_ROW`); the rows are
+parsed into pairs by `data.parse_row` and `data.canonical_pair`.
 """
 
 from __future__ import annotations
 
 import codecs
+import csv
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -17,7 +19,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raydpo.data import JSON_RECORD
-from raydpo.errors import RaydpoError, one_line
+from raydpo.digests import data_file_sha256
+from raydpo.errors import RaydpoError
+from raydpo.hf_data import HfSplit, find_split, is_hf_folder
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -30,16 +34,18 @@ if TYPE_CHECKING:
 SOURCE_ROW = "_raydpo_source_row"
 FILE_SHIFT = 32
 
-FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FILE_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+FORMAT_NAMES = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}
 
 
 @dataclass(frozen=True)
 class DataFiles:
     """A path's or URI's data files, listed and checked (one kind, none that would be left unread), and
-    their fingerprint: path, size and modification time of each (cheap, and it changes with the data)."""
+    their fingerprint: the kind and each file's content digest in the files' order (`digests`: a file is
+    read once, so a copy elsewhere or a `touch` keeps the fingerprint; the paths are not part of it)."""
 
     paths: list[str]
-    kind: str  # "json" (JSON or JSONL) or "parquet"
+    kind: str  # "json" (JSON or JSONL), "csv" or "parquet"
     filesystem: Any  # pyarrow's
     fingerprint: dict[str, Any]
 
@@ -55,29 +61,31 @@ def find_files(source: str) -> DataFiles | None:
         return None
     formats = {FILE_FORMATS.get(_suffix(info.path)) for info in files} - {None}
     if not formats:
-        raise RaydpoError(f"no .json, .jsonl or .parquet files under {source}")
+        raise RaydpoError(f"no .json, .jsonl, .csv or .parquet files under {source}")
     if len(formats) > 1:
-        raise RaydpoError(f"{source} mixes JSON and Parquet files; point to one kind")
+        mixed = " and ".join(sorted(FORMAT_NAMES[kind] for kind in formats))
+        raise RaydpoError(f"{source} mixes {mixed} files; point to one kind")
     unread = [info.base_name for info in files if _suffix(info.path) in UNREAD_DATA_SUFFIXES]
     if unread:  # rows in them would be left out without a word
         shown = ", ".join(unread[:3]) + (f" and {len(unread) - 3} more" if len(unread) > 3 else "")
         raise RaydpoError(
-            f"{source} also holds data files raydpo does not read ({shown}): convert them to JSON, JSONL "
-            "or Parquet, or move them out"
+            f"{source} also holds data files raydpo does not read ({shown}): convert them to JSON, JSONL, "
+            "CSV or Parquet, or move them out"
         )
-    read = [info for info in files if _suffix(info.path) in FILE_FORMATS]
-    fingerprint = {"kind": "files", "files": [[info.path, info.size, info.mtime_ns] for info in read]}
-    return DataFiles([info.path for info in read], formats.pop(), filesystem, fingerprint)
+    paths = [info.path for info in files if _suffix(info.path) in FILE_FORMATS]
+    kind = formats.pop()
+    digests = [data_file_sha256(filesystem, path) for path in paths]
+    return DataFiles(paths, kind, filesystem, {"kind": "files", "format": kind, "files": digests})
 
 
 def open_source(
-    source: str | ray.data.Dataset, split: str = "train", files: DataFiles | None = None
+    source: str | ray.data.Dataset, split: str = "train", files: DataFiles | HfSplit | None = None
 ) -> tuple[ray.data.Dataset, dict]:
     """Open a preference data source as a Ray Dataset of numbered rows (`SOURCE_ROW`), with a fingerprint
-    of what was opened: `files` where `find_files` found them already.
+    of what was opened: `files` where `find_files` or `hf_data.find_split` found them already.
 
-    Files are fingerprinted by path, size and modification time; a Hugging Face dataset by its own
-    fingerprint; an in-memory Ray Dataset by its content.
+    Files are fingerprinted by their contents, a Hugging Face dataset by its own fingerprint, an
+    in-memory Ray Dataset by its rows.
     """
     import ray.data
 
@@ -89,16 +97,17 @@ def open_source(
             "kind": "ray_dataset",
             "content": dataset_content_digest(materialized),
         }
-    files = files or find_files(source)
-    if files is None:
-        return _open_hf(source, split)
-    if files.kind == "json":
-        listing = ray.data.from_items(
-            [{"path": path, "file_index": index} for index, path in enumerate(files.paths)],
-            override_num_blocks=len(files.paths),
-        )
-        return listing.flat_map(json_records, fn_kwargs={"filesystem": files.filesystem}), files.fingerprint
-    return _read_parquet_numbered(files.paths, files.filesystem), files.fingerprint
+    files = files or find_files(source) or find_split(source, split)
+    if isinstance(files, HfSplit):
+        return _open_hf(files)
+    if files.kind == "parquet":
+        return _read_parquet_numbered(files.paths, files.filesystem), files.fingerprint
+    listing = ray.data.from_items(
+        [{"path": path, "file_index": index} for index, path in enumerate(files.paths)],
+        override_num_blocks=len(files.paths),
+    )
+    records = csv_records if files.kind == "csv" else json_records
+    return listing.flat_map(records, fn_kwargs={"filesystem": files.filesystem}), files.fingerprint
 
 
 def json_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:
@@ -109,8 +118,7 @@ def json_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:
     parse is one record, and so one reject with the parser's reason. Each record is numbered
     (`SOURCE_ROW`) by its file's index and its place in the file.
     """
-    with filesystem.open_input_stream(file["path"]) as stream:
-        data = stream.read().removeprefix(codecs.BOM_UTF8)
+    data = _read_bytes(file["path"], filesystem)
     if data.lstrip()[:1] != b"[":
         records = [line for line in data.split(b"\n") if line.strip()]
     else:
@@ -120,7 +128,27 @@ def json_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:
             ]
         except json.JSONDecodeError:
             records = [data]
-    base = file["file_index"] << FILE_SHIFT
+    return _numbered_records(file["file_index"], records)
+
+
+def csv_records(file: dict[str, Any], filesystem=None) -> list[dict[str, Any]]:
+    """Split one CSV file into raw records: each row below the header becomes a JSON record of its cells
+    (text, as the standard format has it), parsed and rejected as a JSON record is. Invalid UTF-8 in a
+    cell spoils only its row; a row shorter than the header lacks the last columns."""
+    text = _read_bytes(file["path"], filesystem).decode("utf-8", "surrogateescape")
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # a long answer is one cell, not an error
+    rows = csv.DictReader(io.StringIO(text, newline=""))
+    return _numbered_records(file["file_index"], [json.dumps(row).encode() for row in rows])
+
+
+def _read_bytes(path: str, filesystem) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read().removeprefix(codecs.BOM_UTF8)
+
+
+def _numbered_records(file_index: int, records: list[bytes]) -> list[dict[str, Any]]:
+    """Raw records numbered (`SOURCE_ROW`) by their file's index and their place in the file."""
+    base = file_index << FILE_SHIFT
     return [{JSON_RECORD: record, SOURCE_ROW: base + index} for index, record in enumerate(records)]
 
 
@@ -201,10 +229,8 @@ def _list_files(source: str):
         if not is_hub_id(source):
             raise RaydpoError(f"dataset not found: {source}")
         return None, None  # a name for datasets.load_dataset
-    if filesystem.get_file_info(f"{path}/dataset_info.json").type == pafs.FileType.File:
-        return None, None  # saved with datasets.save_to_disk
-    if _is_dataset_repo(filesystem, path):
-        return None, None  # a hub dataset repository checked out locally: its card says how to load it
+    if is_hf_folder(filesystem, path):
+        return None, None  # saved with datasets.save_to_disk, or laid out for datasets.load_dataset
     selector = pafs.FileSelector(path, recursive=True)
     files = [
         entry
@@ -215,8 +241,8 @@ def _list_files(source: str):
 
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
-DATA_SUFFIXES = (*FILE_FORMATS, ".csv", ".txt", ".arrow", ".gz", ".zst")
-UNREAD_DATA_SUFFIXES = (".csv", ".arrow", ".gz", ".zst")  # in a folder: data left out unless refused
+DATA_SUFFIXES = (*FILE_FORMATS, ".txt", ".arrow", ".gz", ".zst")
+UNREAD_DATA_SUFFIXES = (".arrow", ".gz", ".zst")  # in a folder: data left out unless refused
 
 
 def is_hub_id(source: str) -> bool:
@@ -233,35 +259,11 @@ def is_hub_id(source: str) -> bool:
     )
 
 
-def _is_dataset_repo(filesystem, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    card = f"{path}/README.md"
-    if filesystem.get_file_info(card).type != pafs.FileType.File:
-        return False
-    with filesystem.open_input_stream(card) as stream:
-        head = stream.read(65536).decode("utf-8", "replace")
-    front_matter = head.split("---")[1] if head.startswith("---") and head.count("---") >= 2 else ""
-    return "configs:" in front_matter
-
-
-def _open_hf(source: str, split: str) -> tuple[ray.data.Dataset, dict]:
-    import datasets
+def _open_hf(split: HfSplit) -> tuple[ray.data.Dataset, dict]:
+    """A Hugging Face dataset's split (`hf_data`), its rows numbered in blocks of 1024."""
     import ray.data
 
-    try:
-        try:
-            loaded = datasets.load_from_disk(source)
-        except FileNotFoundError:
-            loaded = datasets.load_dataset(source)
-    except Exception as error:  # datasets raises many kinds; all mean "could not open"
-        raise RaydpoError(f"could not open dataset {source!r}: {one_line(error)}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise RaydpoError(f"dataset {source!r} has no split {split!r} (has: {', '.join(loaded)})")
-        loaded = loaded[split]
-    if loaded._indices is not None:  # a select/shuffle view: materialize the rows it points to
-        loaded = loaded.flatten_indices()
+    loaded = split.load()
     # from_arrow, not from_huggingface: the latter asks the hub for Parquet files of datasets it
     # believes come from there, which a local or offline dataset does not have.
     import pyarrow as pa

@@ -467,15 +467,15 @@ def test_cli_bad_input_is_one_line_and_good_rows_survive_bad_ones(
 
 
 def test_a_source_that_cannot_be_read_is_refused_before_ray_starts(toy_model, tmp_path):
-    """A missing dataset, and a folder whose CSV file would be left out, stop `raydpo precompute` with
+    """A missing dataset, and a folder whose Arrow file would be left out, stop `raydpo precompute` with
     one line (exit 2) before a Ray instance is started or joined."""
     folder = tmp_path / "pairs"
     folder.mkdir()
     (folder / "a.jsonl").write_text(json.dumps(SHORT_ROWS[0]) + "\n")
-    (folder / "b.csv").write_text("prompt,chosen,rejected\n")
+    (folder / "b.arrow").write_bytes(b"ARROW1")
     for dataset, line in (
         (tmp_path / "missing.jsonl", f"dataset not found: {tmp_path / 'missing.jsonl'}"),
-        (folder, f"{folder} also holds data files raydpo does not read (b.csv)"),
+        (folder, f"{folder} also holds data files raydpo does not read (b.arrow)"),
     ):
         ran = run_cli(
             "precompute",

@@ -3,6 +3,7 @@ help and choices, and validated on construction."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -40,9 +41,47 @@ class PrecomputeConfig:
         "raydpo-cache",
         help="Output directory; the train split goes to OUTPUT/train, the eval split to OUTPUT/eval.",
     )
-    split: str = setting("train", help="Split to read from a Hugging Face dataset.")
+    split: str = setting(
+        "train", help="Split to read from a Hugging Face dataset; only its files are read and prepared."
+    )
+    dataset_config: str | None = setting(
+        None, help="Config (subset) of a Hugging Face dataset: `datasets.load_dataset`'s `name`."
+    )
+    dataset_revision: str | None = setting(
+        None, help="Branch, tag or commit of a hub dataset (`datasets.load_dataset`'s `revision`)."
+    )
+    data_files: list[str] | dict[str, Any] | None = setting(
+        None,
+        help=(
+            "Data files of a Hugging Face dataset, as `datasets.load_dataset` takes them: files or patterns "
+            "(the train split) or, in YAML, a mapping of split to files. Relative to `dataset` when it is a "
+            "folder (`dataset: json` reads them as JSON). Apply, like `dataset_config` and "
+            "`dataset_revision`, to `dataset` and to an `eval_dataset` that names the same dataset."
+        ),
+    )
     eval_dataset: str | None = setting(None, help="Optional eval data, same kinds of source as `dataset`.")
-    eval_split: str | None = setting(None, help="Split of `eval_dataset` (defaults to `split`).")
+    eval_split: str | None = setting(
+        None,
+        help=(
+            "Split of `eval_dataset` (defaults to `split`); without `eval_dataset`, the eval split is this "
+            "split of `dataset`."
+        ),
+    )
+    eval_split_ratio: float | None = setting(
+        None,
+        help=(
+            "Carve the eval split from the training data: each pair goes to eval with this probability, by a "
+            "seeded hash of its pair id (a rerun gives the same split; the share is close, not exact)."
+        ),
+    )
+    eval_split_count: int | None = setting(
+        None,
+        help=(
+            "Carve exactly this many pairs from the training data as the eval split: those whose seeded "
+            "hash of the pair id is smallest (one more pass over the data tokenizes it to find them)."
+        ),
+    )
+    eval_split_seed: int = setting(0, help="Seed of the hash that carves the eval split.")
     tokenizer: str | None = setting(None, help="Tokenizer to use; defaults to the model's.")
     id_column: str | None = setting(
         None, help="Column holding a stable row id; without it, pair ids are a content hash."
@@ -169,12 +208,31 @@ class PrecomputeConfig:
                 "('keep_end' is deprecated in TRL and would give chosen and rejected different prompts)"
             )
         check_choices(self)
+        self._check_eval_carve()
         if (
             self.max_length is not None
             and self.max_prompt_length is not None
             and self.max_prompt_length >= self.max_length
         ):
             raise RaydpoError("max_prompt_length must be smaller than max_length")
+
+    def _check_eval_carve(self) -> None:
+        """An eval split comes from one place: `eval_dataset`, `eval_split`, a ratio or a count."""
+        check_positive(self, "eval_split_count", allow_none=True)
+        ratio = self.eval_split_ratio
+        if ratio is not None and not (isinstance(ratio, (int, float)) and 0 < ratio < 1):
+            raise RaydpoError(f"eval_split_ratio must be between 0 and 1, got {ratio!r}")
+        carves = [
+            name for name in ("eval_split_ratio", "eval_split_count") if getattr(self, name) is not None
+        ]
+        given = [name for name in ("eval_dataset", "eval_split") if getattr(self, name) is not None]
+        if carves and len(carves + given) > 1:
+            raise RaydpoError(
+                f"{' and '.join(carves + given)} exclude each other: the eval split is carved from the "
+                "training data or read from eval_dataset/eval_split, not both"
+            )
+        if self.data_files is not None and not isinstance(self.data_files, (str, list, dict)):
+            raise RaydpoError("data_files must be files, a list of them or a mapping of split to files")
 
     def tokenization_settings(self) -> dict[str, Any]:
         """The settings that decide the token ids; recorded in the manifest and checked by training."""
@@ -191,6 +249,9 @@ class TrainConfig:
 
     model: str = setting(
         help="Policy to train: its initial weights must be the precompute's reference model."
+    )
+    tokenizer: str | None = setting(
+        None, help="The tokenizer the cache was made with (precompute --tokenizer); defaults to the model's."
     )
     data: str = setting("raydpo-cache", help="Precompute output (OUTPUT or OUTPUT/train).")
     eval_data: str | None = setting(
@@ -260,7 +321,7 @@ class TrainConfig:
     )
     zero_stage: int = setting(
         3,
-        help="DeepSpeed ZeRO stage; a single worker runs stage 0 unless it offloads (nothing to partition); in bf16 stage 0 runs as 1 (DeepSpeed's bf16 optimizer).",
+        help="DeepSpeed ZeRO stage; a single worker runs stage 0 unless it offloads (nothing to partition); in bf16 and fp16 stage 0 runs as 1 (DeepSpeed's fused 16-bit optimizers).",
         choices=ZERO_STAGES,
     )
     offload_optimizer: bool = setting(False, help="ZeRO: keep optimizer state in CPU memory.")
@@ -314,7 +375,18 @@ class TrainConfig:
     keep_checkpoints: int = setting(2, help="Checkpoints kept in storage.")
     max_failures: int = setting(1, help="Worker failures survived by restarting from the latest checkpoint.")
     storage_path: str | None = setting(
-        None, help="Ray Train storage for checkpoints (local path or URI); default OUTPUT/checkpoints."
+        None,
+        help=(
+            "Ray Train storage for checkpoints (local path or URI), which many runs may share: each keeps its "
+            "checkpoints in its own directory there (storage_name); default OUTPUT/checkpoints."
+        ),
+    )
+    storage_name: str | None = setting(
+        None,
+        help=(
+            "The run's directory in the storage path (Ray Train's run name); default: OUTPUT's base name and "
+            "a short hash of its full location (`run-1a2b3c4d`). Recorded in run.json; --resume finds it there."
+        ),
     )
     resume: bool = setting(False, help="Continue an interrupted run in OUTPUT from its latest checkpoint.")
     overwrite: bool = setting(False, help="Replace a finished or interrupted run in OUTPUT.")
@@ -373,6 +445,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.model = local_path_or_id(self.model, "model", saved_model=True)
+        self.tokenizer = local_path_or_id(self.tokenizer, "tokenizer")
         check_positive(
             self,
             "epochs",
@@ -401,6 +474,12 @@ class TrainConfig:
             )
         if self.cpus_per_worker <= 0 and not self.use_gpu:
             raise RaydpoError("cpus_per_worker must be > 0 when training on CPUs")
+        if self.storage_name is not None and (
+            not re.fullmatch(r"[\w.-]+", self.storage_name) or self.storage_name in (".", "..")
+        ):
+            raise RaydpoError(
+                f"storage_name must be one directory name (letters, digits, '.', '-', '_'), got {self.storage_name!r}"
+            )
         if self.resume and self.overwrite:
             raise RaydpoError("resume and overwrite exclude each other")
         if self.offload_params and self.zero_stage != 3:

@@ -4,6 +4,7 @@ pipeline.py   precompute(): the per-split Ray Data plan, the row checks, batch p
 scorer.py     ReferenceScorer: the reference model as a plain callable class for map_batches
 sink.py       CacheSink: part files and their accounting; finish(): verify, then the manifest last
 output.py     the split directory as a run finds it (up to date, resumable, other inputs)
+splits.py     where the train and eval splits come from; an eval split carved from the training data
 """
 
 from raydpo.precompute_stage.pipeline import (

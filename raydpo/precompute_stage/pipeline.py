@@ -23,7 +23,6 @@ import pyarrow as pa
 from raydpo import cache
 from raydpo.cluster import (
     check_cpu_headroom,
-    check_shared_paths,
     cpu_process_env,
     default_processes,
     init_ray,
@@ -39,7 +38,9 @@ from raydpo.precompute_stage.output import prepare_output
 from raydpo.precompute_stage.progress import Progress, report, restarts_phrase
 from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
-from raydpo.sources import SOURCE_ROW, DataFiles, find_files, open_source
+from raydpo.precompute_stage.splits import SplitFilter, SplitSource, plan_splits, warn_shared_ids
+from raydpo.shared_paths import Markers, check_shared_paths, remove_markers
+from raydpo.sources import SOURCE_ROW, open_source
 from raydpo.tokenize import (
     cached_tokenizer,
     load_tokenizer,
@@ -122,22 +123,16 @@ def precompute(
     `dataset` / `eval_dataset` may be `ray.data.Dataset` objects instead of paths in the config.
     """
     config = coerce(PrecomputeConfig, config, overrides)
-    sources = {"train": (dataset if dataset is not None else config.dataset, config.split)}
-    if eval_dataset is not None or config.eval_dataset is not None:
-        eval_source = eval_dataset if eval_dataset is not None else config.eval_dataset
-        sources["eval"] = (eval_source, config.eval_split or config.split)
-    if sources["train"][0] is None:
-        raise RaydpoError("no dataset given (--dataset)")
-
+    # the sources found and checked before Ray starts: a missing or unreadable source, or a split the
+    # dataset lacks, is one line
+    plan = plan_splits(config, dataset, eval_dataset)
     tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     fingerprints = {
         "model": cache.model_fingerprint(config.model),
         "tokenizer": tokenizer_fingerprint(tokenizer),
     }
-    # the data files found and checked before Ray starts: a missing or unreadable source is one line
-    found = {name: find_files(source) for name, (source, _) in sources.items() if isinstance(source, str)}
     init_ray(config.ray_address)
-    check_shared_paths(
+    markers = check_shared_paths(  # left in the output for writers on nodes that join later
         outputs={"the output": config.output},
         inputs={
             "the model": config.model,
@@ -145,21 +140,26 @@ def precompute(
             "the eval dataset": config.eval_dataset if eval_dataset is None else None,
         },
     )
-    config, actors_reason = _with_actors(config)
-    if not config.gpus_per_actor:
-        warn_unused_gpus("scorer actors", "set --gpus-per-actor 1")
-        check_cpu_headroom(
-            config.num_actors,
-            config.cpus_per_actor,
-            "scorer actors",
-            "lower --num-actors or --cpus-per-actor",
-        )
-    result = PrecomputeResult(output=cache.location(config.output))
-    with cache.output_lock(config.output), _progress_bars_off():
-        for name, (source, split) in sources.items():
-            result.splits[name] = _precompute_split(
-                config, name, source, found.get(name), split, tokenizer, fingerprints, actors_reason
+    try:
+        config, actors_reason = _with_actors(config)
+        if not config.gpus_per_actor:
+            warn_unused_gpus("scorer actors", "set --gpus-per-actor 1")
+            check_cpu_headroom(
+                config.num_actors,
+                config.cpus_per_actor,
+                "scorer actors",
+                "lower --num-actors or --cpus-per-actor",
             )
+        result = PrecomputeResult(output=cache.location(config.output))
+        with cache.output_lock(config.output), _progress_bars_off():
+            for name, planned in plan.items():
+                result.splits[name] = _precompute_split(
+                    config, name, planned, tokenizer, fingerprints, (actors_reason, markers)
+                )
+    finally:
+        remove_markers(markers)
+    if result.eval is not None and plan["eval"].carve is None:  # a carve shares no id by construction
+        warn_shared_ids(result.train.path, result.eval.path)
     return result
 
 
@@ -196,27 +196,32 @@ def _progress_bars_off():
 def _precompute_split(
     config: PrecomputeConfig,
     name: str,
-    source: Any,
-    files: DataFiles | None,
-    split: str,
+    planned: SplitSource,
     tokenizer,
     fingerprints: dict[str, Any],
-    actors_reason: str,
+    placement: tuple[str, Markers],
 ) -> SplitResult:
     """One split: check its first rows, key it by what determines the values, then reuse, resume or
     compute its output directory."""
-    ds, dataset_fingerprint = open_source(source, split, files)
+    ds, dataset_fingerprint = open_source(planned.source, planned.split, planned.found)
     if config.limit is not None:
         ds = ds.limit(config.limit)
     _check_rows(ds, tokenizer, config)
     settings = _settings(config)
     key = cache.cache_key(
-        {**fingerprints, "dataset": dataset_fingerprint, "split": split, "limit": config.limit, **settings}
+        {
+            **fingerprints,
+            "dataset": dataset_fingerprint,
+            "split": planned.split,
+            "limit": config.limit,
+            **settings,
+            **planned.key_settings(),
+        }
     )
     inputs = SplitInputs(
         name=name,
         path=cache.join(config.output, name),
-        source=source,
+        source=planned.source,
         key=key,
         fingerprints={**fingerprints, "dataset": dataset_fingerprint},
         settings=settings,
@@ -226,14 +231,19 @@ def _precompute_split(
         logger.info("%s: up to date (same model, tokenizer, settings and data); nothing to do", inputs.path)
         return SplitResult(name, inputs.path, True, cache.open_split(inputs.path).manifest)
 
+    actors_reason, markers = placement  # why this many actors; the markers each writer looks for
     logger.info("%s for the %s split: %s", _actors(config.num_actors), name, actors_reason)
     started = time.perf_counter()
     runtime_env = worker_env()  # RAYDPO_* variables (fault drills) reach the scorers and the writers
     tokenizer_digest = cache.cache_key(fingerprints["tokenizer"])
-    with Progress(name, total=_known_rows(ds, dataset_fingerprint, config.limit)) as progress:
-        prepared = _prepared(ds, config, tokenizer_digest, done_rows, progress.tally)
+    keep = planned.carve and planned.carve.filter(name, lambda: _prepared(ds, config, tokenizer_digest, None))
+    total = None if keep else _known_rows(ds, dataset_fingerprint, config.limit)  # a carve reads a share
+    with Progress(name, total=total) as progress:
+        prepared = _prepared(ds, config, tokenizer_digest, done_rows, progress.tally, keep)
         scored = _scored(prepared, config, tokenizer, settings, scorer_env(config), progress.tally)
-        sink = CacheSink(inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally)
+        sink = CacheSink(
+            inputs.path, key, config.store_token_logps, config.rows_per_file, progress.tally, markers
+        )
         # The writes take no CPU slot: each is short, and a tokenizing task holds its slot for the whole of
         # its input file (paced by the scorers), so with the slots taken by tokenizing and scoring, writes
         # needing one would wait until a file is done while scored pairs pile up unwritten.
@@ -302,11 +312,12 @@ def _prepared(
     ds,
     config: PrecomputeConfig,
     tokenizer_digest: str,
-    done_rows: cache.RowRanges,
+    done_rows: cache.RowRanges | None,
     progress=None,
+    keep: SplitFilter | None = None,
 ):
     """DS validated and tokenized by CPU tasks into PREPARED_SCHEMA; the rows in DONE_ROWS (already
-    written by an earlier run) come out as "done", unparsed.
+    written by an earlier run) come out as "done", unparsed; with KEEP, a carved split's rows only.
 
     The tasks get no runtime env of their own (tokenizing has no fault point): the read fuses with them
     only where the two ask for the same. Unfused, a read task paused until its output is consumed holds
@@ -326,6 +337,7 @@ def _prepared(
             # a few ranges in the usual case; a large list travels once through the object store
             "done_rows": (ray.put(done_rows) if len(done_rows) > 1024 else done_rows) if done_rows else None,
             "progress": progress,
+            "keep": keep,
         },
     )
 
@@ -449,9 +461,11 @@ def prepare_batch(
     max_prompt_length: int | None,
     done_rows=None,
     progress=None,
+    keep: SplitFilter | None = None,
 ) -> pa.Table:
     """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject (or as
-    "done", unparsed, where an earlier run of the same key wrote it)."""
+    "done", unparsed, where an earlier run of the same key wrote it), but those KEEP sends to the other
+    side of a carve."""
     import ray
 
     tokenizer = cached_tokenizer(tokenizer_path, trust_remote_code, tokenizer_digest)
@@ -483,9 +497,12 @@ def prepare_batch(
             rejected=tokens.rejected_ids,
             truncated=tokens.truncated,
         )
-    statuses = out["status"]
+    table = pa.table(out, schema=PREPARED_SCHEMA)
+    if keep is not None:
+        table = table.filter(keep.mask(table))
+    statuses = table.column("status").to_pylist()
     report(progress, read=len(statuses), rejected=statuses.count("rejected"), done=statuses.count("done"))
-    return pa.table(out, schema=PREPARED_SCHEMA)
+    return table
 
 
 def _append(
