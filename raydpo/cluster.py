@@ -15,9 +15,7 @@ import logging
 import os
 import socket
 import sys
-import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from raydpo.errors import RaydpoError, raised_within
@@ -441,50 +439,3 @@ def on_other_nodes(function: Callable[..., Any], *args: Any) -> dict[str, Any]:
         raise RaydpoError(
             f"a task on each node ({', '.join(pending)}) did not answer within {NODE_SECONDS:g} s"
         ) from None
-
-
-def check_shared_paths(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> None:
-    """With more than one node alive, every local path a stage writes or reads must be the same on every
-    node: a model that rank 0 publishes to its own disk never reaches the driver, the SQLite MLflow
-    store rank 0 logs to would be another file, and Ray Train notices a node-local storage_path only
-    when a remote worker uploads its first checkpoint. A task on each other node looks for a marker file
-    the driver writes into each output directory, and for each input path; one that a node cannot see
-    stops the stage before any work, naming the path and the node."""
-    outputs, inputs = _local_paths(outputs), _local_paths(inputs)
-    inputs = {what: path for what, path in inputs.items() if os.path.exists(path)}  # else a hub id
-    if not (outputs or inputs) or not other_nodes():
-        return
-    looked_for = {path: (what, path) for what, path in inputs.items()}
-    markers = []
-    for what, path in outputs.items():
-        os.makedirs(path, exist_ok=True)
-        markers.append(os.path.join(path, f".raydpo-shared-{uuid.uuid4().hex[:12]}"))
-        Path(markers[-1]).touch()
-        looked_for[markers[-1]] = (what, path)
-    try:
-        missing = on_other_nodes(missing_paths, list(looked_for))
-    finally:
-        for marker in markers:
-            os.remove(marker)
-    for node, paths in missing.items():
-        if paths:
-            what, path = looked_for[paths[0]]
-            raise RaydpoError(
-                f"{what} {path} is not visible from node {node}: with more than one node, every node must "
-                "see it: use a filesystem all nodes mount at the same path, or an s3:// URI "
-                "(for MLflow, a tracking server through --mlflow-tracking-uri)"
-            )
-
-
-def missing_paths(paths: list[str]) -> list[str]:
-    """Of `paths`, those that do not exist on the node this runs on."""
-    return [path for path in paths if not os.path.exists(path)]
-
-
-def _local_paths(paths: dict[str, str | None]) -> dict[str, str]:
-    """The entries that are local paths (file:// included), as absolute paths."""
-    return {
-        what: os.path.abspath(os.path.expanduser(path.removeprefix("file://")))
-        for what, path in paths.items()
-        if path and ("://" not in path or path.startswith("file://"))
-    }

@@ -273,6 +273,65 @@ def test_node_local_output_is_refused_before_any_work(cluster, cache, toy_model,
     )
 
 
+LATE_JOIN_SCRIPT = """
+import json, sys
+import ray
+from raydpo.shared_paths import check_shared_paths, check_visible
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+if sys.argv[2] == "driver":  # the driver's check, with the nodes alive now: its markers stay
+    print(json.dumps(check_shared_paths({"the output": sys.argv[3]}, {})))
+else:  # a writer on the node with the resource "late", before its first write
+    @ray.remote(num_cpus=0, resources={"late": 1}, max_retries=0)
+    def first_write(markers):
+        try:
+            check_visible(markers)
+        except Exception as error:
+            return str(error)
+    print(ray.get(first_write.remote(json.loads(sys.argv[3]))))
+"""
+
+
+def test_a_node_that_joins_later_stops_the_first_write_with_one_line(cluster, tmp_path):
+    """On an autoscaling cluster a node may join after the driver's check. The driver's markers stay in
+    the output for the stage's life, and a writer (or training rank) on a node that joined later, which
+    has the output's parent on a disk of its own, stops at its first write with one line naming the
+    node and the path."""
+    late_local = tmp_path / "late_local"
+    output = late_local / "run"
+    late_local.mkdir()
+    script = tmp_path / "late_join.py"
+    script.write_text(LATE_JOIN_SCRIPT)
+    environment = {**ray_env(), "PYTHONPATH": str(Path(raydpo.__file__).parents[1])}
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(script), cluster.address, *args],
+            env=environment,
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout.strip().splitlines()[-1]
+
+    markers = run("driver", str(output))  # every node alive now sees the output
+    assert [Path(marker).parent for marker in json.loads(markers)] == [output]
+    mount_then_run = ("sh", "-c", 'mount -t tmpfs tmpfs "$0" && exec "$@"', str(late_local))
+    late = start_ray_node(
+        cluster.temp_dir / "late", "--address", cluster.address, "--num-cpus=0", '--resources={"late": 1}',
+        env=ray_env(), wrapper=(*PRIVATE_MOUNT, *mount_then_run),
+    )  # fmt: skip
+    try:
+        line = run("writer", markers)
+    finally:
+        stop_ray_nodes(late)
+    raylet_log = next((cluster.temp_dir / "late").glob("session_*/logs/raylet.out")).read_text()
+    node = re.search(r"Setting node ID node_id=([0-9a-f]+)", raylet_log).group(1)
+    named = rf"the output {re.escape(str(output))} is not visible from node \S+ \({node[:12]}\): "
+    assert re.match(named, line), line
+    assert "a filesystem all nodes mount at the same path, or an s3:// URI" in line
+
+
 def test_training_beside_another_instance_with_a_dead_cluster_recorded(
     cluster, cache, toy_model, tmp_path, reliability
 ):

@@ -27,19 +27,29 @@ from raydpo.errors import RaydpoError
 from raydpo.faults import fault_point
 from raydpo.precompute_stage.progress import report
 from raydpo.precompute_stage.scorer import COMPUTED_TOKENS, FORWARD_TOKENS
+from raydpo.shared_paths import Markers, check_visible
 
 
 class CacheSink(Datasink):
     """Ray Data datasink: each block's pairs go to data/, its rejects to rejects/, in files of at most
     rows_per_file rows, each written atomically."""
 
-    def __init__(self, path: str, key: str, store_token_logps: bool, rows_per_file: int, progress=None):
+    def __init__(
+        self,
+        path: str,
+        key: str,
+        store_token_logps: bool,
+        rows_per_file: int,
+        progress=None,
+        markers: Markers | None = None,
+    ):
         self.path = path  # a path or URI: the workers resolve it, with their own credentials
         self.key = key
         self.progress = progress  # a `progress.Tally` handle, or None
         self.schema = cache.data_schema(store_token_logps)
         self.rows_per_file = rows_per_file
         self.totals: dict[str, Any] = {}
+        self.markers = markers or {}  # the driver's markers in the output, for nodes that joined later
 
     @property
     def min_rows_per_write(self) -> int:
@@ -48,6 +58,7 @@ class CacheSink(Datasink):
     def write(self, blocks, ctx) -> dict[str, Any]:
         from ray.data.block import BlockAccessor
 
+        check_visible(self.markers)
         fs, root = cache.resolve(self.path)
         totals: Counter = Counter()
         reasons: Counter = Counter()
