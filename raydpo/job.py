@@ -44,6 +44,7 @@ class JobResult:
 # what the train stage takes from the precompute where its own settings are silent: train <- precompute
 TRAIN_FROM_PRECOMPUTE = {
     "model": "model",
+    "tokenizer": "tokenizer",
     "data": "output",
     "trust_remote_code": "trust_remote_code",
     "attn_implementation": "attn_implementation",

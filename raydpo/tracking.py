@@ -52,25 +52,22 @@ class MlflowLogger:
     """Logs metrics into an existing MLflow run.
 
     Workers restarted from a checkpoint (or a run resumed with --resume) take again the steps the failed
-    attempt had taken past that checkpoint; the metrics of a step already logged are not logged twice."""
+    attempt had taken past that checkpoint, and log them again: a step taken twice has two values in the
+    run's history, and the later one (by timestamp, as MLflow orders a step's values) is the saved
+    model's. MLflow has no call that removes the earlier one."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.run_id = run_id
-        # the last step logged for the train metrics (with "loss") and the eval metrics ("eval_loss")
-        self.logged = {
-            key: max((metric.step for metric in self.client.get_metric_history(run_id, key)), default=0)
-            for key in ("loss", "eval_loss")
-        }
+        self.last_time = 0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        if any(key in metrics and step <= last for key, last in self.logged.items()):
-            return  # a step taken again after a restart: its metrics are in the run already
-        now = int(time.time() * 1000)
+        # strictly later than anything this attempt logged, so a step's order by timestamp is its order
+        now = self.last_time = max(int(time.time() * 1000), self.last_time + 1)
         entries = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         self.client.log_batch(self.run_id, metrics=entries, synchronous=True)
 

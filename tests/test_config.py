@@ -140,6 +140,12 @@ def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
         assert built["zero_optimization"]["stage"] == settings.get("zero_stage", 3)
         assert "data_types" not in built
     assert "data_types" not in for_run(TrainConfig(model=model_dir, zero_stage=0), 2, 10)  # fp32
+    # in fp16 too, stage 0 runs ZeRO-1's fused fp16 optimizer, not DeepSpeed's unfused stage-0 wrapper
+    fp16 = {"model": model_dir, "dtype": "float16", "use_gpu": True}
+    for settings, workers in (({}, 1), ({"zero_stage": 0}, 2)):
+        built = for_run(TrainConfig(**fp16, **settings), workers, 10)
+        assert built["zero_optimization"] == {"stage": 1} and built["fp16"] == {"enabled": True}, settings
+        assert "data_types" not in built  # ZeRO-1 sums fp16 gradients into its fp32 partition itself
 
     user = tmp_path / "ds.json"
     user.write_text('{"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}')

@@ -23,6 +23,7 @@ import raydpo
 from raydpo.cache import DATA_SCHEMA
 from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.faults import FAULT_DIR_ENV, FAULT_ENV, fired
+from raydpo.train_stage.run_dir import default_storage_name
 
 PAIRS = 16
 SETTINGS = {"batch_size": 4, "sort_window": 1, "rows_per_file": 4, "max_length": 256, "limit": PAIRS}
@@ -232,12 +233,12 @@ def pq_rows(s3: pafs.S3FileSystem, path: str) -> int:
     return pq.ParquetFile(path, filesystem=s3).metadata.num_rows
 
 
-def checkpoint_registered(s3: pafs.S3FileSystem, storage: str, step: int):
-    """Whether Ray Train has registered the checkpoint of `step` in the storage on S3."""
+def checkpoint_registered(s3: pafs.S3FileSystem, checkpoints: str, step: int):
+    """Whether Ray Train has registered the checkpoint of `step` in a run's checkpoint directory on S3."""
 
     def registered() -> bool:
         try:
-            with s3.open_input_stream(f"{storage}/raydpo/checkpoint_manager_snapshot.json") as stream:
+            with s3.open_input_stream(f"{checkpoints}/checkpoint_manager_snapshot.json") as stream:
                 return f"checkpoint-{step:08d}" in stream.read().decode()
         except OSError:
             return False
@@ -271,7 +272,10 @@ def test_train_and_job_on_s3_resume_publish_and_report(
     faults = tmp_path / "faults"
     faults.mkdir()
     inject(monkeypatch, faults, "train.after_step:1:stall")
-    kill_when_fired(faults, "train.after_step", ready=checkpoint_registered(s3, "raydpo/run/checkpoints", 1))
+    name = default_storage_name("s3://raydpo/run")  # the run's own directory in the storage path
+    kill_when_fired(
+        faults, "train.after_step", ready=checkpoint_registered(s3, f"raydpo/run/checkpoints/{name}", 1)
+    )
     with pytest.raises(TrainingFailed, match="--resume"):
         raydpo.train(model=str(toy_model), data=s3_cache.output, **train)
     assert fired(faults, "train.after_step")
@@ -279,7 +283,7 @@ def test_train_and_job_on_s3_resume_publish_and_report(
     assert "run.json" in stored and not any(key.startswith("model/") for key in stored)
     with s3.open_input_stream("raydpo/run/run.json") as stream:
         assert json.loads(stream.read())["status"] == "failed"
-    assert any(key.startswith("checkpoints/raydpo/checkpoint-00000001/") for key in stored)
+    assert any(key.startswith(f"checkpoints/{name}/checkpoint-00000001/") for key in stored)
 
     job = raydpo.run(precompute_settings(toy_model, sample_dir, s3_cache.output), {**train, "resume": True})
     assert job.precompute.train.cached

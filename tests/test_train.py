@@ -27,6 +27,7 @@ from raydpo.errors import RaydpoError, TrainingFailed
 from raydpo.faults import fired
 from raydpo.precompute_stage.sink import part_metadata
 from raydpo.train_stage.failures import describe
+from raydpo.train_stage.run_dir import default_storage_name
 
 NONFINITE_ROWS = 2
 STEPS = 6
@@ -273,9 +274,14 @@ def test_saved_model_loads_generates_and_moved(base_run, toy_model):
     assert len(moved) == len(trained)  # every tensor was updated (no frozen or lost parameter)
 
 
-def checkpoint_registered(output: Path, step: int):
+def checkpoints_of(output: Path, storage: Path | None = None) -> Path:
+    """The checkpoint directory of the run in OUTPUT: its own, in STORAGE (default OUTPUT/checkpoints)."""
+    return (storage or output / "checkpoints") / default_storage_name(str(output))
+
+
+def checkpoint_registered(output: Path, step: int, storage: Path | None = None):
     """Whether Ray Train's controller has registered the checkpoint of `step` (its snapshot lists it)."""
-    snapshot = output / "checkpoints" / "raydpo" / "checkpoint_manager_snapshot.json"
+    snapshot = checkpoints_of(output, storage) / "checkpoint_manager_snapshot.json"
     return lambda: snapshot.is_file() and f"checkpoint-{step:08d}" in snapshot.read_text()
 
 
@@ -301,10 +307,13 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
     assert metric_history(result, "loss")[STEPS] == pytest.approx(
         metric_history(base_run, "loss")[STEPS], rel=1e-5
     )
-    # step 4, logged before the kill and taken again after it, is in the run once; no tokens lost
+    # step 4, logged before the kill, is logged again by the restarted workers: its later value is theirs,
+    # and each step's latest value is the uninterrupted run's; no tokens lost
     client = MlflowClient(tracking_uri=result.tracking_uri)
-    steps = [metric.step for metric in client.get_metric_history(result.run_id, "loss")]
-    assert sorted(steps) == list(range(1, STEPS + 1))
+    history = sorted(client.get_metric_history(result.run_id, "loss"), key=lambda metric: metric.timestamp)
+    assert [metric.step for metric in history] == [1, 2, 3, 4, 4, 5, 6]  # in the order they were logged
+    latest = {metric.step: metric.value for metric in history}
+    assert latest == pytest.approx(metric_history(base_run, "loss"), rel=1e-5)
     assert metric_history(result, "num_tokens") == metric_history(base_run, "num_tokens")
     reliability.record(
         "train-1-worker-killed",
@@ -318,13 +327,24 @@ def test_worker_failure_restarts_from_checkpoint_and_matches(
     )
 
 
+def start_cli_train(settings: dict, environment: dict[str, str], stdout) -> subprocess.Popen:
+    """`raydpo train` with SETTINGS as flags, in a process of its own; stderr piped."""
+    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items() if value is not None]
+    return subprocess.Popen(
+        [sys.executable, "-m", "raydpo.cli", "train", *flags],
+        env=environment,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(train_cache, toy_model, tmp_path):
     """SIGINT to `raydpo train` (Ray Train's handler aborts the run and exits the process): one line
     that names the checkpoint to resume from, exit code 1, the log kept, run.json "interrupted" and the
     MLflow run KILLED with the line as its description."""
     import signal
     import subprocess
-    import sys
     import time
 
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
@@ -336,16 +356,9 @@ def test_ctrl_c_marks_the_run_interrupted_and_says_how_to_resume(train_cache, to
     settings = run_settings(
         toy_model, train_cache, output, num_workers=1, checkpoint_steps=1, eval_steps=None
     )
-    flags = [f"--{key.replace('_', '-')}={value}" for key, value in settings.items() if value is not None]
     environment = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
     environment.update({FAULT_ENV: "train.after_step:2:stall", FAULT_DIR_ENV: str(faults)})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "raydpo.cli", "train", *flags],
-        env=environment,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli_train(settings, environment, stdout=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while (
         fired(faults, "train.after_step") is None and process.poll() is None and time.monotonic() < deadline
@@ -466,13 +479,48 @@ def test_a_worker_group_failure_is_named_by_the_rank_that_caused_it():
     assert describe({0: lost, 1: lost}).startswith("worker rank 0 failed: [../third_party/gloo")
 
 
+def file_digests(root: Path) -> dict[str, str]:
+    """Every file under ROOT and a digest of its bytes."""
+    import hashlib
+
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def train_two_runs_at_once(toy_model, train_cache, tmp_path: Path, storage: Path) -> list[Path]:
+    """Two short one-worker runs on STORAGE at the same time: `raydpo train` in a process of its own that
+    joins this session's Ray instance, and `raydpo.train` here. Both outputs are named `run`."""
+    import ray
+
+    outputs = [tmp_path / "first" / "run", tmp_path / "second" / "run"]
+    short = {"num_workers": 1, "max_steps": 2, "checkpoint_steps": 1, "eval_steps": None}
+    settings = [
+        run_settings(toy_model, train_cache, output, storage_path=str(storage), **short) for output in outputs
+    ]
+    joined = {**settings[0], "ray_address": ray.get_runtime_context().gcs_address}
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("RAYDPO_FAULT")}
+    process = start_cli_train(joined, environment, stdout=subprocess.DEVNULL)
+    raydpo.train(settings[1])
+    _, err = process.communicate(timeout=600)
+    assert process.returncode == 0, err
+    return outputs
+
+
 def test_interrupted_run_resumes_to_the_same_model(
     base_run, train_cache, toy_model, tmp_path, monkeypatch, reliability
 ):
+    """A run stopped by a worker's death resumes to the model an uninterrupted run gives, after two other
+    runs trained at once on its storage path: each run's checkpoints are its own, and neither run touched
+    a file of another's."""
+    shared = tmp_path / "storage"
+    output = tmp_path / "run"
     inject(monkeypatch, tmp_path, "train.after_step:4:stall@1")
-    kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(tmp_path / "run", 3))
-    settings = run_settings(toy_model, train_cache, tmp_path / "run")
-    storage = re.escape(str(tmp_path / "run" / "checkpoints" / "raydpo"))
+    kill_when_fired(tmp_path, "train.after_step", ready=checkpoint_registered(output, 3, shared))
+    settings = run_settings(toy_model, train_cache, output, storage_path=str(shared))
+    storage = re.escape(str(checkpoints_of(output, shared)))
     with pytest.raises(
         TrainingFailed, match=rf"; rerun with --resume to continue from checkpoint-00000003 in {storage}$"
     ) as failure:
@@ -500,8 +548,29 @@ def test_interrupted_run_resumes_to_the_same_model(
         raydpo.train(settings, resume=True, num_workers=1)
     with pytest.raises(RaydpoError, match="--resume: micro_batch_size, seed changed since the run started"):
         raydpo.train(settings, resume=True, micro_batch_size=1, seed=7)  # a place in the data moves with them
+    for changed, refusal in [
+        ({"zero_stage": 2}, r"--resume: zero_stage changed since the run started \(3, now 2\)"),
+        ({"lora_r": 4}, r"--resume: lora_r changed since the run started \(None, now 4\)"),
+    ]:
+        with pytest.raises(RaydpoError, match=refusal):
+            raydpo.train(settings, resume=True, **changed)
+    with pytest.raises(RaydpoError, match="keeps its checkpoints under"):
+        raydpo.train(settings, resume=True, storage_name="other")
+
+    interrupted = file_digests(shared)
+    others = train_two_runs_at_once(toy_model, train_cache, tmp_path, shared)
+    names = [default_storage_name(str(path)) for path in (output, *others)]
+    assert len(set(names)) == 3 and sorted(p.name for p in shared.iterdir()) == sorted(names)
+    after_others = file_digests(shared)
+    assert {k: v for k, v in after_others.items() if k.startswith(names[0] + "/")} == interrupted
+    for other in others:
+        assert json.loads((other / "run.json").read_text())["status"] == "finished"
     unset = {name: value for name, value in settings.items() if name != "num_workers"}
     result = raydpo.train(unset, resume=True)  # the count the run started with
+    resumed_files = file_digests(shared)
+    for name in names[1:]:  # the other runs' checkpoints, byte for byte
+        own = {k: v for k, v in after_others.items() if k.startswith(name + "/")}
+        assert own and {k: v for k, v in resumed_files.items() if k.startswith(name + "/")} == own
     assert result.plan.world_size == 2
     resumed = client.get_run(result.run_id)
     assert result.run_id == state["run_id"] and resumed.info.status == "FINISHED"
@@ -533,7 +602,7 @@ def test_kill_during_checkpoint_write_resumes_from_the_previous_checkpoint(
     with pytest.raises(TrainingFailed):
         raydpo.train(settings)
     assert fired(tmp_path, "train.checkpoint_write")
-    storage = tmp_path / "run" / "checkpoints" / "raydpo"
+    storage = checkpoints_of(tmp_path / "run")
     assert (storage / "checkpoint-00000002").is_dir()
     assert not (storage / "checkpoint-00000004").exists()  # rank 0 waits at Ray Train's barrier: no torn copy
     result = raydpo.train(settings, resume=True)
@@ -608,12 +677,12 @@ print("RESULTS " + json.dumps(results))
 """
 
 
-def run_deepspeed_script(text: str, script: Path) -> dict:
-    """Run `text` as one single-process DeepSpeed job on CPU (gloo); returns what it printed after RESULTS."""
+def run_deepspeed_script(text: str, script: Path, accelerator: str = "cpu") -> dict:
+    """Run `text` as one single-process DeepSpeed job (on CPU: gloo); returns what it printed after RESULTS."""
     script.write_text(text)
     env = {
         **os.environ,
-        "DS_ACCELERATOR": "cpu",
+        "DS_ACCELERATOR": accelerator,
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(free_port()),
         "RANK": "0",
@@ -694,6 +763,93 @@ def test_one_bf16_worker_steps_without_a_host_read_per_tensor(tmp_path):
     assert not np.allclose(built["weights"], run_start_weights(tensors), rtol=0, atol=1e-3)
 
 
+SCHEDULE_SCRIPT = """
+import json
+import deepspeed, torch
+from raydpo.config import TrainConfig
+from raydpo.train_stage import engine as engines
+
+deepspeed.init_distributed(dist_backend="gloo")
+CONFIG = TrainConfig(model="unused", learning_rate=1e-2, warmup_ratio=0.25, lr_scheduler="cosine")
+STEPS = 8
+
+
+def run(ds_config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    engine, scheduler = engines.initialize(model, CONFIG, ds_config, total_steps=STEPS)
+    rates = []
+    for seed in range(STEPS):
+        torch.manual_seed(seed)
+        engine.backward(engine(torch.randn(4, 8)).pow(2).mean())
+        engine.step()
+        rates.append(engines.learning_rate(engine, scheduler))
+    return {"optimizer": type(engine.basic_optimizer).__name__, "rates": rates}
+
+
+built = engines.build(
+    zero_stage=3, micro_batch_size=4, grad_accum=1, world_size=1, gradient_clipping=1.0,
+    dtype="float32", on_gpu=False,
+)
+adamw = {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}
+own = {**built, "zero_optimization": {"stage": 3}, "optimizer": adamw}
+print("RESULTS " + json.dumps({"built": run(built), "deepspeed_optimizer": run(own)}))
+"""
+
+
+def test_a_deepspeed_optimizer_without_a_scheduler_follows_the_runs_schedule(tmp_path):
+    """A DeepSpeed JSON that names its optimizer and no scheduler: DeepSpeed's optimizer gets the run's
+    lr_scheduler and warmup_ratio, as the Hugging Face Trainer gives it, not a constant learning rate."""
+    runs = run_deepspeed_script(SCHEDULE_SCRIPT, tmp_path / "schedule.py")
+    assert runs["deepspeed_optimizer"]["optimizer"] == "AdamW"  # DeepSpeed's, built from the JSON
+    rates = runs["built"]["rates"]
+    assert rates[1] == pytest.approx(1e-2) and rates[-1] < 1e-3  # 2 steps of warmup, then a cosine decay
+    assert runs["deepspeed_optimizer"]["rates"] == pytest.approx(rates, rel=1e-9)
+
+
+FP16_WORKER_SCRIPT = """
+import json
+import deepspeed, torch
+from raydpo.config import TrainConfig
+from raydpo.train_stage import engine as engines
+
+deepspeed.init_distributed(dist_backend="nccl")
+CONFIG = TrainConfig(model="unused", learning_rate=1e-3, warmup_ratio=0.0)
+
+
+def run(ds_config):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(8)]).cuda().half()
+    engine, _ = engines.initialize(model, CONFIG, ds_config, total_steps=4)
+    losses = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        loss = engine(torch.randn(16, 64, device="cuda", dtype=torch.float16)).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return {"optimizer": type(engine.optimizer).__name__, "losses": losses}
+
+
+built = engines.build(
+    zero_stage=3, micro_batch_size=16, grad_accum=1, world_size=1, gradient_clipping=1.0,
+    dtype="float16", on_gpu=True,
+)
+zero3 = {**built, "zero_optimization": {"stage": 3}}
+print("RESULTS " + json.dumps({"built": run(built), "zero3": run(zero3)}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: DeepSpeed refuses fp16 on CPUs")
+def test_one_fp16_worker_runs_zero1s_fp16_optimizer(tmp_path):
+    """One fp16 worker's built config runs ZeRO-1's fp16 optimizer (flat fp32 master weights), not
+    DeepSpeed's unfused stage-0 wrapper, and steps as the same worker at ZeRO-3 does."""
+    runs = run_deepspeed_script(FP16_WORKER_SCRIPT, tmp_path / "fp16_worker.py", accelerator="cuda")
+    assert runs["built"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert runs["built"]["losses"] == pytest.approx(runs["zero3"]["losses"], rel=1e-3)
+
+
 def run_start_weights(tensors: int) -> list[float]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(tensors // 2)]).to(torch.bfloat16)
@@ -736,6 +892,28 @@ def test_reference_must_be_the_policy(train_cache, toy_model, tmp_path):
     (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
     with pytest.raises(RaydpoError, match="tokenizer"):
         raydpo.train(run_settings(other, train_cache, tmp_path / "run", reference_is_different=True))
+
+
+def test_a_cache_made_with_another_tokenizer_trains_with_tokenizer(toy_model, tmp_path):
+    """`precompute --tokenizer T` then `train --tokenizer T`: the run trains, and T is saved beside the
+    model; without --tokenizer, the model's own tokenizer is refused in one line that names the flag."""
+    from raydpo.cli import build_parser
+
+    policy = tmp_path / "policy"  # the toy's weights with a chat template of its own
+    shutil.copytree(toy_model, policy)
+    (policy / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    precompute_english(policy, tmp_path / "cache", tokenizer=str(toy_model), limit=8)
+    settings = run_settings(policy, tmp_path / "cache", tmp_path / "run", num_workers=1, max_steps=1)
+    settings.update(eval_steps=None, checkpoint_steps=None)
+    with pytest.raises(RaydpoError, match="pass that one with --tokenizer"):
+        raydpo.train(settings)
+    args = build_parser().parse_args(["train", "--model", str(policy), "--tokenizer", str(toy_model)])
+    assert args.tokenizer == str(toy_model)
+    result = raydpo.train(settings, tokenizer=args.tokenizer)
+    saved = Path(result.model_path) / "chat_template.jinja"
+    assert saved.read_text() == (toy_model / "chat_template.jinja").read_text()
+    state = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert state["config"]["tokenizer"] == str(toy_model)
 
 
 REMOTE_CONFIG_CODE = """from transformers import LlamaConfig

@@ -52,9 +52,10 @@ def check_cache_matches(
                 f"{manifest.settings} vs {train_manifest.settings}"
             )
     if tokenizer_fingerprint(tokenizer) != train_manifest.fingerprints.tokenizer:
+        used = f"the tokenizer {config.tokenizer}" if config.tokenizer else f"the tokenizer of {config.model}"
         raise RaydpoError(
-            f"the tokenizer of {config.model} is not the one {splits['train'].path} was tokenized with "
-            f"({train_manifest.tokenizer}); precompute again with this model's tokenizer"
+            f"{used} is not the one {splits['train'].path} was tokenized with ({train_manifest.tokenizer}); "
+            "pass that one with --tokenizer, or precompute again with this one"
         )
     policy = cache.model_fingerprint(config.model)
     same = policy == train_manifest.fingerprints.model

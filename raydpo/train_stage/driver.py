@@ -11,11 +11,9 @@ running `loop.train_loop` on each worker. No reference model is loaded anywhere.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
-import shutil
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +24,6 @@ import pyarrow.fs as pafs
 from raydpo import cache
 from raydpo.cluster import (
     check_cpu_headroom,
-    check_shared_paths,
     cpu_process_env,
     default_workers,
     init_ray,
@@ -35,22 +32,33 @@ from raydpo.cluster import (
     worker_env,
 )
 from raydpo.config import TrainConfig, as_dict, coerce
-from raydpo.errors import RaydpoError, TrainingFailed, one_line
+from raydpo.errors import TrainingFailed, one_line
+from raydpo.shared_paths import Markers, check_shared_paths, remove_markers
 from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
 from raydpo.train_stage.checks import check_cache_matches, drop_nonfinite, finite_rows, required_columns
 from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
+from raydpo.train_stage.run_dir import (
+    DATA_ORDER,
+    MODEL_DIR,
+    RUN_STATE,
+    check_writable,
+    checkpoint_dir,
+    checkpoint_layout,
+    clear_run,
+    rerun_hint,
+    run_state,
+    started_with,
+    storage_name,
+    write_state,
+)
 
 logger = logging.getLogger(__name__)
 
 # Ray Train redirects a worker's print to a logger that writes to the console, and also prints it where
 # Ray has wrapped stdout, which it always has: every progress line would reach the driver twice.
 TRAIN_WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-
-RUN_STATE = "run.json"
-MODEL_DIR = "model"
-RUN_NAME = "raydpo"  # the Ray Train run name inside the storage path; fixed so a rerun can resume it
 
 
 @dataclass
@@ -89,13 +97,17 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     output = cache.location(config.output)
     fs, run_dir = cache.resolve(output)
     splits = _open_splits(config)
-    tokenizer = load_tokenizer(config.model, config.trust_remote_code)
+    tokenizer = load_tokenizer(config.tokenizer or config.model, config.trust_remote_code)
     reference = check_cache_matches(config, splits, tokenizer)
     columns = required_columns(config)
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
     if isinstance(fs, pafs.LocalFileSystem):
         cache.make_local_dir(run_dir, "run directory")
     recorded = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")  # the run already in OUTPUT, if any
+    storage_path = config.storage_path or cache.join(output, "checkpoints")
+    name = storage_name(config.storage_name, output, recorded, config.resume)  # the run's own directory
+    checkpoints = checkpoint_dir(storage_path, name)
+    check_writable(storage_path)
     engine.check_lora_targets(config)
     # the checks above need no cluster; without --num-workers the count is the cluster's (Ray starts)
     config, workers_reason = _with_workers(config, recorded)
@@ -106,90 +118,78 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     from raydpo.train_stage.failures import failed_run
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
-    storage_path = config.storage_path or cache.join(output, "checkpoints")
-    state, replace = _run_state(config, recorded, splits["train"].manifest.key)
-    _check_cluster(config, output, storage_path, tracking_uri)  # Ray starts here at the latest
-    runtime_env = worker_env(
-        {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_process_env(config.cpu_allocator))}
-    )
-    run_id = _start_mlflow_run(
-        config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
-    )
-    if replace:  # only once every check passed: a refused run leaves the one in OUTPUT as it was
-        _clear_run(fs, run_dir, storage_path)
-    state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
-    state.setdefault("data_order", DATA_ORDER)
-    _write_state(fs, run_dir, state)
-
-    model_output = cache.join(output, MODEL_DIR)  # rank 0 publishes it there
-    worker_plan = WorkerPlan(
-        run=plan,
-        config=config,
-        dtype=reference["numerics"]["dtype"],
-        deepspeed_config=ds_config,
-        tracking_uri=tracking_uri,
-        run_id=run_id,
-        pad_token_id=pad_token_id(tokenizer),
-        tokenizer=config.model,
-        model_output=model_output,
-        has_eval="eval" in splits,
-    )
-    trainer = _trainer(config, worker_plan, splits, columns, storage_path, runtime_env)
-    logger.info("%s: %s", _workers(plan.world_size), workers_reason)
-    sigint = signal.getsignal(signal.SIGINT)
-
-    def failed(line: str) -> TrainingFailed:
-        state["status"] = "failed"
-        _write_state(fs, run_dir, state)
-        try:
-            record_run_failed(tracking_uri, run_id, line)
-        except Exception as unrecorded:  # the failure's line matters more than its MLflow record
-            logger.warning("the failure could not be recorded in MLflow: %s", one_line(unrecorded))
-        return TrainingFailed(f"training failed: {line}; {_rerun(storage_path)}")
-
+    layout = checkpoint_layout(config, ds_config)
+    state, replace = run_state(config, recorded, splits["train"].manifest.key, layout)
+    # Ray starts here at the latest; the markers stay in the outputs for ranks on nodes that join later
+    markers = _check_cluster(config, output, storage_path, tracking_uri)
     try:
-        result = trainer.fit()
-    except Exception as error:
-        raise failed(failed_run(error, config.max_failures)) from error
-    except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
-        state["status"] = "interrupted"
-        _write_state(fs, run_dir, state)
-        line = f"training interrupted (Ctrl-C); {_rerun(storage_path)}"
+        runtime_env = worker_env(
+            {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_process_env(config.cpu_allocator))}
+        )
+        run_id = _start_mlflow_run(
+            config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
+        )
+        if replace:  # only once every check passed: a refused run leaves the one in OUTPUT as it was
+            clear_run(fs, run_dir, checkpoints)
+        state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
+        state.update(storage_name=name, checkpoints=checkpoints)
+        state.setdefault("data_order", DATA_ORDER)
+        write_state(fs, run_dir, state)
+
+        model_output = cache.join(output, MODEL_DIR)  # rank 0 publishes it there
+        worker_plan = WorkerPlan(
+            run=plan,
+            config=config,
+            dtype=reference["numerics"]["dtype"],
+            deepspeed_config=ds_config,
+            tracking_uri=tracking_uri,
+            run_id=run_id,
+            pad_token_id=pad_token_id(tokenizer),
+            tokenizer=config.tokenizer or config.model,
+            model_output=model_output,
+            has_eval="eval" in splits,
+            shared_markers=markers,
+        )
+        trainer = _trainer(config, worker_plan, splits, columns, (storage_path, name), runtime_env)
+        logger.info("%s: %s", _workers(plan.world_size), workers_reason)
+        sigint = signal.getsignal(signal.SIGINT)
+
+        def failed(line: str) -> TrainingFailed:
+            state["status"] = "failed"
+            write_state(fs, run_dir, state)
+            try:
+                record_run_failed(tracking_uri, run_id, line)
+            except Exception as unrecorded:  # the failure's line matters more than its MLflow record
+                logger.warning("the failure could not be recorded in MLflow: %s", one_line(unrecorded))
+            return TrainingFailed(f"training failed: {line}; {rerun_hint(checkpoints)}")
+
         try:
-            record_run_interrupted(tracking_uri, run_id, line)
-        except Exception as unrecorded:
-            logger.warning("the interruption could not be recorded in MLflow: %s", one_line(unrecorded))
-        raise TrainingFailed(line) from interrupt
-    finally:  # Ray Train leaves its Ctrl-C handler, which aborts a controller that is gone by now
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, sigint)
-    outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
-    if outcome.stopped:  # the workers stopped together, for a reason a restart would meet again
-        raise failed(outcome.stopped)
-    _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
-    fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
-    del fields["stopped"]
-    return TrainResult(
-        result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
-    )
-
-
-def _rerun(storage_path: str) -> str:
-    """How a failed run goes on: from its latest checkpoint, or, with none written, from the start."""
-    checkpoints = cache.join(storage_path, RUN_NAME)
-    fs, root = cache.resolve(checkpoints)
-    try:
-        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:  # the storage cannot be listed now: say where to look
-        return f"rerun with --resume to continue from the latest checkpoint in {checkpoints}"
-    names = sorted(
-        info.base_name
-        for info in found
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint-")
-    )
-    if not names:
-        return "no checkpoint was written: rerun with --resume to start again in the same MLflow run"
-    return f"rerun with --resume to continue from {names[-1]} in {checkpoints}"
+            result = trainer.fit()
+        except Exception as error:
+            raise failed(failed_run(error, config.max_failures)) from error
+        except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
+            state["status"] = "interrupted"
+            write_state(fs, run_dir, state)
+            line = f"training interrupted (Ctrl-C); {rerun_hint(checkpoints)}"
+            try:
+                record_run_interrupted(tracking_uri, run_id, line)
+            except Exception as unrecorded:
+                logger.warning("the interruption could not be recorded in MLflow: %s", one_line(unrecorded))
+            raise TrainingFailed(line) from interrupt
+        finally:  # Ray Train leaves its Ctrl-C handler, which aborts a controller that is gone by now
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, sigint)
+        outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
+        if outcome.stopped:  # the workers stopped together, for a reason a restart would meet again
+            raise failed(outcome.stopped)
+        _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
+        fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
+        del fields["stopped"]
+        return TrainResult(
+            result=result, run_id=run_id, tracking_uri=tracking_uri, output=output, plan=plan, **fields
+        )
+    finally:
+        remove_markers(markers)
 
 
 def _record_finished(
@@ -215,7 +215,7 @@ def _record_finished(
     client.set_terminated(state["run_id"], "FINISHED")
     state["status"] = "finished"
     state["model_path"] = model_output
-    _write_state(fs, run_dir, state)
+    write_state(fs, run_dir, state)
 
 
 def _with_workers(config: TrainConfig, recorded: dict[str, Any] | None) -> tuple[TrainConfig, str]:
@@ -223,17 +223,18 @@ def _with_workers(config: TrainConfig, recorded: dict[str, Any] | None) -> tuple
     the run started with, else `default_workers` of the cluster joined."""
     if config.num_workers is not None:
         return config, "as num_workers sets"
-    started_with = _started_with(recorded) if config.resume else None
-    if started_with is not None:
-        workers, reason = started_with, "as the run being resumed started"
+    recorded_workers = started_with(recorded) if config.resume else None
+    if recorded_workers is not None:
+        workers, reason = recorded_workers, "as the run being resumed started"
     else:
         init_ray(config.ray_address)
         workers, reason = default_workers(config.use_gpu, config.cpus_per_worker)
     return dataclasses.replace(config, num_workers=workers), f"{reason}; --num-workers sets them"
 
 
-def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking_uri: str) -> None:
-    """Join Ray; the workers must fit its CPUs, and every node must see the paths the run writes."""
+def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking_uri: str) -> Markers:
+    """Join Ray; the workers must fit its CPUs, and every node must see the paths the run writes (the
+    markers left in them are returned)."""
     from raydpo.tracking import local_store_dir
 
     init_ray(config.ray_address)
@@ -244,7 +245,7 @@ def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking
         check_cpu_headroom(
             config.num_workers, config.cpus_per_worker, "training workers", "lower --cpus-per-worker"
         )
-    check_shared_paths(
+    return check_shared_paths(
         outputs={
             "the output": output,
             "the storage path": storage_path,
@@ -348,97 +349,6 @@ def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
     return splits
 
 
-# ---- the run directory -------------------------------------------------------------------------------
-
-
-def _started_with(state: dict[str, Any] | None) -> int | None:
-    """The number of workers a recorded run started with (None: no run, or one recorded without it)."""
-    return (state or {}).get("config", {}).get("num_workers")
-
-
-# the order in which the workers take the pairs: epochs split on their own (`epochs`), a place in
-# an epoch counted in micro-batches; a run's checkpoints resume only under the same, and with the same
-# settings that decide it
-DATA_ORDER = "epochs-v1"
-DATA_ORDER_SETTINGS = (
-    "micro_batch_size",
-    "grad_accum",
-    "shuffle",
-    "shuffle_buffer",
-    "seed",
-    "balance_ranks",
-    "epochs",
-    "max_steps",
-)
-
-
-def _run_state(
-    config: TrainConfig, state: dict[str, Any] | None, data_key: str
-) -> tuple[dict[str, Any], bool]:
-    """The state to run with, and whether what OUTPUT holds must be cleared first: start, resume or
-    (with overwrite) replace the run in OUTPUT, whose recorded STATE is read once by the caller; refuse
-    to mix runs. Nothing is changed here."""
-    if state is None:
-        if config.resume:
-            raise RaydpoError(f"--resume: {config.output} holds no run to resume")
-        return {"data_key": data_key}, True
-    if config.overwrite:
-        return {"data_key": data_key}, True
-    if state.get("status") == "finished":
-        raise RaydpoError(f"{config.output} holds a finished run; pass --overwrite to train again there")
-    if not config.resume:
-        raise RaydpoError(
-            f"{config.output} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
-        )
-    if state.get("data_key") != data_key:
-        raise RaydpoError("--resume: the precompute output changed since the run started; it cannot continue")
-    if state.get("data_order") != DATA_ORDER:
-        raise RaydpoError(
-            "--resume: the run's checkpoints do not record their place in its epochs (an earlier raydpo "
-            "wrote them); start it over with --overwrite"
-        )
-    recorded = state.get("config", {})
-    changed = [
-        name for name in DATA_ORDER_SETTINGS if name in recorded and recorded[name] != getattr(config, name)
-    ]
-    if changed:
-        raise RaydpoError(
-            f"--resume: {', '.join(changed)} changed since the run started, and each checkpoint holds its "
-            "place in the data in the run's own terms; resume with the settings it started with"
-        )
-    started_with = _started_with(state)
-    if started_with is not None and started_with != config.num_workers:
-        # each worker's checkpoint holds its ZeRO partition and its place in its own shard of the data
-        raise RaydpoError(
-            f"--resume: the run started with {started_with} workers and its checkpoints hold their "
-            f"partitions; resume with --num-workers {started_with} (or without --num-workers)"
-        )
-    return state, False
-
-
-def _clear_run(fs: pafs.FileSystem, run_dir: str, storage_path: str) -> None:
-    """Remove a replaced run's checkpoints and final model (a new run's stale checkpoints too)."""
-    _clear_checkpoints(storage_path)
-    fs.create_dir(run_dir, recursive=True)
-    model = f"{run_dir}/{MODEL_DIR}"
-    if fs.get_file_info(model).type == pafs.FileType.Directory:
-        fs.delete_dir(model)
-
-
-def _clear_checkpoints(storage_path: str) -> None:
-    fs, root = cache.resolve(storage_path)
-    target = f"{root}/{RUN_NAME}"
-    if fs.get_file_info(target).type == pafs.FileType.Directory:
-        if isinstance(fs, pafs.LocalFileSystem):
-            shutil.rmtree(target)
-        else:
-            fs.delete_dir(target)
-
-
-def _write_state(fs: pafs.FileSystem, run_dir: str, state: dict[str, Any]) -> None:
-    cache.write_bytes_atomic(fs, f"{run_dir}/{RUN_STATE}", json.dumps(state, indent=2, default=str).encode())
-
-
 def _loggable_settings(config: TrainConfig) -> dict[str, Any]:
     """The settings as MLflow params; the tracking URI is left out (it may carry credentials)."""
     values = as_dict(config)
@@ -463,9 +373,10 @@ def _trainer(
     plan: WorkerPlan,
     splits,
     columns: list[str],
-    storage_path: str,
+    storage: tuple[str, str],
     runtime_env: dict[str, Any] | None,
 ):
+    """The TorchTrainer of the run; STORAGE is the storage path and the run's directory name in it."""
     import ray.data
     import ray.train
     from ray.data import ExecutionOptions
@@ -487,6 +398,7 @@ def _trainer(
     # the eval split is not split: every worker streams it whole and scores its share (`evaluate`)
     datasets = {"eval": read(splits["eval"])} if "eval" in splits else None
     resources = {"CPU": config.cpus_per_worker}
+    storage_path, name = storage
     storage_filesystem, storage_root = cache.resolve(storage_path)  # keeps a URI's endpoint settings
     return TorchTrainer(
         train_loop,
@@ -499,7 +411,7 @@ def _trainer(
             placement_strategy="PACK" if config.use_gpu else "SPREAD",
         ),
         run_config=ray.train.RunConfig(
-            name=RUN_NAME,
+            name=name,
             storage_path=storage_root,
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from raydpo.config import TrainConfig
 from raydpo.errors import RaydpoError
 from raydpo.faults import fault_point
+from raydpo.hub import model_dir
 from raydpo.numerics import load_causal_lm, load_config, resolve_dtype, restore_saved_config
 
 if TYPE_CHECKING:
@@ -56,20 +57,17 @@ def build(
     Bucket sizes follow the model's hidden size as Hugging Face's "auto" values do, instead of
     DeepSpeed's fixed defaults (5e8 elements), which are sized for billion-parameter models.
 
-    In bf16, stage 0 (a single worker's, or one set) runs as stage 1 with fp32 gradient sums, which is
-    DeepSpeed's bf16 optimizer: fp32 master weights, gradients and AdamW state in flat buffers, as ZeRO
-    keeps them (ZeRO-3 sums a step's micro-batches in bf16, this in fp32: the same values with one
-    micro-batch a step), the optimizer state split across workers where there are several. At stage 0
-    DeepSpeed wraps bf16 in its unfused fp16 optimizer instead, which checks every gradient for overflow
-    and reads the answer back to the host (1,461 host reads in a step of a 291-tensor model, against 10;
-    on a GPU each read waits for the device, and an H200 step of a 0.5B model spent 150 ms of CPU
-    there), and creates AdamW's state with a step of zero gradients that AdamW counts, so every bias
-    correction comes one step late.
+    In 16 bits, stage 0 (a single worker's, or one set) runs as stage 1: fp32 master weights, gradients
+    and AdamW state in flat buffers, as ZeRO keeps them; in bf16 with fp32 gradient sums, which is
+    DeepSpeed's bf16 optimizer. At stage 0 DeepSpeed wraps a 16-bit model in its unfused fp16 optimizer,
+    which reads every gradient's overflow check back to the host and creates AdamW's state with a step
+    of zero gradients that AdamW counts, so every bias correction comes one step late (figures in
+    docs/benchmarks.md).
     """
     zero_stage = effective_zero_stage(zero_stage, world_size, offload_optimizer or offload_params)
     bf16_optimizer = zero_stage == 0 and dtype == "bfloat16"
-    if bf16_optimizer:
-        zero_stage = 1  # with gradients summed in fp32 (below): DeepSpeed's bf16 optimizer
+    if zero_stage == 0 and dtype in ("bfloat16", "float16"):
+        zero_stage = 1  # bf16: DeepSpeed's bf16 optimizer (fp32 sums, below); fp16: ZeRO-1's fp16 optimizer
     zero: dict[str, Any] = {"stage": zero_stage}
     zero.update(_bucket_sizes(zero_stage, hidden_size))
     if zero_stage == 3:
@@ -338,13 +336,18 @@ def initialize(module: torch.nn.Module, config: TrainConfig, ds_config: dict[str
             eps=ADAM_EPS,
             fused=True,
         )
-    if "scheduler" not in ds_config and optimizer is not None:
-        scheduler = transformers.get_scheduler(
-            config.lr_scheduler,
-            optimizer,
-            num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
-            num_training_steps=total_steps,
-        )
+    if "scheduler" not in ds_config:
+        # the run's schedule, around DeepSpeed's optimizer too (a callable DeepSpeed calls with the
+        # optimizer it built), as the Hugging Face Trainer does for a DeepSpeed file without a scheduler
+        def schedule(built: torch.optim.Optimizer):
+            return transformers.get_scheduler(
+                config.lr_scheduler,
+                built,
+                num_warmup_steps=math.ceil(config.warmup_ratio * total_steps),
+                num_training_steps=total_steps,
+            )
+
+        scheduler = schedule if optimizer is None else schedule(optimizer)
     engine, _, _, scheduler = deepspeed.initialize(
         model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
     )
@@ -450,7 +453,10 @@ def save_final_model(engine, plan: WorkerPlan, rank: int) -> str | None:
         else:
             restore_saved_config(policy, config.model, config.trust_remote_code)
             policy.save_pretrained(directory, state_dict=state_dict)
-        tokenizer = AutoTokenizer.from_pretrained(plan.tokenizer, trust_remote_code=config.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            model_dir(plan.tokenizer, what="tokenizer", weights=False),
+            trust_remote_code=config.trust_remote_code,
+        )
         tokenizer.save_pretrained(directory)
         publish_directory(directory, plan.model_output)
     return plan.model_output
@@ -464,7 +470,7 @@ def merge_lora(peft_model, state_dict: dict[str, torch.Tensor], config: TrainCon
     adapter_dir = directory / "adapter"
     peft_model.save_pretrained(adapter_dir, state_dict=state_dict)
     base = AutoModelForCausalLM.from_pretrained(
-        config.model,
+        model_dir(config.model),
         dtype=next(iter(state_dict.values())).dtype,
         trust_remote_code=config.trust_remote_code,
     )

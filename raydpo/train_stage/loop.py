@@ -26,6 +26,7 @@ from raydpo.config import TrainConfig
 from raydpo.faults import fault_point, trace_pairs
 from raydpo.losses import LossSettings
 from raydpo.numerics import has_dropout
+from raydpo.shared_paths import check_visible
 from raydpo.train_stage.checks import AgreedStop, StepChecks
 from raydpo.train_stage.engine import (
     grad_norm,
@@ -123,6 +124,7 @@ def setup(plan: WorkerPlan) -> Worker:
     config = plan.config
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    check_visible(plan.shared_markers)  # on a node that joined after the driver's check too
     # DeepSpeed calls torch.distributed APIs torch deprecates, once per collective: known noise
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.")
     if config.use_gpu:
@@ -190,6 +192,8 @@ def _log_zero_stage(plan: WorkerPlan, rank: int) -> None:
             why.append("one worker: nothing to partition; same values, no gathers")
         if "data_types" in plan.deepspeed_config:
             why.append("bf16: DeepSpeed's bf16 optimizer, not its stage-0 wrapper")
+        elif plan.deepspeed_config.get("fp16", {}).get("enabled") and stage == 1:
+            why.append("fp16: ZeRO-1's fp16 optimizer, not DeepSpeed's stage-0 wrapper")
         logger.info("ZeRO stage %d runs as stage %d (%s)", plan.config.zero_stage, stage, "; ".join(why))
 
 

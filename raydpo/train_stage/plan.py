@@ -92,6 +92,7 @@ class WorkerPlan:
     tokenizer: str  # saved next to the final model
     model_output: str  # where rank 0 publishes the final model
     has_eval: bool
+    shared_markers: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # each rank looks for them
 
     def to_dict(self) -> dict[str, Any]:
         """The plan's part of Ray Train's `train_loop_config`."""
