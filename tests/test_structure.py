@@ -13,13 +13,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "raydpo"
 # Lowest first. A module imports modules of lower layers and of its own package, nothing else: config
 # and data at the bottom, the cache above them, the two stages above the cache (neither imports the
 # other: training reads the cache through raydpo.cache), the job and the entry points on top. The
-# leaves import at most `errors`; `tracking` is one (the only module that imports MLflow).
+# leaves import at most `errors` and `hub` (where a model's files are); `tracking` is one (the only module
+# that imports MLflow).
 LAYERS = [
     {"errors"},
-    {"attention", "faults", "layout", "loss_settings", "numerics", "toy", "tracking"},
+    {"hub"},
+    {"attention", "digests", "faults", "layout", "loss_settings", "numerics", "toy", "tracking"},
     {"config"},
-    {"data", "losses", "logprobs", "cluster"},
-    {"tokenize", "sources"},
+    {"data", "losses", "logprobs", "cluster", "hf_data"},
+    {"tokenize", "sources", "shared_paths"},
     {"cache"},
     {"console"},
     {"precompute_stage", "train_stage"},
