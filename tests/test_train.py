@@ -1255,11 +1255,16 @@ def test_cache_problems_stop_before_any_worker(train_cache, toy_model, tmp_path)
 
 
 def test_settings_that_do_not_fit_the_model_are_refused_before_ray_starts(train_cache, toy_model, tmp_path):
-    """A DeepSpeed file that contradicts the settings, and LoRA targets the model lacks, stop `raydpo
-    train` with one line (exit 2) before a Ray instance is started or joined."""
+    """A DeepSpeed file that contradicts the settings, LoRA targets the model lacks, a storage path that
+    cannot be written and a storage name with a path separator stop `raydpo train` with one line (exit
+    2) before a Ray instance is started or joined."""
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_micro_batch_size_per_gpu": 99}))
+    unwritable = tmp_path / "a-file" / "checkpoints"  # under a file: no directory can be made there
+    (tmp_path / "a-file").write_text("")
     for flags, line in (
+        (["--storage-path", str(unwritable)], f"the storage path {unwritable} is not writable: "),
+        (["--storage-name", "runs/a"], "storage_name must be one directory name"),
         (["--deepspeed-config", str(user)], "train_micro_batch_size_per_gpu=99"),
         (
             ["--lora-r", "4", "--lora-target-modules", "q_prj"],
