@@ -160,7 +160,7 @@ def run_raydpo(
     """raydpo train on `workers` workers, or as many as it takes without --num-workers; the workers
     share the machine's threads and take `args.workers` x `args.micro_batch` pairs per step."""
     import raydpo
-    from raydpo.cluster import default_workers
+    from raydpo.resources import default_workers
 
     count = workers or default_workers(use_gpu=False)[0]
 
@@ -232,8 +232,8 @@ def main() -> None:
     import torch
 
     import raydpo
-    from raydpo.cluster import cpu_allocator_env, default_workers
     from raydpo.data import sharegpt_to_conversational
+    from raydpo.resources import cpu_allocator_env, default_workers
     from raydpo.toy import build_toy_model, sample_data_dir
 
     workdir = Path(args.workdir).resolve()

@@ -21,42 +21,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from raydpo.config import PrecomputeConfig, from_mapping, load
+from raydpo.config import load
 from raydpo.console import keep_log_in, run_command
-from raydpo.errors import RaydpoError
+from raydpo.job import precompute_config
 
 SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
-
-
-SECTIONS = ("precompute", "train", "smoke")
-
-
-def precompute_config(values: dict) -> PrecomputeConfig:
-    """The `precompute:` section; with a `smoke:` section, the small local model and bundled data.
-    A top-level key that is not a section, or a section that is not a mapping, is an error."""
-    for key, section in values.items():
-        if key not in SECTIONS:
-            raise RaydpoError(
-                f"unknown section {key!r} in the job config: its sections are {', '.join(SECTIONS)}"
-            )
-        if section is not None and not isinstance(section, dict):
-            raise RaydpoError(f"the job config's {key!r} section must be a mapping of settings")
-    smoke = values.get("smoke")
-    section = dict(values.get("precompute", {}))
-    if smoke:  # build the small local model the smoke run uses
-        from raydpo.toy import build_toy_model, sample_data_dir
-
-        if "model" not in section:
-            model_dir = Path(smoke["model_dir"]).resolve()
-            model = build_toy_model(
-                model_dir, hidden_size=smoke.get("hidden_size", 64), num_layers=smoke.get("layers", 2)
-            )
-            section["model"] = str(model)
-        section.setdefault("dataset", str(sample_data_dir() / "dpo_en_demo.json"))
-        eval_settings = {"eval_split", "eval_split_ratio", "eval_split_count"}  # an eval split of their own
-        if not eval_settings & {key.replace("-", "_") for key in section}:
-            section.setdefault("eval_dataset", str(sample_data_dir() / "dpo_zh_demo.json"))
-    return from_mapping(PrecomputeConfig, section)
 
 
 def main(argv: list[str] | None = None) -> int:

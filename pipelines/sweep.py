@@ -16,14 +16,13 @@ import itertools
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from full import SMOKE_CONFIG, precompute_config  # noqa: E402
+from raydpo.config import apply_overrides, load
+from raydpo.console import keep_log_in, run_command
+from raydpo.errors import RaydpoError
+from raydpo.job import precompute_config, train_config_for
+from raydpo.tracking import resolve_tracking_uri
 
-from raydpo.config import apply_overrides, load  # noqa: E402
-from raydpo.console import keep_log_in, run_command  # noqa: E402
-from raydpo.errors import RaydpoError  # noqa: E402
-from raydpo.job import train_config_for  # noqa: E402
-from raydpo.tracking import resolve_tracking_uri  # noqa: E402
+SMOKE_CONFIG = Path(__file__).parent / "configs" / "smoke.yaml"
 
 SHOWN = ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "loss", "rewards/accuracies")
 

@@ -79,17 +79,12 @@ def _config(cls: type, args: argparse.Namespace, section: str):
     `train`, a job config's `precompute:` section first, as the job reads it."""
     values = load(args.config, args.set or [], section)
     if section == "train" and args.config:
-        from raydpo.job import TRAIN_FROM_PRECOMPUTE
+        from raydpo.job import train_defaults
 
         precompute = load_yaml(args.config).get("precompute")
         if isinstance(precompute, dict):
             precompute = {key.replace("-", "_"): value for key, value in precompute.items()}
-            defaults = {
-                ours: precompute[theirs]
-                for ours, theirs in TRAIN_FROM_PRECOMPUTE.items()
-                if theirs in precompute
-            }
-            values = {**defaults, **values}
+            values = {**train_defaults(precompute), **values}
     flags = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
     values.update({name: value for name, value in flags.items() if value is not None})
     missing = missing_required(cls, values)

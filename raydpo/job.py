@@ -12,11 +12,14 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from raydpo import cache
-from raydpo.config import PrecomputeConfig, TrainConfig, as_dict, coerce
+from raydpo.config import PrecomputeConfig, TrainConfig, as_dict, coerce, from_mapping
+from raydpo.errors import RaydpoError
 
 PLOT_NAME = "training_curves.png"
 LENGTHS_NAME = "token_lengths.png"
@@ -51,11 +54,49 @@ TRAIN_FROM_PRECOMPUTE = {
 }
 
 
+def train_defaults(precompute: Mapping[str, Any]) -> dict[str, Any]:
+    """What the train stage takes from the precompute's settings (`TRAIN_FROM_PRECOMPUTE`), of those given."""
+    return {
+        ours: precompute[theirs] for ours, theirs in TRAIN_FROM_PRECOMPUTE.items() if theirs in precompute
+    }
+
+
 def train_config_for(precompute: PrecomputeConfig, values: dict[str, Any] | TrainConfig) -> TrainConfig:
-    """The train stage's config: `model`, `data`, `trust_remote_code` and `attn_implementation` default
-    to the precompute's."""
-    defaults = {ours: getattr(precompute, theirs) for ours, theirs in TRAIN_FROM_PRECOMPUTE.items()}
+    """The train stage's config: `model`, `tokenizer`, `data`, `trust_remote_code` and
+    `attn_implementation` default to the precompute's."""
+    defaults = train_defaults(as_dict(precompute))
     return coerce(TrainConfig, defaults, as_dict(values) if isinstance(values, TrainConfig) else values)
+
+
+JOB_SECTIONS = ("precompute", "train", "smoke")  # of a job config (pipelines/full.py, sweep.py)
+
+
+def precompute_config(values: dict) -> PrecomputeConfig:
+    """A job config's `precompute:` section; with a `smoke:` section, the small local model and bundled data.
+    A top-level key that is not a section, or a section that is not a mapping, is an error."""
+    for key, section in values.items():
+        if key not in JOB_SECTIONS:
+            raise RaydpoError(
+                f"unknown section {key!r} in the job config: its sections are {', '.join(JOB_SECTIONS)}"
+            )
+        if section is not None and not isinstance(section, dict):
+            raise RaydpoError(f"the job config's {key!r} section must be a mapping of settings")
+    smoke = values.get("smoke")
+    section = dict(values.get("precompute", {}))
+    if smoke:  # build the small local model the smoke run uses
+        from raydpo import toy
+
+        if "model" not in section:
+            model_dir = Path(smoke["model_dir"]).resolve()
+            model = toy.build_toy_model(
+                model_dir, hidden_size=smoke.get("hidden_size", 64), num_layers=smoke.get("layers", 2)
+            )
+            section["model"] = str(model)
+        section.setdefault("dataset", str(toy.sample_data_dir() / "dpo_en_demo.json"))
+        eval_settings = {"eval_split", "eval_split_ratio", "eval_split_count"}  # an eval split of their own
+        if not eval_settings & {key.replace("-", "_") for key in section}:
+            section.setdefault("eval_dataset", str(toy.sample_data_dir() / "dpo_zh_demo.json"))
+    return from_mapping(PrecomputeConfig, section)
 
 
 def run(

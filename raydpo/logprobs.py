@@ -340,8 +340,8 @@ def use_prefix_sharing(model: torch.nn.Module, setting: str) -> bool:
         segmented, reason = False, check_prefix_sharing(model)
     if reason is None and segmented and _on_gpu(model) and not _uses_varlen(model):
         slow = (
-            "attention a segment at a time is slower on a GPU than unshared rows (0.2-0.4x their step on "
-            "an H200); the varlen kernel (bf16 or fp16, torch >= 2.10) or flex_attention shares at speed"
+            "attention a segment at a time is slower on a GPU than unshared rows (docs/benchmarks.md); "
+            "the varlen kernel (bf16 or fp16, torch >= 2.10) or flex_attention shares at speed"
         )
         if setting == "auto":
             logger.warning("prefix sharing is off: %s", slow)

@@ -201,7 +201,8 @@ def test_gpus_where_torch_has_no_cuda_stop_with_one_line(cluster, cache, toy_mod
 GPU_POOLS = """
 import json
 import sys
-from raydpo.cluster import default_processes, init_ray
+from raydpo.cluster import init_ray
+from raydpo.resources import default_processes
 from raydpo.errors import RaydpoError
 
 init_ray(sys.argv[1])

@@ -113,7 +113,7 @@ def model_dir(tmp_path):
 
 
 def test_deepspeed_config_built_and_user_file(tmp_path, model_dir):
-    from raydpo.train_stage.engine import for_run
+    from raydpo.train_stage.ds_config import for_run
 
     config = TrainConfig(
         model=model_dir, micro_batch_size=4, grad_accum=2, offload_optimizer=True, gradient_clipping=0.5
@@ -164,7 +164,7 @@ def test_deepspeed_auto_values_resolved_as_hugging_face_does(tmp_path, model_dir
     contradict the run, and any other "auto", are refused naming the key."""
     import json
 
-    from raydpo.train_stage.engine import for_run
+    from raydpo.train_stage.ds_config import for_run
 
     auto = "auto"
     user = {

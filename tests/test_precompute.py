@@ -262,7 +262,7 @@ def test_cli_bad_input_exits_2_with_one_line(ray_session, toy_model, tmp_path, c
 def test_cpu_threads_share_the_machine():
     """A CPU scorer or training worker runs the machine's cores shared among the processes beside it,
     never fewer than its Ray CPUs."""
-    from raydpo.cluster import cpu_threads
+    from raydpo.resources import cpu_threads
 
     cores = len(os.sched_getaffinity(0))
     assert cpu_threads(1, 1) == cores
@@ -293,10 +293,10 @@ def test_cpu_scorer_actors_allocate_with_cpu_allocator(ray_session, toy_model, a
     CUDA_VISIBLE_DEVICES alone for num_gpus=0, so on a GPU node torch would score on cuda:0."""
     import ray
 
-    from raydpo.cluster import CPU_ONLY_ENV
     from raydpo.config import PrecomputeConfig
     from raydpo.precompute_stage.pipeline import scorer_env
     from raydpo.precompute_stage.scorer import ReferenceScorer
+    from raydpo.resources import CPU_ONLY_ENV
 
     config = PrecomputeConfig(model=str(toy_model), cpu_allocator=allocator)
     actor = (

@@ -21,7 +21,7 @@ LAYERS = [
     {"attention", "digests", "faults", "layout", "loss_settings", "numerics", "toy", "tracking"},
     {"config"},
     {"data", "losses", "logprobs", "cluster", "hf_data"},
-    {"tokenize", "sources", "shared_paths"},
+    {"tokenize", "sources", "shared_paths", "resources"},
     {"cache"},
     {"console"},
     {"precompute_stage", "train_stage"},

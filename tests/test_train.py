@@ -165,7 +165,7 @@ def test_prefix_sharing_off_gives_the_same_first_step(base_run, train_cache, toy
 def test_cpu_workers_allocate_with_mimalloc(base_run):
     """cpu_allocator's default reaches the workers: mimalloc is preloaded into every Ray Train worker.
     CPU workers see no GPU either way (on a GPU node DeepSpeed would otherwise take one)."""
-    from raydpo.cluster import CPU_ONLY_ENV, cpu_allocator_env, cpu_process_env
+    from raydpo.resources import CPU_ONLY_ENV, cpu_allocator_env, cpu_process_env
 
     assert base_run.cpu_allocator == "mimalloc"
     assert Path(cpu_allocator_env("mimalloc")["LD_PRELOAD"].split()[0]).is_file()
@@ -585,10 +585,13 @@ def test_interrupted_run_resumes_to_the_same_model(
         "training",
         "the run stops (`max_failures=0`), the operator reruns",
         "the last worker stalls after step 4 of 6 and is killed with SIGKILL once the step-3 checkpoint is "
-        "registered; rerun without, then with `--resume`",
+        "registered; rerun without, then with `--resume`; in between, two other runs train at once on the "
+        "same storage path (one through the CLI in a process of its own)",
         "no model directory after the failure, run.json says failed; a rerun without `--resume` is refused "
-        "(exit 2); `--resume` continued from step 3 and ran steps 4-6; weights equal to an "
-        "uninterrupted run (<= 1e-6); a third run is refused as finished",
+        "(exit 2), as is `--resume` with another ZeRO stage, LoRA rank or storage name; each run's "
+        "checkpoints in its own directory, every file of the others byte for byte the same; `--resume` "
+        "continued from step 3 and ran steps 4-6; weights equal to an uninterrupted run (<= 1e-6); a third "
+        "run is refused as finished",
     )
 
 
@@ -633,7 +636,7 @@ class _RunsOnLoad:
 ZERO_RESUME_SCRIPT = """
 import json, os, sys, tempfile
 import deepspeed, torch
-from raydpo.train_stage.engine import load_checkpoints_weights_only
+from raydpo.train_stage.deepspeed_patches import load_checkpoints_weights_only
 
 deepspeed.init_distributed(dist_backend="gloo")
 
@@ -712,6 +715,7 @@ import json
 import deepspeed, torch
 from raydpo.config import TrainConfig
 from raydpo.train_stage import engine as engines
+from raydpo.train_stage.ds_config import build
 
 deepspeed.init_distributed(dist_backend="gloo")
 TENSORS = 64
@@ -735,7 +739,7 @@ def run(ds_config):
     return {"optimizer": type(engine.optimizer).__name__, "reads": reads, "losses": losses, "weights": weights}
 
 
-built = engines.build(
+built = build(
     zero_stage=3, micro_batch_size=4, grad_accum=1, world_size=1, gradient_clipping=1.0,
     dtype="bfloat16", on_gpu=False,
 )
@@ -768,6 +772,7 @@ import json
 import deepspeed, torch
 from raydpo.config import TrainConfig
 from raydpo.train_stage import engine as engines
+from raydpo.train_stage.ds_config import build
 
 deepspeed.init_distributed(dist_backend="gloo")
 CONFIG = TrainConfig(model="unused", learning_rate=1e-2, warmup_ratio=0.25, lr_scheduler="cosine")
@@ -787,7 +792,7 @@ def run(ds_config):
     return {"optimizer": type(engine.basic_optimizer).__name__, "rates": rates}
 
 
-built = engines.build(
+built = build(
     zero_stage=3, micro_batch_size=4, grad_accum=1, world_size=1, gradient_clipping=1.0,
     dtype="float32", on_gpu=False,
 )
@@ -812,6 +817,7 @@ import json
 import deepspeed, torch
 from raydpo.config import TrainConfig
 from raydpo.train_stage import engine as engines
+from raydpo.train_stage.ds_config import build
 
 deepspeed.init_distributed(dist_backend="nccl")
 CONFIG = TrainConfig(model="unused", learning_rate=1e-3, warmup_ratio=0.0)
@@ -831,7 +837,7 @@ def run(ds_config):
     return {"optimizer": type(engine.optimizer).__name__, "losses": losses}
 
 
-built = engines.build(
+built = build(
     zero_stage=3, micro_batch_size=16, grad_accum=1, world_size=1, gradient_clipping=1.0,
     dtype="float16", on_gpu=True,
 )
@@ -862,7 +868,7 @@ def test_checkpoint_files_are_loaded_weights_only(tmp_path):
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
 
-    from raydpo.train_stage.engine import load_checkpoint_file
+    from raydpo.train_stage.deepspeed_patches import load_checkpoint_file
 
     state = {"zero_stage": ZeroStageEnum.weights, "loss_scaler": LossScaler(1.0), "flat": [torch.arange(4.0)]}
     torch.save(state, tmp_path / "optim_states.pt")
@@ -1325,7 +1331,7 @@ def test_data_too_small_for_the_workers(overrides, train_rows, eval_rows, messag
 
 
 def test_default_workers_are_one_per_node_on_cpus_and_every_gpu(ray_session):
-    from raydpo.cluster import default_workers
+    from raydpo.resources import default_workers
 
     workers, reason = default_workers(use_gpu=False, cpus_each=1)
     assert workers == 1 and reason.startswith("one per node with CPUs (1)")

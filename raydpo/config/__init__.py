@@ -17,7 +17,8 @@ from raydpo.config.load import (
     load_yaml,
     missing_required,
 )
-from raydpo.config.stages import PrecomputeConfig, TrainConfig
+from raydpo.config.precompute import PrecomputeConfig
+from raydpo.config.train import TrainConfig
 
 __all__ = [
     "PREFIX_SHARING",

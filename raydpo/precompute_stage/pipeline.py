@@ -17,53 +17,33 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
-import numpy as np
-import pyarrow as pa
-
 from raydpo import cache
-from raydpo.cluster import (
-    check_cpu_headroom,
-    cpu_process_env,
-    default_processes,
-    init_ray,
-    processes_per_node,
-    warn_unused_gpus,
-    worker_env,
-)
+from raydpo.cluster import init_ray, worker_env
 from raydpo.config import PrecomputeConfig, coerce
-from raydpo.data import RowError, canonical_pair, parse_row, reject_id, row_text
-from raydpo.errors import DEATH_CAUSES, PrecomputeFailed, RaydpoError, one_line, process_died, raised_within
+from raydpo.errors import DEATH_CAUSES, PrecomputeFailed, one_line, process_died, raised_within
 from raydpo.numerics import resolve_numerics
 from raydpo.precompute_stage.output import prepare_output
-from raydpo.precompute_stage.progress import Progress, report, restarts_phrase
+from raydpo.precompute_stage.prepare import check_rows, prepare_batch
+from raydpo.precompute_stage.progress import Progress, restarts_phrase
 from raydpo.precompute_stage.scorer import ReferenceScorer
 from raydpo.precompute_stage.sink import CacheSink, SplitInputs, finish
 from raydpo.precompute_stage.splits import SplitFilter, SplitSource, plan_splits, warn_shared_ids
+from raydpo.resources import (
+    check_cpu_headroom,
+    cpu_process_env,
+    default_processes,
+    processes_per_node,
+    warn_unused_gpus,
+)
 from raydpo.shared_paths import Markers, check_shared_paths, remove_markers
-from raydpo.sources import SOURCE_ROW, open_source
+from raydpo.sources import open_source
 from raydpo.tokenize import (
-    cached_tokenizer,
     load_tokenizer,
     pad_token_id,
-    tokenize_pair,
     tokenizer_fingerprint,
 )
 
 logger = logging.getLogger(__name__)
-
-PREPARED_SCHEMA = pa.schema(
-    [
-        ("pair_id", pa.string()),
-        ("source_row", pa.int64()),  # the row's position in the input (`sources.SOURCE_ROW`)
-        ("status", pa.string()),  # "ok", "rejected" or "done" (already in the output: resumed run)
-        ("reason", pa.string()),
-        ("row_json", pa.string()),
-        ("prompt_input_ids", cache.TOKEN_LIST),
-        ("chosen_input_ids", cache.TOKEN_LIST),
-        ("rejected_input_ids", cache.TOKEN_LIST),
-        ("truncated", pa.bool_()),
-    ]
-)
 
 
 @dataclass
@@ -206,7 +186,7 @@ def _precompute_split(
     ds, dataset_fingerprint = open_source(planned.source, planned.split, planned.found)
     if config.limit is not None:
         ds = ds.limit(config.limit)
-    _check_rows(ds, tokenizer, config)
+    check_rows(ds, tokenizer, config)
     settings = _settings(config)
     key = cache.cache_key(
         {
@@ -411,115 +391,3 @@ def _streamed(ds):
     ordered.context.execution_options.preserve_order = True
     ordered.context.target_max_block_size = STREAM_BLOCK_BYTES
     return ordered
-
-
-def _check_rows(ds, tokenizer, config: PrecomputeConfig) -> None:
-    """Fail fast on the first rows: a missing column or a missing chat template stops before any scoring."""
-    try:
-        head = ds.take(8)
-    except Exception as error:  # reader errors (bad Parquet, unreadable files) surface here
-        raise RaydpoError(f"could not read the dataset: {one_line(error)}") from None
-    if not head:
-        raise RaydpoError("the dataset is empty")
-    rows, errors = [], []
-    for row in head:
-        row.pop(SOURCE_ROW, None)
-        try:
-            rows.append(parse_row(row))
-        except RowError as error:
-            errors.append(str(error))
-    if not rows:
-        raise RaydpoError(
-            f"could not read the dataset: none of its first {len(head)} records is usable ({errors[0]})"
-        )
-    columns = set().union(*rows)
-    if not {"chosen", "rejected"} <= columns:
-        raise RaydpoError(
-            f"the dataset needs 'chosen' and 'rejected' columns (with 'prompt' or 'conversations', or neither "
-            f"for an implicit prompt); it has: {', '.join(sorted(columns)) or 'none'}"
-        )
-    if config.id_column and config.id_column not in columns:
-        raise RaydpoError(f"id column {config.id_column!r} is not in the dataset")
-    pairs = []
-    for row in rows:
-        try:
-            pairs.append(canonical_pair(row, config.id_column))
-        except RowError:
-            continue
-    if any(pair.conversational for pair in pairs) and tokenizer.chat_template is None:
-        raise RaydpoError("the data is conversational but the tokenizer has no chat template")
-
-
-def prepare_batch(
-    batch: pa.Table,
-    *,
-    tokenizer_path: str,
-    trust_remote_code: bool,
-    tokenizer_digest: str,
-    id_column: str | None,
-    max_length: int | None,
-    max_prompt_length: int | None,
-    done_rows=None,
-    progress=None,
-    keep: SplitFilter | None = None,
-) -> pa.Table:
-    """Validate and tokenize a batch of raw rows; every row comes out, as a pair or as a reject (or as
-    "done", unparsed, where an earlier run of the same key wrote it), but those KEEP sends to the other
-    side of a carve."""
-    import ray
-
-    tokenizer = cached_tokenizer(tokenizer_path, trust_remote_code, tokenizer_digest)
-    positions = batch.column(SOURCE_ROW).to_numpy()
-    ranges = ray.get(done_rows) if isinstance(done_rows, ray.ObjectRef) else done_rows
-    done = ranges.contains(positions) if ranges else np.zeros(len(positions), dtype=bool)
-    out: dict[str, list] = {name: [] for name in PREPARED_SCHEMA.names}
-    rows = batch.drop_columns([SOURCE_ROW]).to_pylist()
-    for raw, position, skip in zip(rows, positions, done, strict=True):
-        position = int(position)
-        if skip:
-            _append(out, "", position, "done")
-            continue
-        row = raw
-        try:
-            row = parse_row(raw)
-            pair = canonical_pair(row, id_column)
-            tokens = tokenize_pair(tokenizer, pair, max_length, max_prompt_length)
-        except RowError as error:
-            _append(out, reject_id(row, id_column), position, "rejected", str(error), row_text(raw))
-            continue
-        _append(
-            out,
-            pair.pair_id,
-            position,
-            "ok",
-            prompt=tokens.prompt_ids,
-            chosen=tokens.chosen_ids,
-            rejected=tokens.rejected_ids,
-            truncated=tokens.truncated,
-        )
-    table = pa.table(out, schema=PREPARED_SCHEMA)
-    if keep is not None:
-        table = table.filter(keep.mask(table))
-    statuses = table.column("status").to_pylist()
-    report(progress, read=len(statuses), rejected=statuses.count("rejected"), done=statuses.count("done"))
-    return table
-
-
-def _append(
-    out: dict[str, list],
-    pair_id: str,
-    source_row: int,
-    status: str,
-    reason: str | None = None,
-    row_json: str | None = None,
-    prompt=None,
-    chosen=None,
-    rejected=None,
-    truncated=None,
-) -> None:
-    for column, value in zip(
-        PREPARED_SCHEMA.names,
-        (pair_id, source_row, status, reason, row_json, prompt, chosen, rejected, truncated),
-        strict=True,
-    ):
-        out[column].append(value)

@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raydpo import cache
-from raydpo.cluster import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.faults import fault_point
 from raydpo.numerics import load_causal_lm, resolve_dtype
 from raydpo.precompute_stage.progress import report
+from raydpo.resources import allocator_in_effect, check_gpus_usable, cpu_threads
 
 FORWARD_TOKENS = "_forward_tokens"  # padded tokens each pair took in its forward (for the padding figure)
 COMPUTED_TOKENS = "_computed_tokens"  # tokens of each pair the model computed (the prompt once if shared)

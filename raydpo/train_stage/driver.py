@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import re
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -22,22 +20,23 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from raydpo import cache
-from raydpo.cluster import (
+from raydpo.cluster import init_ray, worker_env
+from raydpo.config import TrainConfig, as_dict, coerce
+from raydpo.errors import TrainingFailed, one_line
+from raydpo.resources import (
     check_cpu_headroom,
     cpu_process_env,
     default_workers,
-    init_ray,
     probe_gpus,
     warn_unused_gpus,
-    worker_env,
 )
-from raydpo.config import TrainConfig, as_dict, coerce
-from raydpo.errors import TrainingFailed, one_line
 from raydpo.shared_paths import Markers, check_shared_paths, remove_markers
 from raydpo.tokenize import load_tokenizer, pad_token_id
 from raydpo.tracking import run_page
 from raydpo.train_stage import engine
 from raydpo.train_stage.checks import check_cache_matches, drop_nonfinite, finite_rows, required_columns
+from raydpo.train_stage.ds_config import for_run
+from raydpo.train_stage.mlflow_run import record_finished, start_mlflow_run
 from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
 from raydpo.train_stage.run_dir import (
     DATA_ORDER,
@@ -112,7 +111,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     # the checks above need no cluster; without --num-workers the count is the cluster's (Ray starts)
     config, workers_reason = _with_workers(config, recorded)
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
-    ds_config = engine.for_run(config, plan.world_size, plan.total_steps)
+    ds_config = for_run(config, plan.world_size, plan.total_steps)
 
     from raydpo.tracking import record_run_failed, record_run_interrupted, resolve_tracking_uri
     from raydpo.train_stage.failures import failed_run
@@ -126,7 +125,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         runtime_env = worker_env(
             {**TRAIN_WORKER_ENV, **({} if config.use_gpu else cpu_process_env(config.cpu_allocator))}
         )
-        run_id = _start_mlflow_run(
+        run_id = start_mlflow_run(
             config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
         )
         if replace:  # only once every check passed: a refused run leaves the one in OUTPUT as it was
@@ -182,7 +181,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
         if outcome.stopped:  # the workers stopped together, for a reason a restart would meet again
             raise failed(outcome.stopped)
-        _record_finished(fs, run_dir, state, outcome, model_output, config, plan)
+        record_finished(fs, run_dir, state, outcome, model_output, config, plan)
         fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
         del fields["stopped"]
         return TrainResult(
@@ -190,32 +189,6 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         )
     finally:
         remove_markers(markers)
-
-
-def _record_finished(
-    fs, run_dir: str, state: dict[str, Any], outcome: WorkerOutcome, model_output: str, config, plan
-):
-    """Mark the run finished in MLflow (the model among its logged models) and in run.json, once the
-    model is published whole."""
-    from mlflow import MlflowClient
-
-    from raydpo.tracking import log_external_model
-
-    if not cache.published(model_output):
-        raise TrainingFailed(f"training ended without a complete model in {model_output}")
-    client = MlflowClient(tracking_uri=state["tracking_uri"])
-    params = {"base_model": config.model, "loss_type": config.loss_type, "beta": config.beta}
-    name = re.sub(r"[^\w-]+", "-", config.run_name or default_run_name(config)).strip("-") or "model"
-    model_id = log_external_model(
-        state["tracking_uri"], state["run_id"], name, model_output, plan.total_steps, params
-    )
-    client.set_tag(state["run_id"], "raydpo.model_id", model_id)
-    client.set_tag(state["run_id"], "raydpo.model_path", model_output)
-    client.set_tag(state["run_id"], "raydpo.prefix_sharing", str(outcome.prefix_sharing).lower())
-    client.set_terminated(state["run_id"], "FINISHED")
-    state["status"] = "finished"
-    state["model_path"] = model_output
-    write_state(fs, run_dir, state)
 
 
 def _with_workers(config: TrainConfig, recorded: dict[str, Any] | None) -> tuple[TrainConfig, str]:
@@ -255,83 +228,6 @@ def _check_cluster(config: TrainConfig, output: str, storage_path: str, tracking
     )
 
 
-def default_run_name(config) -> str:
-    """What tells runs apart in MLflow's run list: the model's name, the loss and beta."""
-    losses = [config.loss_type] if isinstance(config.loss_type, str) else list(config.loss_type)
-    model = config.model.rstrip("/").rsplit("/", 1)[-1] or config.model
-    return f"{model} {'+'.join(losses)} beta={config.beta:g}"
-
-
-def _start_mlflow_run(
-    config, tracking_uri, run_dir, state, plan, reference, splits, counts, ds_config
-) -> str:
-    """Start (or, resuming, reopen) the run's MLflow run with its params, DeepSpeed config and manifests."""
-    from raydpo.tracking import start_run
-
-    manifests = {name: split.manifest for name, split in splits.items()}
-    return start_run(
-        tracking_uri,
-        config.experiment,
-        run_name=config.run_name or default_run_name(config),
-        params=_run_params(config, plan),
-        tags=_run_tags(reference, manifests, counts),
-        datasets=[_dataset_entry(name, splits[name], counts[name]) for name in splits],
-        artifacts={
-            "deepspeed_config.json": ds_config,
-            **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
-        },
-        run_id=state.get("run_id"),
-        artifact_root=_artifact_root(tracking_uri),
-    )
-
-
-def _run_params(config, plan: RunPlan) -> dict[str, Any]:
-    """The MLflow params: the settings under their own names (beta, learning_rate, ... as the UI lists
-    them), then the plan's figures. What identifies the inputs goes to tags and datasets."""
-    plan_values = {f"plan.{name}": value for name, value in plan.to_dict().items()}
-    return {**_loggable_settings(config), **plan_values}
-
-
-def _run_tags(reference, manifests, counts) -> dict[str, Any]:
-    """The inputs' identity as a few tags, short enough to read in the run's Overview: the reference
-    model and its numerics, each cache's key, path and rows. The fingerprints and settings behind the
-    keys are in the manifest_<split>.json artifacts."""
-    return {
-        "raydpo.reference": {key: reference[key] for key in ("model", "same_as_policy", "numerics")},
-        "raydpo.cache": {name: _manifest_params(m, counts[name]) for name, m in manifests.items()},
-    }
-
-
-def _dataset_entry(name: str, split: cache.CacheSplit, counts: dict[str, int]):
-    from raydpo.tracking import DatasetEntry
-
-    manifest = split.manifest
-    return DatasetEntry(
-        name=f"raydpo-cache/{name}",
-        digest=manifest.key,
-        source=split.path,
-        context="training" if name == "train" else "eval",
-        profile={
-            "key": manifest.key,
-            "pairs": counts["rows"],
-            "usable_pairs": counts["usable"],
-            "rows_read": manifest.counts.read,
-            "rows_rejected": manifest.counts.rejected,
-            "tokens": manifest.throughput.tokens,
-            "model": manifest.model,
-            "source": manifest.source,
-        },
-        columns=list(manifest.schema),
-    )
-
-
-def _artifact_root(tracking_uri: str) -> str | None:
-    """Beside a SQLite store, artifacts go to mlflow-artifacts/ next to the database file."""
-    if not tracking_uri.startswith("sqlite:///"):
-        return None  # a tracking server or other store decides
-    return os.path.join(os.path.dirname(tracking_uri.removeprefix("sqlite:///")), "mlflow-artifacts")
-
-
 # ---- checks on the cache -----------------------------------------------------------------------------
 
 
@@ -347,22 +243,6 @@ def _open_splits(config: TrainConfig) -> dict[str, cache.CacheSplit]:
         if cache.split_state(candidate) == "finished":
             splits["eval"] = cache.open_split(candidate)
     return splits
-
-
-def _loggable_settings(config: TrainConfig) -> dict[str, Any]:
-    """The settings as MLflow params; the tracking URI is left out (it may carry credentials)."""
-    values = as_dict(config)
-    values.pop("mlflow_tracking_uri")
-    return values
-
-
-def _manifest_params(manifest: cache.Manifest, counts: dict[str, int]) -> dict[str, Any]:
-    return {
-        "key": manifest.key,
-        "path": manifest.source,
-        "rows": counts["rows"],
-        "nonfinite_reference": counts["nonfinite_reference"],
-    }
 
 
 # ---- the trainer -------------------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from raydpo.cluster import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.config import TrainConfig
 from raydpo.faults import fault_point, trace_pairs
 from raydpo.losses import LossSettings
 from raydpo.numerics import has_dropout
+from raydpo.resources import allocator_in_effect, check_gpus_usable, cpu_threads
 from raydpo.shared_paths import check_visible
 from raydpo.train_stage.checks import AgreedStop, StepChecks
 from raydpo.train_stage.engine import (
