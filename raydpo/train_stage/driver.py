@@ -39,16 +39,15 @@ from raydpo.train_stage.ds_config import for_run
 from raydpo.train_stage.mlflow_run import record_finished, start_mlflow_run
 from raydpo.train_stage.plan import RunPlan, WorkerOutcome, WorkerPlan, plan_run
 from raydpo.train_stage.run_dir import (
-    DATA_ORDER,
     MODEL_DIR,
-    RUN_STATE,
+    RunState,
     check_writable,
     checkpoint_dir,
     checkpoint_layout,
     clear_run,
+    read_state,
     rerun_hint,
     run_state,
-    started_with,
     storage_name,
     write_state,
 )
@@ -102,7 +101,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     counts = {name: finite_rows(split, columns) for name, split in splits.items()}
     if isinstance(fs, pafs.LocalFileSystem):
         cache.make_local_dir(run_dir, "run directory")
-    recorded = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")  # the run already in OUTPUT, if any
+    recorded = read_state(fs, run_dir)  # the run already in OUTPUT, if any
     storage_path = config.storage_path or cache.join(output, "checkpoints")
     name = storage_name(config.storage_name, output, recorded, config.resume)  # the run's own directory
     checkpoints = checkpoint_dir(storage_path, name)
@@ -130,9 +129,8 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         )
         if replace:  # only once every check passed: a refused run leaves the one in OUTPUT as it was
             clear_run(fs, run_dir, checkpoints)
-        state.update(run_id=run_id, tracking_uri=tracking_uri, status="running", config=as_dict(config))
-        state.update(storage_name=name, checkpoints=checkpoints)
-        state.setdefault("data_order", DATA_ORDER)
+        state.run_id, state.tracking_uri, state.status = run_id, tracking_uri, "running"
+        state.config, state.storage_name, state.checkpoints = as_dict(config), name, checkpoints
         write_state(fs, run_dir, state)
 
         model_output = cache.join(output, MODEL_DIR)  # rank 0 publishes it there
@@ -154,7 +152,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         sigint = signal.getsignal(signal.SIGINT)
 
         def failed(line: str) -> TrainingFailed:
-            state["status"] = "failed"
+            state.status = "failed"
             write_state(fs, run_dir, state)
             try:
                 record_run_failed(tracking_uri, run_id, line)
@@ -167,7 +165,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         except Exception as error:
             raise failed(failed_run(error, config.max_failures)) from error
         except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
-            state["status"] = "interrupted"
+            state.status = "interrupted"
             write_state(fs, run_dir, state)
             line = f"training interrupted (Ctrl-C); {rerun_hint(checkpoints)}"
             try:
@@ -191,12 +189,12 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         remove_markers(markers)
 
 
-def _with_workers(config: TrainConfig, recorded: dict[str, Any] | None) -> tuple[TrainConfig, str]:
+def _with_workers(config: TrainConfig, recorded: RunState | None) -> tuple[TrainConfig, str]:
     """The config with its number of workers, and why: as set, else (resuming the RECORDED run) the count
     the run started with, else `default_workers` of the cluster joined."""
     if config.num_workers is not None:
         return config, "as num_workers sets"
-    recorded_workers = started_with(recorded) if config.resume else None
+    recorded_workers = recorded.started_with if config.resume and recorded else None
     if recorded_workers is not None:
         workers, reason = recorded_workers, "as the run being resumed started"
     else:

@@ -13,11 +13,11 @@ from raydpo import cache
 from raydpo.config import TrainConfig, as_dict
 from raydpo.errors import TrainingFailed
 from raydpo.train_stage.plan import RunPlan, WorkerOutcome
-from raydpo.train_stage.run_dir import write_state
+from raydpo.train_stage.run_dir import RunState, write_state
 
 
 def record_finished(
-    fs, run_dir: str, state: dict[str, Any], outcome: WorkerOutcome, model_output: str, config, plan
+    fs, run_dir: str, state: RunState, outcome: WorkerOutcome, model_output: str, config, plan
 ):
     """Mark the run finished in MLflow (the model among its logged models) and in run.json, once the
     model is published whole."""
@@ -27,18 +27,17 @@ def record_finished(
 
     if not cache.published(model_output):
         raise TrainingFailed(f"training ended without a complete model in {model_output}")
-    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    client = MlflowClient(tracking_uri=state.tracking_uri)
     params = {"base_model": config.model, "loss_type": config.loss_type, "beta": config.beta}
     name = re.sub(r"[^\w-]+", "-", config.run_name or default_run_name(config)).strip("-") or "model"
     model_id = log_external_model(
-        state["tracking_uri"], state["run_id"], name, model_output, plan.total_steps, params
+        state.tracking_uri, state.run_id, name, model_output, plan.total_steps, params
     )
-    client.set_tag(state["run_id"], "raydpo.model_id", model_id)
-    client.set_tag(state["run_id"], "raydpo.model_path", model_output)
-    client.set_tag(state["run_id"], "raydpo.prefix_sharing", str(outcome.prefix_sharing).lower())
-    client.set_terminated(state["run_id"], "FINISHED")
-    state["status"] = "finished"
-    state["model_path"] = model_output
+    client.set_tag(state.run_id, "raydpo.model_id", model_id)
+    client.set_tag(state.run_id, "raydpo.model_path", model_output)
+    client.set_tag(state.run_id, "raydpo.prefix_sharing", str(outcome.prefix_sharing).lower())
+    client.set_terminated(state.run_id, "FINISHED")
+    state.status, state.model_path = "finished", model_output
     write_state(fs, run_dir, state)
 
 
@@ -65,7 +64,7 @@ def start_mlflow_run(config, tracking_uri, run_dir, state, plan, reference, spli
             "deepspeed_config.json": ds_config,
             **{f"manifest_{name}.json": m.to_dict() for name, m in manifests.items()},
         },
-        run_id=state.get("run_id"),
+        run_id=state.run_id,
         artifact_root=_artifact_root(tracking_uri),
     )
 

@@ -9,10 +9,12 @@ own directories, and `--resume` finds its own by the name recorded in run.json.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
 import shutil
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -40,6 +42,49 @@ DATA_ORDER_SETTINGS = (
 )
 
 
+@dataclass
+class RunState:
+    """What run.json records of the run in a run directory; read and written only here."""
+
+    data_key: str  # the cache key of the training split the run trains on
+    layout: dict[str, Any] | None = None  # what its checkpoints are laid out by (`checkpoint_layout`)
+    data_order: str | None = DATA_ORDER
+    status: str | None = None  # running, failed, interrupted or finished
+    run_id: str | None = None  # the MLflow run
+    tracking_uri: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the settings it runs with
+    storage_name: str | None = None  # its checkpoint directory in the storage path
+    checkpoints: str | None = None  # the full location of that directory
+    model_path: str | None = None  # the final model, once published
+
+    @property
+    def started_with(self) -> int | None:
+        """The number of workers the run started with (None: recorded without it)."""
+        return self.config.get("num_workers")
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), indent=2, default=str).encode()
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str) -> RunState:
+        known = {item.name for item in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown or "data_key" not in values:
+            problem = f"unknown fields {unknown}" if unknown else "no data_key"
+            raise RaydpoError(f"{where} is not a run state this raydpo reads ({problem}); use another output")
+        return cls(**values)
+
+
+def read_state(fs: pafs.FileSystem, run_dir: str) -> RunState | None:
+    """The run recorded in RUN_DIR, or None where there is none."""
+    values = cache.read_json(fs, f"{run_dir}/{RUN_STATE}")
+    return None if values is None else RunState.from_dict(values, f"{run_dir}/{RUN_STATE}")
+
+
+def write_state(fs: pafs.FileSystem, run_dir: str, state: RunState) -> None:
+    cache.write_bytes_atomic(fs, f"{run_dir}/{RUN_STATE}", state.to_json())
+
+
 def default_storage_name(output: str) -> str:
     """OUTPUT's base name and 8 hex digits of a hash of its full location (a URI's query left out)."""
     where = output.partition("?")[0].rstrip("/") if cache.is_uri(output) else cache.location(output)
@@ -47,11 +92,11 @@ def default_storage_name(output: str) -> str:
     return f"{base}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
-def storage_name(configured: str | None, output: str, recorded: dict[str, Any] | None, resume: bool) -> str:
+def storage_name(configured: str | None, output: str, recorded: RunState | None, resume: bool) -> str:
     """The run's directory in the storage path: the one a resumed run recorded, else as configured,
     else `default_storage_name`."""
     if resume and recorded is not None:
-        started_in = recorded.get("storage_name", LEGACY_STORAGE_NAME)
+        started_in = recorded.storage_name or LEGACY_STORAGE_NAME
         if configured is not None and configured != started_in:
             raise RaydpoError(
                 f"--resume: the run keeps its checkpoints under {started_in!r}, not {configured!r}; "
@@ -128,37 +173,30 @@ def check_layout(recorded: dict[str, Any] | None, layout: dict[str, Any]) -> Non
             )
 
 
-def started_with(state: dict[str, Any] | None) -> int | None:
-    """The number of workers a recorded run started with (None: no run, or one recorded without it)."""
-    return (state or {}).get("config", {}).get("num_workers")
-
-
-def run_state(
-    config, state: dict[str, Any] | None, data_key: str, layout: dict[str, Any]
-) -> tuple[dict[str, Any], bool]:
+def run_state(config, state: RunState | None, data_key: str, layout: dict[str, Any]) -> tuple[RunState, bool]:
     """The state to run with, and whether what OUTPUT holds must be cleared first: start, resume or
     (with overwrite) replace the run in OUTPUT, whose recorded STATE is read once by the caller; refuse
     to mix runs. Nothing is changed here."""
     if state is None:
         if config.resume:
             raise RaydpoError(f"--resume: {config.output} holds no run to resume")
-        return {"data_key": data_key, "layout": layout}, True
+        return RunState(data_key=data_key, layout=layout), True
     if config.overwrite:
-        return {"data_key": data_key, "layout": layout}, True
-    if state.get("status") == "finished":
+        return RunState(data_key=data_key, layout=layout), True
+    if state.status == "finished":
         raise RaydpoError(f"{config.output} holds a finished run; pass --overwrite to train again there")
     if not config.resume:
         raise RaydpoError(
             f"{config.output} holds an interrupted run; pass --resume to continue it or --overwrite to start over"
         )
-    if state.get("data_key") != data_key:
+    if state.data_key != data_key:
         raise RaydpoError("--resume: the precompute output changed since the run started; it cannot continue")
-    if state.get("data_order") != DATA_ORDER:
+    if state.data_order != DATA_ORDER:
         raise RaydpoError(
             "--resume: the run's checkpoints do not record their place in its epochs (an earlier raydpo "
             "wrote them); start it over with --overwrite"
         )
-    recorded = state.get("config", {})
+    recorded = state.config
     changed = [
         name for name in DATA_ORDER_SETTINGS if name in recorded and recorded[name] != getattr(config, name)
     ]
@@ -167,14 +205,14 @@ def run_state(
             f"--resume: {', '.join(changed)} changed since the run started, and each checkpoint holds its "
             "place in the data in the run's own terms; resume with the settings it started with"
         )
-    workers = started_with(state)
+    workers = state.started_with
     if workers is not None and workers != config.num_workers:
         # each worker's checkpoint holds its ZeRO partition and its place in its own shard of the data
         raise RaydpoError(
             f"--resume: the run started with {workers} workers and its checkpoints hold their "
             f"partitions; resume with --num-workers {workers} (or without --num-workers)"
         )
-    check_layout(state.get("layout"), layout)
+    check_layout(state.layout, layout)
     return state, False
 
 
@@ -191,7 +229,3 @@ def clear_run(fs: pafs.FileSystem, run_dir: str, checkpoints: str) -> None:
     model = f"{run_dir}/{MODEL_DIR}"
     if fs.get_file_info(model).type == pafs.FileType.Directory:
         fs.delete_dir(model)
-
-
-def write_state(fs: pafs.FileSystem, run_dir: str, state: dict[str, Any]) -> None:
-    cache.write_bytes_atomic(fs, f"{run_dir}/{RUN_STATE}", json.dumps(state, indent=2, default=str).encode())
