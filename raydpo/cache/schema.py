@@ -36,6 +36,23 @@ KEY_METADATA = b"raydpo.cache_key"
 MANIFEST_METADATA = b"raydpo.manifest"
 
 TOKEN_LIST = pa.list_(pa.int32())
+SIDES = ("chosen", "rejected")
+
+
+def reference_column(side: str, part: str | None = None) -> str:
+    """The one spelling of a reference column: `ref_chosen_logps` (TRL's name), or its `shared` or
+    `tail` part (`ref_chosen_logps_shared`, LD-DPO), or with `part="token"` the per-token values
+    (`ref_chosen_token_logps`)."""
+    if part == "token":
+        return f"ref_{side}_token_logps"
+    return f"ref_{side}_logps" + (f"_{part}" if part else "")
+
+
+REFERENCE_COLUMNS = tuple(reference_column(side) for side in SIDES)
+LD_REFERENCE_COLUMNS = tuple(reference_column(side, part) for side in SIDES for part in ("shared", "tail"))
+TOKEN_LOGPS_COLUMNS = tuple(reference_column(side, "token") for side in SIDES)
+# the reference values a loss reads: the sums, or (LD-DPO) the shared and tail parts
+REFERENCE_SETS = (REFERENCE_COLUMNS, LD_REFERENCE_COLUMNS)
 DATA_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
@@ -47,18 +64,10 @@ DATA_SCHEMA = pa.schema(
         ("chosen_length", pa.int32()),
         ("rejected_length", pa.int32()),
         ("truncated", pa.bool_()),
-        ("ref_chosen_logps", pa.float32()),
-        ("ref_rejected_logps", pa.float32()),
-        ("ref_chosen_logps_shared", pa.float32()),
-        ("ref_chosen_logps_tail", pa.float32()),
-        ("ref_rejected_logps_shared", pa.float32()),
-        ("ref_rejected_logps_tail", pa.float32()),
+        *((name, pa.float32()) for name in REFERENCE_COLUMNS + LD_REFERENCE_COLUMNS),
     ]
 )
-TOKEN_LOGPS_FIELDS = [
-    pa.field("ref_chosen_token_logps", pa.list_(pa.float32())),
-    pa.field("ref_rejected_token_logps", pa.list_(pa.float32())),
-]
+TOKEN_LOGPS_FIELDS = [pa.field(name, pa.list_(pa.float32())) for name in TOKEN_LOGPS_COLUMNS]
 REJECT_SCHEMA = pa.schema(
     [
         ("pair_id", pa.string()),
@@ -68,12 +77,6 @@ REJECT_SCHEMA = pa.schema(
     ]
 )
 REASONS_METADATA = b"raydpo.reasons"  # a rejects file's count of each reason, as JSON, in its footer
-REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
-# the reference values a loss reads: the sums, or (LD-DPO) the shared and tail parts
-REFERENCE_SETS = (
-    REFERENCE_COLUMNS,
-    tuple(f"ref_{side}_logps_{part}" for side in ("chosen", "rejected") for part in ("shared", "tail")),
-)
 # a data file's count of rows with a non-finite value, for each of REFERENCE_SETS, as JSON in its footer
 NONFINITE_METADATA = b"raydpo.nonfinite_rows"
 

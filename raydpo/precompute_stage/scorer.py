@@ -136,27 +136,24 @@ class ReferenceScorer:
         return out
 
     def _output_names(self) -> list[str]:
-        names = [name for name in cache.DATA_SCHEMA.names if name.startswith("ref_")]
-        if self.store_token_logps:
-            names += ["ref_chosen_token_logps", "ref_rejected_token_logps"]
-        return names
+        names = [*cache.REFERENCE_COLUMNS, *cache.LD_REFERENCE_COLUMNS]
+        return names + list(cache.TOKEN_LOGPS_COLUMNS) if self.store_token_logps else names
 
     def _collect(self, columns: dict[str, list], rows: list[int], scores) -> None:
         sums = [t.float().cpu().numpy() for t in (scores.sums, scores.shared_sums, scores.tail_sums)]
         pairs = len(rows)
+        column = cache.reference_column
         for k, i in enumerate(rows):
-            columns["ref_chosen_logps"][i] = float(sums[0][k])
-            columns["ref_rejected_logps"][i] = float(sums[0][pairs + k])
-            columns["ref_chosen_logps_shared"][i] = float(sums[1][k])
-            columns["ref_chosen_logps_tail"][i] = float(sums[2][k])
-            columns["ref_rejected_logps_shared"][i] = float(sums[1][pairs + k])
-            columns["ref_rejected_logps_tail"][i] = float(sums[2][pairs + k])
+            for side, row in (("chosen", k), ("rejected", pairs + k)):  # chosen rows first, as scored
+                columns[column(side)][i] = float(sums[0][row])
+                columns[column(side, "shared")][i] = float(sums[1][row])
+                columns[column(side, "tail")][i] = float(sums[2][row])
         if self.store_token_logps:
             token_logps = scores.token_logps.cpu()
             mask = scores.target_mask.cpu()
             for k, i in enumerate(rows):
-                columns["ref_chosen_token_logps"][i] = token_logps[k][mask[k]].tolist()
-                columns["ref_rejected_token_logps"][i] = token_logps[pairs + k][mask[pairs + k]].tolist()
+                for side, row in (("chosen", k), ("rejected", pairs + k)):
+                    columns[column(side, "token")][i] = token_logps[row][mask[row]].tolist()
 
 
 def _restarted_actor() -> bool:

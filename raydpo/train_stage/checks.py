@@ -81,13 +81,8 @@ def check_cache_matches(
 
 def required_columns(config: TrainConfig) -> list[str]:
     settings = config.loss_settings()
-    if settings.ld_alpha is not None:
-        reference = [
-            f"ref_{side}_logps_{part}" for side in ("chosen", "rejected") for part in ("shared", "tail")
-        ]
-    else:
-        reference = list(cache.REFERENCE_COLUMNS)
-    return TOKEN_COLUMNS + reference
+    reference = cache.LD_REFERENCE_COLUMNS if settings.ld_alpha is not None else cache.REFERENCE_COLUMNS
+    return TOKEN_COLUMNS + list(reference)
 
 
 def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
@@ -100,7 +95,7 @@ def finite_rows(split: cache.CacheSplit, columns: list[str]) -> dict[str, int]:
     missing = [name for name in columns if schema is None or name not in schema.names]
     if missing:
         raise RaydpoError(f"{split.path} lacks the columns {missing}: not a usable precompute output")
-    reference = [name for name in columns if name.startswith("ref_")]
+    reference = [name for name in columns if name in cache.REFERENCE_COLUMNS + cache.LD_REFERENCE_COLUMNS]
     key = ",".join(reference)
     noted = split.nonfinite if split.file_rows else [None] * len(split.files)
     counted, unnoted = [], []

@@ -263,7 +263,7 @@ def _trainer(
     from raydpo.train_stage.failures import FailureRecorder
     from raydpo.train_stage.loop import train_loop
 
-    reference = [name for name in columns if name.startswith("ref_")]
+    reference = [name for name in columns if name in cache.REFERENCE_COLUMNS + cache.LD_REFERENCE_COLUMNS]
 
     def read(split: cache.CacheSplit):
         ds = ray.data.read_parquet(split.files, filesystem=split.filesystem, columns=columns)

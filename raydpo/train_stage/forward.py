@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from raydpo.cache.schema import SIDES, reference_column
 from raydpo.layout import PackedPairs, SharedPairs, pack_batch
 from raydpo.logprobs import (
     CompletionLogps,
@@ -108,13 +109,15 @@ def loss_inputs(
         )
         ref = {
             side: ld_combine(
-                cached(f"ref_{side}_logps_shared"), cached(f"ref_{side}_logps_tail"), settings.ld_alpha
+                cached(reference_column(side, "shared")),
+                cached(reference_column(side, "tail")),
+                settings.ld_alpha,
             )
-            for side in ("chosen", "rejected")
+            for side in SIDES
         }
     else:
         chosen, rejected = scores.split(scores.sums)
-        ref = {side: cached(f"ref_{side}_logps") for side in ("chosen", "rejected")}
+        ref = {side: cached(reference_column(side)) for side in SIDES}
     # the completions' token counts, as TRL counts them: with an empty prompt the first completion token
     # has no position to be predicted from and is not scored, yet it counts (ipo, sigmoid_norm)
     chosen_lengths, rejected_lengths = (
