@@ -112,8 +112,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     plan = plan_run(config, counts["train"]["usable"], counts.get("eval", {}).get("usable"))
     ds_config = for_run(config, plan.world_size, plan.total_steps)
 
-    from raydpo.tracking import record_run_failed, record_run_interrupted, resolve_tracking_uri
-    from raydpo.train_stage.failures import failed_run
+    from raydpo.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(config.mlflow_tracking_uri, output)
     layout = checkpoint_layout(config, ds_config)
@@ -149,36 +148,11 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         )
         trainer = _trainer(config, worker_plan, splits, columns, (storage_path, name), runtime_env)
         logger.info("%s: %s", _workers(plan.world_size), workers_reason)
-        sigint = signal.getsignal(signal.SIGINT)
-
-        def failed(line: str) -> TrainingFailed:
-            state.status = "failed"
-            write_state(fs, run_dir, state)
-            try:
-                record_run_failed(tracking_uri, run_id, line)
-            except Exception as unrecorded:  # the failure's line matters more than its MLflow record
-                logger.warning("the failure could not be recorded in MLflow: %s", one_line(unrecorded))
-            return TrainingFailed(f"training failed: {line}; {rerun_hint(checkpoints)}")
-
-        try:
-            result = trainer.fit()
-        except Exception as error:
-            raise failed(failed_run(error, config.max_failures)) from error
-        except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
-            state.status = "interrupted"
-            write_state(fs, run_dir, state)
-            line = f"training interrupted (Ctrl-C); {rerun_hint(checkpoints)}"
-            try:
-                record_run_interrupted(tracking_uri, run_id, line)
-            except Exception as unrecorded:
-                logger.warning("the interruption could not be recorded in MLflow: %s", one_line(unrecorded))
-            raise TrainingFailed(line) from interrupt
-        finally:  # Ray Train leaves its Ctrl-C handler, which aborts a controller that is gone by now
-            if threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGINT, sigint)
+        stops = _Stops(fs, run_dir, state)
+        result = _fit(trainer, stops, config.max_failures)
         outcome: WorkerOutcome = result.return_value or WorkerOutcome(model_path=model_output)
         if outcome.stopped:  # the workers stopped together, for a reason a restart would meet again
-            raise failed(outcome.stopped)
+            raise stops.failed(outcome.stopped)
         record_finished(fs, run_dir, state, outcome, model_output, config, plan)
         fields = {**vars(outcome), "model_path": model_output}  # the model, metrics and step times of rank 0
         del fields["stopped"]
@@ -187,6 +161,53 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
         )
     finally:
         remove_markers(markers)
+
+
+@dataclass
+class _Stops:
+    """How a run that stops is recorded: its status in run.json, the MLflow run (failed or killed, with
+    the line as its description), and the line that says how to go on."""
+
+    fs: pafs.FileSystem
+    run_dir: str
+    state: RunState
+
+    def failed(self, line: str) -> TrainingFailed:
+        from raydpo.tracking import record_run_failed
+
+        self._record("failed", record_run_failed, line)
+        return TrainingFailed(f"training failed: {line}; {rerun_hint(self.state.checkpoints)}")
+
+    def interrupted(self) -> TrainingFailed:
+        from raydpo.tracking import record_run_interrupted
+
+        line = f"training interrupted (Ctrl-C); {rerun_hint(self.state.checkpoints)}"
+        self._record("interrupted", record_run_interrupted, line)
+        return TrainingFailed(line)
+
+    def _record(self, status: str, record, line: str) -> None:
+        self.state.status = status
+        write_state(self.fs, self.run_dir, self.state)
+        try:
+            record(self.state.tracking_uri, self.state.run_id, line)
+        except Exception as unrecorded:  # the line matters more than its MLflow record
+            logger.warning("the run's end could not be recorded in MLflow: %s", one_line(unrecorded))
+
+
+def _fit(trainer, stops: _Stops, max_failures: int):
+    """`trainer.fit()`, a failure or Ctrl-C recorded as the run's end."""
+    from raydpo.train_stage.failures import failed_run
+
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except Exception as error:
+        raise stops.failed(failed_run(error, max_failures)) from error
+    except (KeyboardInterrupt, SystemExit) as interrupt:  # Ctrl-C: Ray Train's handler exits the process
+        raise stops.interrupted() from interrupt
+    finally:  # Ray Train leaves its Ctrl-C handler, which aborts a controller that is gone by now
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
 
 
 def _with_workers(config: TrainConfig, recorded: RunState | None) -> tuple[TrainConfig, str]:
