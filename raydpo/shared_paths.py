@@ -19,7 +19,9 @@ from pathlib import Path
 from raydpo.cluster import on_other_nodes, other_nodes
 from raydpo.errors import RaydpoError
 
-Markers = dict[str, list[str]]  # marker file -> [what, path], e.g. ["the output", "/shared/run"]
+# marker file -> [what, path, made], e.g. ["the output", "/shared/run", ""]; made: "made" where the check
+# made the directory, which `remove_markers` then removes again if nothing else was written there
+Markers = dict[str, list[str]]
 
 
 def check_shared_paths(outputs: dict[str, str | None], inputs: dict[str, str | None]) -> Markers:
@@ -30,16 +32,17 @@ def check_shared_paths(outputs: dict[str, str | None], inputs: dict[str, str | N
     inputs = {what: path for what, path in inputs.items() if os.path.exists(path)}  # else a hub id
     markers: Markers = {}
     for what, path in outputs.items():
+        made = "" if os.path.isdir(path) else "made"
         os.makedirs(path, exist_ok=True)
         marker = os.path.join(path, f".raydpo-shared-{uuid.uuid4().hex[:12]}")
         Path(marker).touch()
-        markers[marker] = [what, path]
+        markers[marker] = [what, path, made]
     looked_for = {path: [what, path] for what, path in inputs.items()} | markers
     try:
         missing = on_other_nodes(missing_paths, list(looked_for)) if looked_for and other_nodes() else {}
         for node, paths in missing.items():
             if paths:
-                raise RaydpoError(not_visible(*looked_for[paths[0]], node))
+                raise RaydpoError(not_visible(*looked_for[paths[0]][:2], node))
     except BaseException:
         remove_markers(markers)
         raise
@@ -54,13 +57,17 @@ def check_visible(markers: Markers) -> None:
     if missing:
         context = ray.get_runtime_context()
         node = f"{ray.util.get_node_ip_address()} ({context.get_node_id()[:12]})"
-        raise RaydpoError(not_visible(*markers[missing[0]], node))
+        raise RaydpoError(not_visible(*markers[missing[0]][:2], node))
 
 
 def remove_markers(markers: Markers) -> None:
-    for marker in markers:
+    """Remove the markers, and a directory the check made where nothing else was written."""
+    for marker, (_, path, made) in markers.items():
         with contextlib.suppress(FileNotFoundError):
             os.remove(marker)
+        if made:
+            with contextlib.suppress(OSError):  # not empty: the stage wrote there
+                os.rmdir(path)
 
 
 def not_visible(what: str, path: str, node: str) -> str:
