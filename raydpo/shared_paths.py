@@ -32,6 +32,8 @@ def check_shared_paths(outputs: dict[str, str | None], inputs: dict[str, str | N
     inputs = {what: path for what, path in inputs.items() if os.path.exists(path)}  # else a hub id
     markers: Markers = {}
     for what, path in outputs.items():
+        if os.path.exists(path) and not os.path.isdir(path):
+            continue  # a file: the stage refuses it with a line of its own
         made = "" if os.path.isdir(path) else "made"
         os.makedirs(path, exist_ok=True)
         marker = os.path.join(path, f".raydpo-shared-{uuid.uuid4().hex[:12]}")
