@@ -42,7 +42,6 @@ from raydpo.train_stage.run_dir import (
     MODEL_DIR,
     RunState,
     check_writable,
-    checkpoint_dir,
     checkpoint_layout,
     clear_run,
     read_state,
@@ -104,7 +103,7 @@ def train(config: TrainConfig | dict | None = None, /, **overrides: Any) -> Trai
     recorded = read_state(fs, run_dir)  # the run already in OUTPUT, if any
     storage_path = config.storage_path or cache.join(output, "checkpoints")
     name = storage_name(config.storage_name, output, recorded, config.resume)  # the run's own directory
-    checkpoints = checkpoint_dir(storage_path, name)
+    checkpoints = cache.join(storage_path, name)
     check_writable(storage_path)
     engine.check_lora_targets(config)
     # the checks above need no cluster; without --num-workers the count is the cluster's (Ray starts)

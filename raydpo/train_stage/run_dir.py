@@ -14,13 +14,14 @@ import hashlib
 import json
 import re
 import shutil
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow.fs as pafs
 
 from raydpo import cache
-from raydpo.errors import RaydpoError
+from raydpo.errors import RaydpoError, one_line
 
 RUN_STATE = "run.json"
 MODEL_DIR = "model"
@@ -106,23 +107,18 @@ def storage_name(configured: str | None, output: str, recorded: RunState | None,
     return configured or default_storage_name(output)
 
 
-def checkpoint_dir(storage_path: str, name: str) -> str:
-    return cache.join(storage_path, name)
-
-
 def check_writable(storage_path: str) -> None:
-    """Refuse a storage path the run cannot write to, before any work: a probe file is written and
-    removed at its root."""
+    """Refuse a storage path the run cannot write to, before any work: a probe file of its own (runs
+    that share the path probe at once) is written and removed at its root."""
     fs, root = cache.resolve(storage_path)
-    probe = f"{root}/.raydpo-write-probe-{hashlib.sha256(root.encode()).hexdigest()[:6]}"
+    probe = f"{root}/.raydpo-write-probe-{uuid.uuid4().hex[:12]}"
     try:
         fs.create_dir(root, recursive=True)
         with fs.open_output_stream(probe) as stream:
             stream.write(b"")
         fs.delete_file(probe)
     except OSError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise RaydpoError(f"the storage path {storage_path} is not writable: {reason}") from error
+        raise RaydpoError(f"the storage path {storage_path} is not writable: {one_line(error)}") from error
 
 
 def rerun_hint(checkpoints: str) -> str:
